@@ -1,0 +1,34 @@
+# Set-up and the two everyday commands. `make run` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# Pins torch to the CPU wheel these machines hold; empty it to keep the torch you installed.
+TORCH_CONSTRAINT ?= constraints/torch-cpu.txt
+EXTRAS ?= test
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.daskdist-installed
+
+.PHONY: setup run test lint bench clean
+
+$(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_CONSTRAINT),-c $(TORCH_CONSTRAINT)) -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/daskdist run
+
+test: setup
+	$(BIN)/ruff check daskdist tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check daskdist tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

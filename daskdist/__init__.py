@@ -1,0 +1,33 @@
+"""daskdist: data-parallel PyTorch training on Dask, behind scikit-learn estimators."""
+
+from . import config  # noqa: F401  (registers daskdist's Dask config defaults)
+from .clients import cluster_client, embedded_cluster
+from .engine import EpochResult, Trainer
+from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
+from .models import MLP, SmallCNN
+from .sharding import holdout_split, plan_shards
+from .spec import ModelSpec
+from .state import TrainingState
+from .strategies import STRATEGIES, LocalSGD, Strategy, Sync, resolve_strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DaskNeuralNetClassifier",
+    "DaskNeuralNetRegressor",
+    "Trainer",
+    "EpochResult",
+    "ModelSpec",
+    "TrainingState",
+    "Strategy",
+    "Sync",
+    "LocalSGD",
+    "STRATEGIES",
+    "resolve_strategy",
+    "plan_shards",
+    "holdout_split",
+    "cluster_client",
+    "embedded_cluster",
+    "MLP",
+    "SmallCNN",
+]

@@ -1,0 +1,151 @@
+"""Averaging on the workers: weighted sums of contributions, as a tree of tasks.
+
+Replicas' contributions never travel through the client. The driver submits
+``daskdist-average`` tasks that sum pairs of contributions on the worker that
+holds the first of them, level by level, and a final task (the strategy's
+*finalize*: average parameters, or apply the averaged gradient) that turns the
+sum into the next :class:`~daskdist.state.TrainingState`. Every average is
+weighted by the number of samples behind each contribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .replica import Contribution, _worker_address
+from .state import tree_nbytes, tree_scale, tree_weighted_sum
+
+__all__ = ["WeightedSum", "combine", "log_round", "submit_tree"]
+
+
+@dataclass
+class WeightedSum:
+    """The sample-weighted sum of several contributions.
+
+    ``payload`` is ``sum(weight_i * payload_i)`` (``None`` when every weight is
+    zero), ``weight`` the total number of samples; the rest are statistics of
+    the round carried to the round log.
+    """
+
+    payload: dict | None
+    weight: float
+    loss_sum: float
+    steps: int
+    compute_s: float
+    t_start: float
+    samples: dict
+    bytes_moved: int
+    worker: str | None
+
+    def mean(self) -> dict | None:
+        """The weighted mean of the payloads."""
+        if self.payload is None:
+            return None
+        return tree_scale(self.payload, 1.0 / self.weight)
+
+
+def _as_sum(part) -> WeightedSum:
+    if isinstance(part, WeightedSum):
+        return part
+    c: Contribution = part
+    return WeightedSum(
+        payload=None if not c.weight else c.payload, weight=c.weight, loss_sum=c.loss_sum,
+        steps=c.steps, compute_s=c.compute_s, t_start=c.t_start,
+        samples={c.replica: c.weight}, bytes_moved=0, worker=c.worker,
+    )
+
+
+def combine(*parts) -> WeightedSum:
+    """Sum contributions (or partial sums) into one :class:`WeightedSum`.
+
+    The body of ``daskdist-average`` tasks; counts the payload bytes that had
+    to come from other workers.
+    """
+    here = _worker_address()
+    sums = [_as_sum(p) for p in parts]
+    moved = sum(s.bytes_moved for s in sums)
+    moved += sum(tree_nbytes(s.payload) for s in sums
+                 if s.payload is not None and s.worker != here)
+    # A contribution's payload is a mean; a partial sum's payload is a sum.
+    trees = [s.payload for s in sums]
+    weights = [(s.weight if isinstance(p, Contribution) else 1.0) if s.weight else 0.0
+               for s, p in zip(sums, parts)]
+    payload = tree_weighted_sum(trees, weights) if any(weights) else None
+    samples = {}
+    for s in sums:
+        samples.update(s.samples)
+    return WeightedSum(
+        payload=payload, weight=sum(s.weight for s in sums),
+        loss_sum=sum(s.loss_sum for s in sums), steps=max(s.steps for s in sums),
+        compute_s=max(s.compute_s for s in sums), t_start=min(s.t_start for s in sums),
+        samples=samples, bytes_moved=moved, worker=here,
+    )
+
+
+def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_workers) -> tuple:
+    """Append the record of a finished round to the epoch's round log.
+
+    The log restarts with the first round of each epoch (see ``rounds_``).
+    """
+    here = _worker_address()
+    broadcast = state_nbytes * sum(1 for w in set(replica_workers) if w != here)
+    record = {
+        "round": plan.round,
+        "epoch": plan.epoch,
+        "replicas": tuple(sorted(r for r, w in total.samples.items() if w)),
+        "samples": int(total.weight),
+        "steps": total.steps,
+        "loss_sum": total.loss_sum,
+        "bytes": int(total.bytes_moved + broadcast),
+        "compute_s": total.compute_s,
+        "t_start": total.t_start,
+        "t_end": time.time(),
+    }
+    return (log if plan.first_step else ()) + (record,)
+
+
+def submit_tree(client, parts, workers, finalize, *args, run_id: str, round_index: int,
+                fan_in: int = 2, **kwargs):
+    """Reduce contribution futures to one future with a tree of tasks.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    parts : list of Future
+        One contribution per replica.
+    workers : list of str
+        The worker each contribution is expected on (tree nodes are placed
+        with the first input they sum; placement falls back to any worker).
+    finalize : callable
+        ``finalize(*args, *partials, **kwargs)``: the root task, given at most
+        ``fan_in`` partial sums.
+    run_id, round_index : str, int
+        Used in task keys.
+    fan_in : int
+        Inputs per tree node.
+
+    Returns
+    -------
+    Future
+        The root's result.
+    """
+    level = 0
+    parts, workers = list(parts), list(workers)
+    while len(parts) > fan_in:
+        next_parts, next_workers = [], []
+        for j in range(0, len(parts), fan_in):
+            group = parts[j:j + fan_in]
+            if len(group) == 1:
+                next_parts.append(group[0])
+            else:
+                next_parts.append(client.submit(
+                    combine, *group, key=f"daskdist-average-{run_id}-{round_index}-{level}-{j}",
+                    workers=[workers[j]], allow_other_workers=True, pure=False))
+            next_workers.append(workers[j])
+        parts, workers, level = next_parts, next_workers, level + 1
+    return client.submit(
+        finalize, *args, *parts, **kwargs,
+        key=f"daskdist-average-{run_id}-{round_index}",
+        workers=[workers[0]], allow_other_workers=True, pure=False,
+    )

@@ -1,0 +1,339 @@
+"""The driver: shards → rounds → aggregation → epochs, through Dask futures.
+
+:class:`Trainer` is the engine behind the estimators and is usable on its own::
+
+    trainer = Trainer(client, spec, LocalSGD(sync_every=8), batch_size=256)
+    trainer.start(X, y, initial_state)
+    for epoch in range(10):
+        result = trainer.run_epoch(lr=0.05)
+    state = trainer.state()
+    trainer.close()
+
+The driver only moves futures: it plans shards, submits each round's replica
+tasks and aggregation tree a few rounds ahead of the workers (so they never
+wait on the client between rounds), and lets go of old rounds' futures so the
+task graph does not grow with the run. Epoch boundaries are synchronisation
+points: the state comes back to the client there, and the learning rate for the
+next epoch's rounds is read then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import dask
+import numpy as np
+from distributed import wait
+
+from .replica import RoundPlan, drop_run, evaluate
+from .sharding import plan_shards
+from .sources import as_source
+from .spec import ModelSpec
+from .state import TrainingState
+
+__all__ = ["Trainer", "EpochResult", "ROUND_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+#: Columns of the ``rounds_`` table: one row per synchronisation round.
+ROUND_COLUMNS = ("round", "epoch", "replicas", "samples", "loss", "bytes", "sync_s", "compute_s")
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced, as the client sees it."""
+
+    epoch: int
+    state: TrainingState
+    train_loss: float
+    samples: int
+    rounds: list
+    duration: float
+    valid: dict = field(default_factory=dict)
+
+    @property
+    def samples_per_sec(self) -> float:
+        """Training samples per second of wall time."""
+        return self.samples / self.duration if self.duration else float("nan")
+
+
+def _shard_sizes(shard):
+    return len(shard), shard.n_valid
+
+
+class Trainer:
+    """Data-parallel training of one model on a Dask cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The client to submit through (passed explicitly; never looked up).
+    spec : ModelSpec
+        What each replica trains.
+    strategy : daskdist.strategies.Strategy
+        How replicas synchronise.
+    batch_size : int
+        The global batch per step, split across replicas (the remainder goes
+        to the first replicas).
+    n_replicas : int, optional
+        Replicas; default one per worker.
+    sharding : {"random", "sequential", "stratified"}
+        Shard plan.
+    random_state : int
+        Seed of shard plans, shuffles and per-round torch seeds.
+    shuffle : bool
+        Reshuffle each shard every epoch.
+    holdout : float or None
+        Fraction of each shard held out for validation.
+    stratify : bool
+        Keep class proportions in the hold-out.
+    shard_kwargs : dict
+        Passed to :func:`daskdist.shards.make_shard` (preprocessor, dtypes,
+        classes).
+    lookahead : int, optional
+        Rounds submitted ahead of the last finished one (config
+        ``daskdist.driver.lookahead``).
+    direct_scatter : bool, optional
+        Send numpy shards straight to workers (config
+        ``daskdist.shards.direct-scatter``).
+    """
+
+    def __init__(self, client, spec: ModelSpec, strategy, *, batch_size: int,
+                 n_replicas: int | None = None, sharding: str = "random", random_state: int = 0,
+                 shuffle: bool = False, holdout: float | None = None, stratify: bool = False,
+                 shard_kwargs: dict | None = None, lookahead: int | None = None,
+                 direct_scatter: bool | None = None):
+        self.client = client
+        self.spec = spec
+        self.strategy = strategy
+        self.batch_size = int(batch_size)
+        self.n_replicas = n_replicas
+        self.sharding = sharding
+        self.random_state = int(random_state)
+        self.shuffle = bool(shuffle)
+        self.holdout = holdout
+        self.stratify = stratify
+        self.shard_kwargs = dict(shard_kwargs or {})
+        self.lookahead = int(lookahead if lookahead is not None
+                             else dask.config.get("daskdist.driver.lookahead"))
+        self.direct_scatter = (direct_scatter if direct_scatter is not None
+                               else dask.config.get("daskdist.shards.direct-scatter"))
+        self.run_id = uuid.uuid4().hex[:10]
+        self.epoch = 0
+        self.round = 0
+        self.rounds_: list[dict] = []
+        self._inflight: deque = deque()
+        self._state = None
+        self._last_done = None
+        self.shards = []
+
+    # -- set-up -------------------------------------------------------------------------------
+    def start(self, X, y, state: TrainingState) -> Trainer:
+        """Plan and place the shards, and send the model and initial state.
+
+        Parameters
+        ----------
+        X, y : numpy.ndarray or dask.array.Array
+            Training data; numpy shards are sent to their workers, dask shards
+            are assembled on them from the chunks.
+        state : TrainingState
+            Where training starts.
+        """
+        self.source = as_source(X, y, direct=self.direct_scatter)
+        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        if not workers:
+            raise RuntimeError("The Dask cluster has no workers to train on.")
+        n = self.n_replicas or len(workers)
+        self.replica_workers = [workers[i % len(workers)] for i in range(n)]
+        self.replica_batch = [self.batch_size // n + (1 if i < self.batch_size % n else 0)
+                              for i in range(n)]
+        if min(self.replica_batch) < 1:
+            raise ValueError(
+                f"batch_size={self.batch_size} is smaller than the number of replicas ({n}); "
+                "every replica needs at least one sample per step."
+            )
+        labels = self.source.labels() if self.sharding == "stratified" else None
+        plan = plan_shards(self.source.n_samples, n, self.sharding, labels=labels,
+                           random_state=self.random_state)
+        self.plan = plan
+        self.valid_positions = self._client_holdout(plan)
+        self.source.prepare(self.client, plan, run_id=self.run_id)
+        self.spec_future = self.client.submit(
+            _identity, self.spec, key=f"daskdist-spec-{self.run_id}", pure=False)
+        self.shards = [
+            self.source.submit_shard(
+                self.client, i, rows, self.replica_workers[i], run_id=self.run_id,
+                valid_positions=None if self.valid_positions is None else self.valid_positions[i],
+                holdout=self.holdout, stratify=self.stratify,
+                seed=self.random_state + i, **self.shard_kwargs)
+            for i, rows in enumerate(plan)
+        ]
+        sizes = self.client.gather(self.client.map(
+            _shard_sizes, self.shards, key=[f"daskdist-size-{self.run_id}-{i}" for i in range(n)]))
+        self.shard_sizes = [s[0] for s in sizes]
+        self.valid_sizes = [s[1] for s in sizes]
+        if min(self.shard_sizes) < 1:
+            raise ValueError("A shard has no training samples left after the hold-out split.")
+        self.steps_per_epoch = max(int(np.ceil(s / b))
+                                   for s, b in zip(self.shard_sizes, self.replica_batch))
+        self.set_state(state)
+        logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
+                    self.run_id, n, len(set(self.replica_workers)), self.shard_sizes)
+        return self
+
+    def _client_holdout(self, plan):
+        """Hold-out rows chosen on the client, when the labels are already here."""
+        if not self.holdout or self.source.lazy:
+            return None
+        from .sharding import holdout_split
+
+        labels = self.source.labels() if self.stratify else None
+        return [holdout_split(len(rows), self.holdout,
+                              labels=None if labels is None else labels[rows],
+                              random_state=self.random_state + i)[1]
+                for i, rows in enumerate(plan)]
+
+    def valid_rows(self) -> np.ndarray | None:
+        """Source rows held out for validation (client-side hold-outs only)."""
+        if self.valid_positions is None:
+            return None
+        return np.concatenate([rows[v] for rows, v in zip(self.plan, self.valid_positions)])
+
+    def set_state(self, state: TrainingState) -> None:
+        """Continue from ``state`` (sent from the client)."""
+        self._state = self.client.submit(
+            _identity, state, key=f"daskdist-state-{self.run_id}-{self.round}", pure=False)
+        self._last_done = self._state
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def submit_replicas(self, task, state, plans):
+        """Submit ``task(spec, shard, state, plan)`` on every replica's worker."""
+        return [
+            self.client.submit(
+                task, self.spec_future, self.shards[p.replica], state, p,
+                key=f"daskdist-round-{self.run_id}-{p.round}-{p.replica}",
+                workers=[self.replica_workers[p.replica]], allow_other_workers=True, pure=False)
+            for p in plans
+        ]
+
+    def _track(self, future) -> None:
+        self._inflight.append(future)
+        while len(self._inflight) > self.lookahead:
+            self._settle(self._inflight.popleft())
+
+    def _settle(self, future) -> None:
+        wait(future)
+        if future.status == "error":
+            raise future.exception()
+        if future.status == "cancelled":
+            raise RuntimeError(f"Training state {future.key} was cancelled.")
+        self._last_done = future
+
+    def run_epoch(self, lr) -> EpochResult:
+        """Train one epoch and return its result (state and statistics).
+
+        Parameters
+        ----------
+        lr : float or tuple of float
+            Learning rate of every round in the epoch (one per parameter group).
+        """
+        t0 = time.perf_counter()
+        state = self._state
+        first = 0
+        for steps in self.strategy.round_sizes(self.steps_per_epoch):
+            plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
+                               self.replica_batch[i], lr, self.random_state, self.shuffle)
+                     for i in range(len(self.shards))]
+            state = self.strategy.submit_round(self, state, plans)
+            self._state = state
+            self._track(state)
+            first += steps
+            self.round += 1
+        while self._inflight:
+            self._settle(self._inflight.popleft())
+        result = self._state.result()
+        duration = time.perf_counter() - t0
+        log = list(result.log)
+        samples = sum(r["samples"] for r in log)
+        epoch = EpochResult(
+            epoch=self.epoch, state=result,
+            train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
+            samples=samples, rounds=self._round_rows(log), duration=duration,
+        )
+        if self.holdout:
+            epoch.valid = self.evaluate()
+        self.rounds_.extend(epoch.rounds)
+        self.epoch += 1
+        return epoch
+
+    @staticmethod
+    def _round_rows(log) -> list[dict]:
+        rows, prev_end = [], None
+        for r in log:
+            start = r["t_start"] if prev_end is None else prev_end
+            span = max(r["t_end"] - start, 0.0)
+            rows.append({
+                "round": r["round"], "epoch": r["epoch"], "replicas": r["replicas"],
+                "samples": r["samples"],
+                "loss": r["loss_sum"] / r["samples"] if r["samples"] else float("nan"),
+                "bytes": r["bytes"],
+                "sync_s": max(span - r["compute_s"], 0.0), "compute_s": r["compute_s"],
+            })
+            prev_end = r["t_end"]
+        return rows
+
+    def evaluate(self) -> dict:
+        """Loss (and accuracy) of the current state on every shard's hold-out."""
+        futures = [
+            self.client.submit(
+                evaluate, self.spec_future, shard, self._state, self.run_id,
+                max(self.batch_size, 1), key=f"daskdist-valid-{self.run_id}-{self.epoch}-{i}",
+                workers=[self.replica_workers[i]], allow_other_workers=True, pure=False)
+            for i, shard in enumerate(self.shards)
+        ]
+        parts = self.client.gather(futures)
+        n = sum(p["n"] for p in parts)
+        if not n:
+            return {}
+        out = {"loss": sum(p["loss_sum"] for p in parts) / n, "n": n}
+        if self.spec.classifier:
+            out["acc"] = sum(p["correct"] for p in parts) / n
+        return out
+
+    # -- results and tear-down ---------------------------------------------------------------
+    def state(self) -> TrainingState:
+        """The latest training state (waits for rounds in flight)."""
+        return self._state.result()
+
+    def last_completed_state(self) -> TrainingState | None:
+        """The state of the last finished round, without waiting for others."""
+        for future in reversed([self._last_done, *self._inflight]):
+            if future is not None and future.status == "finished":
+                return future.result()
+        return None
+
+    def cancel(self) -> None:
+        """Cancel every round in flight."""
+        pending = [f for f in self._inflight if f.status == "pending"]
+        if pending:
+            self.client.cancel(pending)
+        self._inflight.clear()
+
+    def close(self) -> None:
+        """Release the shards and cached replicas of this run on the cluster."""
+        self.cancel()
+        # Dropping the last references releases the keys on the scheduler.
+        self.shards = []
+        self.spec_future = self._state = self._last_done = None
+        try:
+            self.client.run(drop_run, self.run_id)
+        except Exception:  # a closing cluster must not mask the fit's own outcome
+            logger.debug("could not drop cached replicas of run %s", self.run_id, exc_info=True)
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,157 @@
+"""``DaskNeuralNetClassifier`` and ``DaskNeuralNetRegressor``.
+
+skorch estimators whose ``fit`` trains one replica per Dask worker and whose
+``predict`` runs block-wise on the workers for dask inputs. See
+:class:`daskdist.net.DaskNet` for what acts where.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import torch
+from skorch import NeuralNetClassifier, NeuralNetRegressor
+from skorch.dataset import ValidSplit
+
+from .net import DaskNet
+
+__all__ = ["DaskNeuralNetClassifier", "DaskNeuralNetRegressor"]
+
+_DASK_PARAMS_DOC = """
+    Distributed training parameters
+    -------------------------------
+    strategy : str or daskdist.strategies.Strategy (default="sync")
+        How replicas synchronise: ``"sync"`` (average gradients every step;
+        equals single-process training on the global batch) or
+        ``"local_sgd"`` (``sync_every`` local steps, then average parameters).
+        Options of a strategy are set with ``strategy__<option>``.
+    sync_every : int (default=8)
+        Local steps between averages, for strategies that take it.
+    sharding : {"random", "sequential", "stratified"} (default="random")
+        How samples are split into one shard per replica.
+    n_replicas : int or None (default=None)
+        Replicas; default one per worker. Several replicas may share a worker.
+    scheduler_address : str or None (default=None)
+        Scheduler to connect to. If None, the current ``distributed`` client is
+        used, and if there is none, a local cluster is started for the fit and
+        closed after it.
+    random_state : int or None (default=None)
+        Seed of shard plans, per-epoch shuffles and per-round torch seeds.
+    preprocessor : fitted transformer or callable or None (default=None)
+        Applied to each shard's features on its worker, and to ``X`` before
+        prediction.
+
+    ``batch_size`` is the global batch per step, split across replicas.
+"""
+
+
+class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
+    __doc__ = (
+        "NeuralNetClassifier trained data-parallel on a Dask cluster.\n\n"
+        "Labels may be any sortable values; they are encoded on the workers and\n"
+        "``predict`` returns them. A module class that takes ``n_outputs`` gets\n"
+        "the number of classes when none is given.\n" + _DASK_PARAMS_DOC
+        + NeuralNetClassifier.__doc__
+    )
+    _skorch_base = NeuralNetClassifier
+    _classifier = True
+
+    def __init__(self, module, *args, criterion=torch.nn.NLLLoss,
+                 train_split=ValidSplit(5, stratified=True), classes=None, strategy="sync",
+                 sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
+                 random_state=None, preprocessor=None, use_caching=False, **kwargs):
+        super().__init__(module, *args, criterion=criterion, train_split=train_split,
+                         classes=classes, use_caching=use_caching, **kwargs)
+        self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
+                               random_state, preprocessor)
+
+    def _set_target_info(self, y, classes) -> None:
+        if classes is not None and not self._in_partial_fit_:
+            found = np.unique(np.asarray(classes))
+        elif isinstance(y, da.Array):
+            found = np.unique(np.asarray(da.unique(y).compute()))
+        else:
+            found = np.unique(y)
+        if self._in_partial_fit_:
+            unknown = np.setdiff1d(found, self.classes_)
+            if len(unknown):
+                raise ValueError(f"y has labels {unknown.tolist()} not seen in the first fit "
+                                 f"(classes: {self.classes_.tolist()}).")
+            return
+        if len(found) < 2 and self.classes is None:
+            raise ValueError(f"Classifier can't train when only one class is present: {found}.")
+        self.classes_inferred_ = found
+        self._n_outputs_ = len(self.classes_)
+
+    def _shard_kwargs(self) -> dict:
+        return {**super()._shard_kwargs(), "classes": np.asarray(self.classes_),
+                "y_dtype": np.int64}
+
+    def predict_proba(self, X):
+        """Class probabilities (module output after ``predict_nonlinearity``).
+
+        numpy in → numpy out, computed here; dask array in → dask array out,
+        computed block-wise by whatever scheduler is current.
+        """
+        X = self._predict_input(X)
+        if isinstance(X, da.Array):
+            return self._blockwise(X, "predict_proba", (len(self.classes_),), np.float32)
+        return self._local_proba(X)
+
+    def predict(self, X):
+        """Predicted class labels (the original labels, not indices)."""
+        X = self._predict_input(X)
+        if isinstance(X, da.Array):
+            return self._blockwise(X, "predict", (), np.asarray(self.classes_).dtype)
+        return np.asarray(self.classes_)[self._local_proba(X).argmax(axis=1)]
+
+
+class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
+    __doc__ = (
+        "NeuralNetRegressor trained data-parallel on a Dask cluster.\n\n"
+        "A 1-d ``y`` is trained as one output column and predicted as 1-d. A module\n"
+        "class that takes ``n_outputs`` gets the number of target columns when\n"
+        "none is given.\n" + _DASK_PARAMS_DOC + NeuralNetRegressor.__doc__
+    )
+    _skorch_base = NeuralNetRegressor
+
+    def __init__(self, module, *args, criterion=torch.nn.MSELoss, strategy="sync",
+                 sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
+                 random_state=None, preprocessor=None, use_caching=False, **kwargs):
+        super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
+        self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
+                               random_state, preprocessor)
+
+    def _set_target_info(self, y, classes) -> None:
+        if self.sharding == "stratified":
+            raise ValueError("sharding='stratified' needs class labels; use it with a classifier.")
+        n_out = 1 if y.ndim == 1 else int(y.shape[1])
+        if self._in_partial_fit_ and n_out != self._n_outputs_:
+            raise ValueError(f"y has {n_out} target columns; the first fit had "
+                             f"{self._n_outputs_}.")
+        self.y_ndim_ = y.ndim
+        self._n_outputs_ = n_out
+
+    def _shard_kwargs(self) -> dict:
+        return {**super()._shard_kwargs(), "y_dtype": np.float32, "y_2d": True}
+
+    def predict(self, X):
+        """Predicted targets; 1-d when the model was fitted on a 1-d ``y``.
+
+        numpy in → numpy out; dask array in → dask array out, computed
+        block-wise by whatever scheduler is current.
+        """
+        X = self._predict_input(X)
+        flat = getattr(self, "y_ndim_", 2) == 1
+        if isinstance(X, da.Array):
+            shape = () if flat else (self._n_outputs_,)
+            return self._blockwise(X, "predict", shape, np.float32)
+        out = self._local_proba(X)
+        return out.reshape(-1) if flat and out.ndim == 2 and out.shape[1] == 1 else out
+
+    def predict_proba(self, X):
+        """The module's output (as skorch's ``NeuralNetRegressor``)."""
+        X = self._predict_input(X)
+        if isinstance(X, da.Array):
+            return self._blockwise(X, "predict_proba", (self._n_outputs_,), np.float32)
+        return self._local_proba(X)

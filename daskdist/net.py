@@ -1,0 +1,389 @@
+"""The skorch skin over the engine: fit, partial_fit and predict on a Dask cluster.
+
+:class:`DaskNet` is mixed into skorch's estimators. skorch stays the surface —
+parameters, callbacks, history, pickling — while each epoch's batches run in
+the lean replica loop on the workers (see :mod:`daskdist.replica`). Which
+skorch parameters act where is checked by :meth:`DaskNet.check_worker_support`
+before anything is sent to the cluster.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pandas as pd
+import torch
+from skorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    EpochScoring,
+    EpochTimer,
+    LRScheduler,
+    PassthroughScoring,
+    PrintLog,
+)
+from skorch.dataset import Dataset, ValidSplit
+from skorch.net import NeuralNet
+from torch.utils.data import DataLoader
+
+from .clients import cluster_client
+from .engine import ROUND_COLUMNS, Trainer
+from .predict import predict_blocks
+from .shards import apply_preprocessor
+from .spec import ModelSpec
+from .state import TrainingState, load_params, module_to_state, optimizer_state_from_numpy
+from .strategies import resolve_strategy
+from .validation import check_features, check_targets
+
+__all__ = ["DaskNet"]
+
+#: Callbacks known to act at epoch boundaries only (their batch hooks are
+#: unused or inert when no per-batch calls are made).
+EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
+                   EpochScoring)
+#: skorch methods that run per batch; overriding them cannot act on workers.
+PER_BATCH_METHODS = ("train_step", "train_step_single", "get_loss", "infer",
+                     "validation_step", "evaluation_step")
+#: ``iterator_train__*`` options the replicas honour.
+WORKER_ITERATOR_OPTIONS = ("shuffle",)
+
+
+def _overrides(cb, method: str) -> bool:
+    return getattr(type(cb), method) is not getattr(Callback, method)
+
+
+class DaskNet:
+    """Mixin: distributed training for a skorch ``NeuralNet`` subclass.
+
+    Adds the parameters ``strategy``, ``sync_every``, ``sharding``,
+    ``n_replicas``, ``scheduler_address``, ``random_state`` and
+    ``preprocessor``, plus ``strategy__<option>`` routing.
+    """
+
+    prefixes_ = [*NeuralNet.prefixes_, "strategy"]
+    #: Base skorch class whose per-batch methods are the reference.
+    _skorch_base = NeuralNet
+    _classifier = False
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
+                          random_state, preprocessor):
+        self.strategy = strategy
+        self.sync_every = sync_every
+        self.sharding = sharding
+        self.n_replicas = n_replicas
+        self.scheduler_address = scheduler_address
+        self.random_state = random_state
+        self.preprocessor = preprocessor
+
+    @property
+    def _default_callbacks(self):
+        callbacks = [
+            ("epoch_timer", EpochTimer()),
+            ("train_loss", PassthroughScoring(name="train_loss", on_train=True)),
+            ("valid_loss", PassthroughScoring(name="valid_loss")),
+        ]
+        if self._classifier:
+            callbacks.append(("valid_acc", PassthroughScoring(name="valid_acc",
+                                                              lower_is_better=False)))
+        callbacks.append(("print_log", PrintLog()))
+        return callbacks
+
+    def get_strategy(self):
+        """The configured strategy object for the next fit."""
+        return resolve_strategy(self.strategy, sync_every=self.sync_every,
+                                **self.get_params_for("strategy"))
+
+    def _holdout(self):
+        """``(fraction, stratified)`` of the per-shard hold-out, or ``(None, False)``."""
+        split = self.train_split
+        if split is None:
+            return None, False
+        if not isinstance(split, ValidSplit):
+            raise ValueError(
+                f"train_split={split!r} cannot run on the workers; use skorch's ValidSplit "
+                "(a hold-out inside each shard) or None."
+            )
+        cv = split.cv
+        fraction = float(cv) if isinstance(cv, float) else 1.0 / int(cv)
+        return fraction, bool(split.stratified)
+
+    def check_worker_support(self) -> None:
+        """Raise ``ValueError`` for skorch features that cannot act on the workers.
+
+        See the README's table of skorch parameters. Called before any work is
+        submitted.
+        """
+        problems = []
+        if self.dataset is not Dataset:
+            problems.append("a custom dataset (replicas index arrays directly)")
+        if self.iterator_train is not DataLoader:
+            problems.append("a custom iterator_train (replicas batch arrays directly)")
+        for key in self.get_params_for("iterator_train"):
+            if key not in WORKER_ITERATOR_OPTIONS:
+                problems.append(f"iterator_train__{key} (only iterator_train__shuffle acts "
+                                "on workers)")
+        if self.compile:
+            problems.append("compile=True")
+        if self.use_caching not in (False, "auto"):
+            problems.append("use_caching=True (there are no per-batch predictions to cache)")
+        for method in PER_BATCH_METHODS:
+            if getattr(type(self), method) is not getattr(self._skorch_base, method):
+                problems.append(f"an overridden {method}() (replicas run their own loop)")
+        for name, cb in self.callbacks_:
+            if isinstance(cb, LRScheduler):
+                if cb.step_every != "epoch":
+                    problems.append(f"callback {name!r}: LRScheduler(step_every="
+                                    f"{cb.step_every!r}); use step_every='epoch'")
+            elif not isinstance(cb, EPOCH_CALLBACKS) and (
+                    _overrides(cb, "on_batch_begin") or _overrides(cb, "on_batch_end")):
+                problems.append(f"callback {name!r} ({type(cb).__name__}) acts per batch")
+        reduction = getattr(self.criterion_, "reduction", "mean")
+        if reduction != "mean":
+            problems.append(f"criterion with reduction={reduction!r} (averaging needs 'mean')")
+        self._holdout()
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__} cannot train with: " + "; ".join(problems) + ". "
+                "See the README's table of skorch parameters on workers."
+            )
+
+    # -- data ---------------------------------------------------------------------------------
+    def _check_fit_data(self, X, y, classes=None):
+        X = check_features(X, n_features=self.n_features_in_ if self._fitted_before() else None)
+        y = check_targets(y, classifier=self._classifier, n_samples=X.shape[0])
+        if X.shape[0] < 1:
+            raise ValueError("Found array with 0 sample(s); at least 1 is needed to fit.")
+        self._set_target_info(y, classes)
+        self.n_features_in_ = X.shape[1] if X.ndim == 2 else None
+        return X, y
+
+    def _fitted_before(self) -> bool:
+        return (self.warm_start or getattr(self, "_in_partial_fit_", False)) and hasattr(
+            self, "n_features_in_")
+
+    def _set_target_info(self, y, classes) -> None:
+        pass
+
+    def _shard_kwargs(self) -> dict:
+        return {"preprocessor": self.preprocessor, "x_dtype": np.float32}
+
+    # -- fit ----------------------------------------------------------------------------------
+    def initialize_module(self):
+        """Build ``module_``, passing ``n_outputs`` from the data when the module takes it."""
+        kwargs = self.get_params_for("module")
+        n_out = getattr(self, "_n_outputs_", None)
+        if (n_out is not None and isinstance(self.module, type) and "n_outputs" not in kwargs
+                and "n_outputs" in inspect.signature(self.module).parameters):
+            kwargs["n_outputs"] = n_out
+        self.module_ = self.initialized_instance(self.module, kwargs)
+        return self
+
+    def fit(self, X, y=None, **fit_params):
+        """Initialize (unless ``warm_start``) and train on the Dask cluster.
+
+        Parameters
+        ----------
+        X : numpy.ndarray or dask.array.Array
+            Features, samples along the first axis.
+        y : array-like or dask.array.Array
+            Targets.
+        **fit_params
+            Not supported (the replicas call the module with ``X`` only).
+
+        Returns
+        -------
+        self
+        """
+        self._in_partial_fit_ = False
+        X, y = self._check_fit_data(X, y)
+        if not self.warm_start or not self.initialized_:
+            self.initialize()
+        return self._train(X, y, **fit_params)
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Continue training from the current parameters for ``max_epochs`` epochs.
+
+        Parameters
+        ----------
+        X, y
+            As in :meth:`fit`.
+        classes : array-like, optional
+            All class labels (classifiers), for the first call.
+
+        Returns
+        -------
+        self
+        """
+        self._in_partial_fit_ = self.initialized_
+        X, y = self._check_fit_data(X, y, classes)
+        if not self.initialized_:
+            self.initialize()
+        return self._train(X, y, **fit_params)
+
+    def _train(self, X, y, **fit_params):
+        self.notify("on_train_begin", X=X, y=y)
+        try:
+            self.fit_loop(X, y, **fit_params)
+        except KeyboardInterrupt:
+            pass
+        self.notify("on_train_end", X=X, y=y)
+        return self
+
+    def _materialise_lazy(self, sample_shape) -> None:
+        """Run one dry forward pass so lazy modules get their shapes."""
+        if not any(isinstance(p, torch.nn.parameter.UninitializedParameter)
+                   for p in self.module_.parameters()):
+            return
+        self.module_.eval()
+        with torch.no_grad():
+            self.module_(torch.zeros((1, *sample_shape)))
+        self._initialize_optimizer()
+
+    def _model_spec(self) -> ModelSpec:
+        kwargs = self.get_params_for("optimizer")
+        kwargs.setdefault("lr", self.lr)
+        return ModelSpec(
+            module=self.module_, optimizer=self.optimizer, optimizer_kwargs=kwargs,
+            criterion=self.criterion_,
+            log_probs=self._classifier and isinstance(self.criterion_, torch.nn.NLLLoss),
+            classifier=self._classifier, device=str(self.device),
+        )
+
+    def _current_state(self) -> TrainingState:
+        prev = getattr(self, "_training_state_", None)
+        counters = {} if prev is None else {"step": prev.step, "round": prev.round}
+        return module_to_state(self.module_, self.optimizer_, **counters)
+
+    def _load_state(self, state: TrainingState) -> None:
+        load_params(self.module_, state.params, state.buffers)
+        optimizer_state_from_numpy(self.optimizer_, state.optimizer)
+        self._training_state_ = state
+
+    def _lrs(self):
+        lrs = tuple(g["lr"] for g in self.optimizer_.param_groups)
+        return lrs if len(lrs) > 1 else lrs[0]
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """Train ``epochs`` epochs (default ``max_epochs``) on the cluster.
+
+        Each epoch runs as rounds on the workers; at its end the averaged
+        parameters are loaded into ``module_``, the epoch is recorded in
+        ``history`` and the epoch callbacks run here on the client.
+        """
+        if fit_params:
+            raise ValueError(
+                f"fit parameters {sorted(fit_params)} are not supported: replicas call the "
+                "module with X only."
+            )
+        self.check_worker_support()
+        epochs = self.max_epochs if epochs is None else epochs
+        self._materialise_lazy(tuple(X.shape[1:]))
+        holdout, stratified = self._holdout()
+        if self.random_state is None:
+            self.random_state_ = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+        else:
+            self.random_state_ = int(self.random_state)
+        strategy = self.get_strategy()
+        rows = []
+        with cluster_client(self.scheduler_address) as (client, _embedded):
+            n_replicas = self.n_replicas
+            if n_replicas is None:
+                n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+                n_replicas = max(1, min(n_workers, X.shape[0]))
+            trainer = Trainer(
+                client, self._model_spec(), strategy, batch_size=self.batch_size,
+                n_replicas=n_replicas, sharding=self.sharding, random_state=self.random_state_,
+                shuffle=bool(self.get_params_for("iterator_train").get("shuffle", False)),
+                holdout=holdout, stratify=stratified and self._classifier,
+                shard_kwargs=self._shard_kwargs(),
+            )
+            try:
+                trainer.start(X, y, self._current_state())
+                datasets = self._client_datasets(X, y, trainer)
+                for _ in range(epochs):
+                    self.notify("on_epoch_begin", **datasets)
+                    result = trainer.run_epoch(self._lrs())
+                    rows.extend(result.rounds)
+                    self._load_state(result.state)
+                    self._record_epoch(result)
+                    self.notify("on_epoch_end", **datasets)
+                    if not np.array_equal(self._current_state().params, result.state.params):
+                        trainer.set_state(self._current_state())  # a callback changed them
+            except KeyboardInterrupt:
+                state = trainer.last_completed_state()
+                trainer.cancel()
+                if state is not None:
+                    self._load_state(state)
+                raise
+            finally:
+                self._append_rounds(rows)
+                trainer.close()
+        return self
+
+    def _client_datasets(self, X, y, trainer) -> dict:
+        """``dataset_train``/``dataset_valid`` for epoch callbacks that score on the client."""
+        needs_data = any(isinstance(cb, EpochScoring) for _, cb in self.callbacks_)
+        if not needs_data:
+            return {"dataset_train": None, "dataset_valid": None}
+        if trainer.source.lazy:
+            raise ValueError(
+                "EpochScoring callbacks score on the client and need in-memory data; with a "
+                "dask input use the per-worker valid_loss/valid_acc in history instead."
+            )
+        valid = trainer.valid_rows()
+        train_rows = np.setdiff1d(np.arange(X.shape[0]), valid if valid is not None else [])
+        dataset_valid = None if valid is None else Dataset(X[valid], y[valid])
+        return {"dataset_train": Dataset(X[train_rows], y[train_rows]),
+                "dataset_valid": dataset_valid}
+
+    def _record_epoch(self, result) -> None:
+        history = self.history
+        for r in result.rounds:  # one history "batch" per synchronisation round
+            history.new_batch()
+            history.record_batch("train_loss", r["loss"])
+            history.record_batch("train_batch_size", r["samples"])
+        if result.valid:
+            history.new_batch()
+            history.record_batch("valid_loss", result.valid["loss"])
+            history.record_batch("valid_batch_size", result.valid["n"])
+            if "acc" in result.valid:
+                history.record_batch("valid_acc", result.valid["acc"])
+        history.record("train_batch_count", len(result.rounds))
+        history.record("rounds", len(result.rounds))
+        history.record("samples_per_sec", result.samples_per_sec)
+
+    def _append_rounds(self, rows) -> None:
+        frame = pd.DataFrame(rows, columns=list(ROUND_COLUMNS))
+        previous = getattr(self, "rounds_", None)
+        keep = self._in_partial_fit_ or self.warm_start
+        if previous is not None and keep and len(previous):
+            frame = pd.concat([previous, frame], ignore_index=True)
+        self.rounds_ = frame
+
+    # -- predict ------------------------------------------------------------------------------
+    def _predict_input(self, X):
+        if not hasattr(self, "n_features_in_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
+        return check_features(X, n_features=self.n_features_in_)
+
+    def _local_proba(self, X):
+        """Module output for in-memory ``X`` on the client (preprocessed here)."""
+        X = np.asarray(apply_preprocessor(self.preprocessor, X), dtype=np.float32)
+        return self._skorch_base.predict_proba(self, X)
+
+    def _blockwise(self, X, method, out_shape, dtype):
+        return predict_blocks(self._predictor(), X, method, out_shape=out_shape, dtype=dtype)
+
+    def _predictor(self):
+        """A copy of this estimator fit for embedding in a task graph."""
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_in_partial_fit_", None)
+        return state

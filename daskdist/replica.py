@@ -1,0 +1,273 @@
+"""The replica: what runs on a worker in each round.
+
+Every function here is a Dask task body and a pure function of its inputs —
+the model spec, the shard, the training state and a :class:`RoundPlan`. A
+worker keeps the live module and optimizer of each replica in a small cache so
+that a round does not rebuild them, but the cache is only a shortcut: a replica
+rebuilt from the same inputs on another worker computes the same result.
+
+The inner loop is a plain torch loop shaped like skorch's training step:
+loss → backward → synchronisation hook → optimizer step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .spec import ModelSpec, seed_for
+from .state import (
+    TrainingState,
+    buffers_to_numpy,
+    load_params,
+    optimizer_state_from_numpy,
+    optimizer_state_to_numpy,
+    params_vector,
+)
+
+__all__ = ["RoundPlan", "Contribution", "local_steps", "gradient", "evaluate", "drop_run"]
+
+_CACHE_SIZE = 16
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one replica does in one round.
+
+    Attributes
+    ----------
+    run_id : str
+        Identifies the fit (worker caches are keyed by it).
+    replica : int
+        Replica index.
+    epoch : int
+        Epoch index (0-based, counted over the whole fit).
+    round : int
+        Round index over the whole fit.
+    first_step : int
+        Index, within the epoch, of the round's first step.
+    n_steps : int
+        Optimizer steps in this round.
+    batch_size : int
+        This replica's share of the global batch.
+    lr : float or tuple of float
+        Learning rate for every step of the round (one per parameter group).
+    random_state : int
+        Seed of the fit; shuffles and torch seeds derive from it.
+    shuffle : bool
+        Reshuffle the shard every epoch.
+    """
+
+    run_id: str
+    replica: int
+    epoch: int
+    round: int
+    first_step: int
+    n_steps: int
+    batch_size: int
+    lr: float | tuple
+    random_state: int
+    shuffle: bool = False
+
+    def positions(self, n_samples: int) -> list[np.ndarray]:
+        """Shard positions of each step's batch (empty once the shard is exhausted)."""
+        order = _epoch_order(n_samples, self)
+        b = self.batch_size
+        return [order[(self.first_step + k) * b:(self.first_step + k + 1) * b]
+                for k in range(self.n_steps)]
+
+
+@dataclass
+class Contribution:
+    """What a replica sends to the aggregation after a round.
+
+    ``payload`` holds the arrays to average (``grad``, or ``params`` and
+    ``optimizer``, plus ``buffers``); ``weight`` is the number of samples
+    behind them.
+    """
+
+    replica: int
+    weight: float
+    payload: dict
+    loss_sum: float
+    steps: int
+    compute_s: float
+    t_start: float
+    t_end: float
+    worker: str | None
+
+
+class _Replica:
+    """A live module and optimizer built from a spec, cached on a worker."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.module, self.optimizer = spec.build()
+        self.state = None  # the TrainingState object last loaded or produced
+        self.order_key = None
+        self.order = None
+
+    def load(self, state: TrainingState, with_optimizer: bool = True) -> None:
+        if state is self.state:
+            return
+        load_params(self.module, state.params, state.buffers)
+        if with_optimizer:
+            optimizer_state_from_numpy(self.optimizer, state.optimizer)
+        self.state = state
+
+    def set_lr(self, lr) -> None:
+        groups = self.optimizer.param_groups
+        lrs = lr if isinstance(lr, (tuple, list)) else [lr] * len(groups)
+        for group, value in zip(groups, lrs):
+            group["lr"] = value
+
+
+def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
+    key = (run_id, role)
+    with _cache_lock:
+        rep = _cache.get(key)
+        if rep is not None and rep.spec is spec:
+            _cache.move_to_end(key)
+            return rep
+    rep = _Replica(spec)
+    with _cache_lock:
+        _cache[key] = rep
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return rep
+
+
+def drop_run(run_id: str) -> int:
+    """Free the cached replicas of a finished fit; return how many were dropped."""
+    with _cache_lock:
+        keys = [k for k in _cache if k[0] == run_id]
+        for k in keys:
+            del _cache[k]
+    return len(keys)
+
+
+def _epoch_order(n_samples: int, plan: RoundPlan) -> np.ndarray:
+    if not plan.shuffle:
+        return np.arange(n_samples)
+    rng = np.random.default_rng(seed_for(plan.random_state, 1, plan.epoch, plan.replica))
+    return rng.permutation(n_samples)
+
+
+def _worker_address():
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return None
+
+
+def _seed_round(plan: RoundPlan) -> None:
+    torch.manual_seed(seed_for(plan.random_state, 2, plan.round, plan.replica))
+
+
+def _train_batch(rep: _Replica, X, y, hook=None) -> float:
+    """One step: loss → backward → hook → optimizer step; returns the loss."""
+    module, optimizer = rep.module, rep.optimizer
+    optimizer.zero_grad(set_to_none=False)
+    loss = rep.spec.loss(module(X), y)
+    loss.backward()
+    if hook is not None:
+        hook()
+    optimizer.step()
+    return float(loss.item())
+
+
+def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
+    """Run ``plan.n_steps`` local optimizer steps; return the new parameters.
+
+    The ``daskdist-round`` task of parameter-averaging strategies
+    (``local_sgd``). The replica starts from ``state`` (parameters, buffers and
+    optimizer state) and returns where it got to, weighted by the number of
+    samples it trained on.
+    """
+    t_start = time.time()
+    rep = _replica(spec, plan.run_id, plan.replica)
+    rep.load(state)
+    rep.set_lr(plan.lr)
+    rep.module.train()
+    _seed_round(plan)
+    device = spec.device
+    loss_sum, n, steps = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for pos in plan.positions(len(shard)):
+        if len(pos) == 0:
+            break
+        X, y = shard.batch(pos)
+        loss_sum += _train_batch(rep, X.to(device), y.to(device)) * len(pos)
+        n += len(pos)
+        steps += 1
+    compute_s = time.perf_counter() - t0
+    payload = {
+        "params": params_vector(rep.module),
+        "buffers": buffers_to_numpy(rep.module),
+        "optimizer": optimizer_state_to_numpy(rep.optimizer),
+    }
+    rep.state = None  # the module moved on from the state it loaded
+    return Contribution(plan.replica, float(n), payload, loss_sum, steps, compute_s,
+                        t_start, time.time(), _worker_address())
+
+
+def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
+    """Compute the gradient of one step on this replica's slice of the batch.
+
+    The ``daskdist-round`` task of ``sync``: the gradient is the mean over the
+    replica's slice, weighted by the slice's size, so the weighted average over
+    replicas is the gradient of the combined batch.
+    """
+    t_start = time.time()
+    rep = _replica(spec, plan.run_id, plan.replica)
+    rep.load(state, with_optimizer=False)
+    rep.module.train()
+    _seed_round(plan)
+    (pos,) = plan.positions(len(shard))
+    if len(pos) == 0:  # shard exhausted: weight zero
+        return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, 0, 0.0,
+                            t_start, time.time(), _worker_address())
+    t0 = time.perf_counter()
+    X, y = shard.batch(pos)
+    module = rep.module
+    module.zero_grad(set_to_none=False)
+    loss = spec.loss(module(X.to(spec.device)), y.to(spec.device))
+    loss.backward()
+    grad = torch.nn.utils.parameters_to_vector(
+        [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+    ).detach().cpu().numpy()
+    compute_s = time.perf_counter() - t0
+    rep.state = None  # buffers moved on
+    payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
+    return Contribution(plan.replica, float(len(pos)), payload, float(loss.item()) * len(pos), 1,
+                        compute_s, t_start, time.time(), _worker_address())
+
+
+def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_size: int) -> dict:
+    """Loss (and accuracy for classifiers) on the shard's hold-out rows.
+
+    The ``daskdist-valid`` task run at each epoch boundary.
+    """
+    rep = _replica(spec, run_id, ("eval", shard.replica))
+    rep.load(state, with_optimizer=False)
+    rep.module.eval()
+    n = shard.n_valid
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n, max(batch_size, 1)):
+            X = torch.from_numpy(shard.X_valid[start:start + batch_size]).to(spec.device)
+            y = torch.from_numpy(shard.y_valid[start:start + batch_size]).to(spec.device)
+            y_pred = rep.module(X)
+            loss_sum += float(spec.loss(y_pred, y).item()) * len(X)
+            if spec.classifier:
+                correct += int((y_pred.argmax(dim=1) == y).sum().item())
+    return {"replica": shard.replica, "n": n, "loss_sum": loss_sum, "correct": correct}

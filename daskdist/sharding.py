@@ -1,0 +1,114 @@
+"""Shard plans: which samples each replica trains on.
+
+A plan is made on the client from the number of samples (and, for
+``stratified``, the labels). It never touches the features. Each plan returns
+one sorted-or-ordered array of sample indices per shard, and every sample lands
+in exactly one shard.
+
+- ``random``: a seeded permutation dealt into near-equal shards; the same seed
+  gives the same shards.
+- ``sequential``: contiguous blocks in the original order.
+- ``stratified``: each class is dealt round-robin over the shards after a
+  seeded shuffle, so every shard holds each class's count to within one
+  sample of its share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SHARDINGS", "plan_shards", "holdout_split"]
+
+SHARDINGS = ("random", "sequential", "stratified")
+
+
+def plan_shards(n_samples: int, n_shards: int, sharding: str = "random", *, labels=None,
+                random_state: int | None = None) -> list[np.ndarray]:
+    """Split ``range(n_samples)`` into ``n_shards`` index arrays.
+
+    Parameters
+    ----------
+    n_samples : int
+        Number of samples in the source.
+    n_shards : int
+        Number of shards (one per replica).
+    sharding : {"random", "sequential", "stratified"}
+        The plan; see the module docstring.
+    labels : array-like of shape (n_samples,), optional
+        Class labels; required by ``"stratified"``.
+    random_state : int or None
+        Seed of ``random`` and ``stratified``.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``n_shards`` arrays of int64 indices. ``random`` and ``stratified``
+        shards are sorted (reading stays sequential); ``sequential`` shards are
+        contiguous.
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}.")
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be at least 1, got {n_shards}.")
+    if n_samples < n_shards:
+        raise ValueError(
+            f"Cannot split {n_samples} samples into {n_shards} shards: every replica "
+            "needs at least one sample. Use fewer replicas (n_replicas) or more data."
+        )
+    if sharding == "sequential":
+        return [np.asarray(s, dtype=np.int64) for s in np.array_split(np.arange(n_samples), n_shards)]
+    rng = np.random.default_rng(random_state)
+    if sharding == "random":
+        perm = rng.permutation(n_samples)
+        return [np.sort(s) for s in np.array_split(perm, n_shards)]
+    if labels is None:
+        raise ValueError("sharding='stratified' needs class labels (y).")
+    labels = np.asarray(labels)
+    if labels.shape[0] != n_samples:
+        raise ValueError(f"labels has {labels.shape[0]} entries for {n_samples} samples.")
+    buckets: list[list[np.ndarray]] = [[] for _ in range(n_shards)]
+    offset = 0  # rotate the starting shard so remainders spread over shards
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        for k in range(n_shards):
+            buckets[(k + offset) % n_shards].append(members[k::n_shards])
+        offset += len(members) % n_shards
+    return [np.sort(np.concatenate(b)).astype(np.int64) for b in buckets]
+
+
+def holdout_split(n_samples: int, fraction: float, *, labels=None, random_state=None):
+    """Split ``range(n_samples)`` into train and hold-out positions.
+
+    Parameters
+    ----------
+    n_samples : int
+        Samples in the shard.
+    fraction : float
+        Share of samples held out, in (0, 1).
+    labels : array-like, optional
+        If given, the hold-out keeps class proportions (each class keeps at
+        least one training sample).
+    random_state : int or None
+        Seed.
+
+    Returns
+    -------
+    train, valid : numpy.ndarray
+        Sorted positions into the shard.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"The hold-out fraction must be in (0, 1), got {fraction}.")
+    rng = np.random.default_rng(random_state)
+    if labels is None:
+        perm = rng.permutation(n_samples)
+        n_valid = int(round(n_samples * fraction))
+        n_valid = min(max(n_valid, 1 if n_samples > 1 else 0), n_samples - 1)
+        return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+    labels = np.asarray(labels)
+    train, valid = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_valid = min(int(round(len(members) * fraction)), len(members) - 1)
+        valid.append(members[:n_valid])
+        train.append(members[n_valid:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))

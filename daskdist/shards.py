@@ -1,0 +1,119 @@
+"""Shards: the part of the data one replica trains on, held on its worker.
+
+:func:`make_shard` runs on the worker as a ``daskdist-shard`` task. It applies
+the optional preprocessing step, converts dtypes for torch and splits off the
+hold-out used for validation. The result is a :class:`Shard` that stays in the
+worker's memory for the rest of the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .sharding import holdout_split
+
+__all__ = ["Shard", "RawShard", "make_shard", "apply_preprocessor"]
+
+
+@dataclass
+class RawShard:
+    """Rows of the source selected for one shard, before preprocessing."""
+
+    X: np.ndarray
+    y: np.ndarray | None
+    valid_positions: np.ndarray | None = None  # hold-out chosen on the client
+
+
+@dataclass
+class Shard:
+    """A replica's training rows and hold-out rows, ready for torch."""
+
+    X: np.ndarray
+    y: np.ndarray | None
+    X_valid: np.ndarray
+    y_valid: np.ndarray | None
+    replica: int
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    @property
+    def n_valid(self) -> int:
+        """Number of hold-out samples."""
+        return len(self.X_valid)
+
+    def batch(self, positions: np.ndarray):
+        """Return ``(X, y)`` tensors for the given training positions."""
+        X = torch.from_numpy(self.X[positions])
+        y = None if self.y is None else torch.from_numpy(self.y[positions])
+        return X, y
+
+
+def apply_preprocessor(preprocessor, X):
+    """Apply a fitted transformer (``.transform``) or a callable to ``X``."""
+    if preprocessor is None:
+        return X
+    if hasattr(preprocessor, "transform"):
+        return preprocessor.transform(X)
+    return preprocessor(X)
+
+
+def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype=np.float32,
+               classes=None, y_dtype=None, y_2d: bool = False, holdout: float | None = None,
+               stratify: bool = False, seed: int = 0) -> Shard:
+    """Build a :class:`Shard` on the worker.
+
+    Parameters
+    ----------
+    raw : RawShard or list of RawShard
+        The shard's rows (pieces from several chunks are concatenated).
+    replica : int
+        Index of the replica that trains this shard.
+    preprocessor : transformer or callable, optional
+        Applied to the features of the shard (training and hold-out rows).
+    x_dtype, y_dtype : numpy dtype
+        Dtypes the module expects; ``y_dtype=None`` keeps ``y`` as it is.
+    classes : numpy.ndarray, optional
+        Sorted class labels; ``y`` is replaced by indices into it.
+    y_2d : bool
+        Reshape a 1-d ``y`` to one column (regression on one target).
+    holdout : float or None
+        Fraction of the shard held out for validation, when the client did
+        not choose the rows itself (``raw.valid_positions is None``).
+    stratify : bool
+        Keep class proportions in the hold-out.
+    seed : int
+        Seed of the hold-out split.
+    """
+    if isinstance(raw, list):
+        raw = RawShard(np.concatenate([p.X for p in raw]),
+                       None if raw[0].y is None else np.concatenate([p.y for p in raw]))
+    X = np.asarray(apply_preprocessor(preprocessor, raw.X))
+    if np.issubdtype(X.dtype, np.floating) and x_dtype is not None:
+        X = X.astype(x_dtype, copy=False)
+    y = raw.y
+    if y is not None:
+        if classes is not None:
+            y = np.searchsorted(classes, y)
+        if y_dtype is not None:
+            y = np.asarray(y).astype(y_dtype, copy=False)
+        if y_2d and y.ndim == 1:
+            y = y.reshape(-1, 1)
+    valid = raw.valid_positions
+    if valid is None and holdout:
+        _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
+    if valid is None or len(valid) == 0:
+        empty = X[:0]
+        return Shard(np.ascontiguousarray(X), y, empty, None if y is None else y[:0], replica)
+    mask = np.ones(len(X), dtype=bool)
+    mask[valid] = False
+    return Shard(
+        X=np.ascontiguousarray(X[mask]),
+        y=None if y is None else np.ascontiguousarray(y[mask]),
+        X_valid=np.ascontiguousarray(X[valid]),
+        y_valid=None if y is None else np.ascontiguousarray(y[valid]),
+        replica=replica,
+    )

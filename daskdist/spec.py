@@ -1,0 +1,87 @@
+"""What a worker needs to rebuild a replica: the model specification.
+
+A :class:`ModelSpec` is sent to the cluster once per fit (as a Dask future) and
+holds the initialised module, the optimizer class and its arguments, the
+criterion and how the loss is computed. Workers turn it into a live module and
+optimizer with :meth:`ModelSpec.build`.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["ModelSpec", "seed_for"]
+
+
+@dataclass
+class ModelSpec:
+    """The recipe for one replica.
+
+    Attributes
+    ----------
+    module : torch.nn.Module
+        An initialised module; each replica trains a copy of it (its
+        parameters are overwritten by the training state each round).
+    optimizer : type
+        A ``torch.optim.Optimizer`` subclass.
+    optimizer_kwargs : dict
+        Its keyword arguments, skorch's ``param_groups`` patterns included.
+    criterion : torch.nn.Module
+        The loss module, with ``reduction="mean"``.
+    log_probs : bool
+        Take ``log(y_pred + eps)`` before the criterion, as skorch's
+        classifier does for ``NLLLoss`` on probabilities.
+    classifier : bool
+        Targets are class indices (accuracy is reported).
+    device : str
+        Device the replica trains on.
+    """
+
+    module: torch.nn.Module
+    optimizer: type = torch.optim.SGD
+    optimizer_kwargs: dict = field(default_factory=dict)
+    criterion: torch.nn.Module = field(default_factory=torch.nn.MSELoss)
+    log_probs: bool = False
+    classifier: bool = False
+    device: str = "cpu"
+
+    def build(self):
+        """Return a fresh ``(module, optimizer)`` pair for a replica."""
+        module = copy.deepcopy(self.module).to(self.device)
+        kwargs = dict(self.optimizer_kwargs)
+        groups = _param_groups(module.named_parameters(), kwargs.pop("param_groups", []))
+        return module, self.optimizer(groups, **kwargs)
+
+    def loss(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch, as the estimator defines it."""
+        if self.log_probs:
+            y_pred = torch.log(y_pred + torch.finfo(y_pred.dtype).eps)
+        return self.criterion(y_pred, y_true)
+
+
+def _param_groups(named_parameters, patterns):
+    """Group parameters the way skorch's ``optimizer__param_groups`` does."""
+    params = list(named_parameters)
+    groups = []
+    for pattern, options in patterns:
+        matches = [i for i, (name, _) in enumerate(params) if fnmatch.fnmatch(name, pattern)]
+        if matches:
+            groups.append({"params": [params.pop(i)[1] for i in reversed(matches)], **options})
+    if params:
+        groups.append({"params": [p for _, p in params]})
+    return groups
+
+
+def seed_for(random_state: int, *parts: int) -> int:
+    """A 32-bit seed derived from ``random_state`` and integer coordinates.
+
+    Used for per-epoch shuffles and per-round torch seeds, so that every round
+    is a pure function of its inputs.
+    """
+    entropy = [int(random_state), *map(int, parts)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])

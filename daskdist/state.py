@@ -1,0 +1,196 @@
+"""The training state that travels between rounds, and the arithmetic on it.
+
+A round is a pure function of a shard and a :class:`TrainingState`. The state
+holds everything a replica needs to continue training: the parameters as one
+flat vector, the module's buffers, the optimizer state and counters. Arrays are
+numpy, so the state pickles cheaply and averages without torch.
+
+Nested containers of arrays ("trees": dicts, lists and tuples whose leaves are
+numpy arrays or plain values) are averaged leaf by leaf with
+:func:`tree_weighted_sum` and :func:`tree_scale`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TrainingState",
+    "module_to_state",
+    "load_params",
+    "params_vector",
+    "optimizer_state_to_numpy",
+    "optimizer_state_from_numpy",
+    "tree_nbytes",
+    "tree_scale",
+    "tree_weighted_sum",
+]
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything a replica needs to run the next round.
+
+    Attributes
+    ----------
+    params : numpy.ndarray
+        All parameters of the module, flattened in ``module.parameters()``
+        order into one vector.
+    buffers : dict of str to numpy.ndarray
+        The module's buffers (for example batch-norm running statistics).
+    optimizer : dict
+        The optimizer's ``state_dict()`` with tensors as numpy arrays.
+    step : int
+        Optimizer steps taken so far in the whole fit.
+    round : int
+        Synchronisation rounds completed so far in the whole fit.
+    log : tuple of dict
+        One record per round completed in the current epoch (losses, samples,
+        timings); reset at each epoch boundary.
+    """
+
+    params: np.ndarray
+    buffers: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    step: int = 0
+    round: int = 0
+    log: tuple = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data that this state carries."""
+        return tree_nbytes((self.params, self.buffers, self.optimizer))
+
+    def next_epoch(self) -> TrainingState:
+        """Return this state with an empty round log."""
+        return replace(self, log=())
+
+
+def params_vector(module: torch.nn.Module) -> np.ndarray:
+    """Return the module's parameters as one flat numpy vector (a copy)."""
+    params = list(module.parameters())
+    if not params:
+        raise ValueError(f"{type(module).__name__} has no parameters to train.")
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{type(module).__name__} mixes parameter dtypes {sorted(map(str, dtypes))}; "
+            "daskdist averages parameters as one vector and needs a single dtype."
+        )
+    with torch.no_grad():
+        return torch.nn.utils.parameters_to_vector(params).detach().cpu().numpy().copy()
+
+
+def load_params(module: torch.nn.Module, vector: np.ndarray, buffers: dict | None = None) -> None:
+    """Copy a flat parameter vector (and buffers) into ``module`` in place."""
+    params = list(module.parameters())
+    device = params[0].device
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(vector).to(device), params)
+        if buffers:
+            own = dict(module.named_buffers())
+            for name, value in buffers.items():
+                own[name].copy_(torch.from_numpy(np.asarray(value)))
+
+
+def buffers_to_numpy(module: torch.nn.Module) -> dict:
+    """Return the module's floating-point and integer buffers as numpy arrays."""
+    return {name: b.detach().cpu().numpy().copy() for name, b in module.named_buffers()}
+
+
+def optimizer_state_to_numpy(optimizer: torch.optim.Optimizer) -> dict:
+    """Return ``optimizer.state_dict()`` with every tensor as a numpy array."""
+    return _map_tree(optimizer.state_dict(), _tensor_to_numpy)
+
+
+def optimizer_state_from_numpy(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state made by :func:`optimizer_state_to_numpy` into ``optimizer``."""
+    if not state:
+        return
+    optimizer.load_state_dict(_map_tree(state, _numpy_to_tensor))
+
+
+def module_to_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, **counters) -> TrainingState:
+    """Capture a module and its optimizer as a :class:`TrainingState`."""
+    return TrainingState(
+        params=params_vector(module),
+        buffers=buffers_to_numpy(module),
+        optimizer=optimizer_state_to_numpy(optimizer),
+        **counters,
+    )
+
+
+def _tensor_to_numpy(leaf):
+    if isinstance(leaf, torch.Tensor):
+        return leaf.detach().cpu().numpy().copy()
+    return leaf
+
+
+def _numpy_to_tensor(leaf):
+    if isinstance(leaf, np.ndarray):
+        return torch.from_numpy(leaf.copy())
+    return leaf
+
+
+def _map_tree(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map_tree(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tree(v, fn) for v in tree)
+    return fn(tree)
+
+
+def tree_nbytes(tree) -> int:
+    """Total bytes of the numpy arrays in a tree."""
+    if isinstance(tree, dict):
+        return sum(tree_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tree_nbytes(v) for v in tree)
+    return tree.nbytes if isinstance(tree, np.ndarray) else 0
+
+
+def _is_averaged(leaf) -> bool:
+    return isinstance(leaf, np.ndarray) and np.issubdtype(leaf.dtype, np.floating)
+
+
+def tree_weighted_sum(trees, weights):
+    """Return ``sum(w * tree)`` over the trees, leaf by leaf.
+
+    Trees with weight zero are ignored (they may be ``None``). Floating-point
+    arrays are summed with their weights; every other leaf (integer counters,
+    hyper-parameters, ``None``) is taken from the first remaining tree.
+    """
+    pairs = [(t, float(w)) for t, w in zip(trees, weights) if w]
+    if not pairs:
+        raise ValueError("tree_weighted_sum needs at least one tree with a non-zero weight.")
+    trees, weights = zip(*pairs)
+    return _weighted_sum(trees, weights, trees[0])
+
+
+def _weighted_sum(trees, weights, first):
+    if isinstance(first, dict):
+        return {k: _weighted_sum([t[k] for t in trees], weights, first[k]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(
+            _weighted_sum([t[i] for t in trees], weights, first[i]) for i in range(len(first))
+        )
+    if _is_averaged(first):
+        total = np.zeros_like(first)
+        for leaf, w in zip(trees, weights):
+            total += np.asarray(leaf, dtype=first.dtype) * np.asarray(w, dtype=first.dtype)
+        return total
+    return first
+
+
+def tree_scale(tree, factor: float):
+    """Multiply every floating-point array of a tree by ``factor``."""
+    if isinstance(tree, dict):
+        return {k: tree_scale(v, factor) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_scale(v, factor) for v in tree)
+    if _is_averaged(tree):
+        return tree * np.asarray(factor, dtype=tree.dtype)
+    return tree

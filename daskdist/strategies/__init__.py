@@ -1,0 +1,50 @@
+"""Synchronisation strategies, chosen with ``strategy=`` by name or as an object."""
+
+from __future__ import annotations
+
+import numbers
+
+from .base import Strategy
+from .local_sgd import LocalSGD
+from .sync import Sync
+
+__all__ = ["Strategy", "Sync", "LocalSGD", "STRATEGIES", "resolve_strategy"]
+
+#: Strategies by name.
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, LocalSGD)}
+
+
+def resolve_strategy(strategy, *, sync_every=None, **options) -> Strategy:
+    """Return a configured strategy object.
+
+    Parameters
+    ----------
+    strategy : str or Strategy
+        A name from :data:`STRATEGIES` or a strategy object (copied, never
+        changed).
+    sync_every : int, optional
+        The estimators' top-level ``sync_every``, given to strategies that take it.
+    **options
+        ``strategy__<name>`` options, set as attributes.
+    """
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"Unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)} "
+                "or pass a Strategy object."
+            )
+        obj = STRATEGIES[strategy]()
+    elif isinstance(strategy, Strategy):
+        obj = strategy.copy()
+    else:
+        raise TypeError(
+            f"strategy must be a name or a daskdist Strategy, got {type(strategy).__name__}."
+        )
+    params = obj.get_params()
+    if sync_every is not None and "sync_every" in params and "sync_every" not in options:
+        if not isinstance(sync_every, numbers.Integral):
+            raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}.")
+        options["sync_every"] = int(sync_every)
+    if options:
+        obj.set_params(**options)
+    return obj

@@ -1,0 +1,90 @@
+"""The strategy interface: what a round does and how its results are combined.
+
+The driver (:class:`daskdist.engine.Trainer`) moves futures; a strategy
+decides what each replica computes in a round and how the contributions become
+the next training state. Strategies are small objects; options that belong to
+one strategy are its attributes, set from an estimator with ``strategy__<name>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+from ..aggregation import submit_tree
+
+__all__ = ["Strategy"]
+
+
+class Strategy:
+    """Base class of synchronisation strategies.
+
+    Subclasses set :attr:`name`, the replica task :attr:`replica_task` and the
+    aggregation root :attr:`finalize`, and say how an epoch's steps are grouped
+    into rounds with :meth:`round_sizes`.
+    """
+
+    #: Name used with ``strategy=`` on the estimators.
+    name: str = ""
+    #: ``task(spec, shard, state, plan) -> Contribution``, run on each replica.
+    replica_task = None
+    #: ``finalize(spec, state, *partials, plan=..., replica_workers=...) -> TrainingState``.
+    finalize = None
+
+    def round_sizes(self, steps_per_epoch: int) -> list[int]:
+        """Steps in each round of an epoch of ``steps_per_epoch`` steps."""
+        raise NotImplementedError
+
+    def submit_round(self, trainer, state, plans):
+        """Submit one round; return the future of the next training state.
+
+        Parameters
+        ----------
+        trainer : daskdist.engine.Trainer
+            The driver (client, spec future, shard futures, placement).
+        state : Future
+            The training state the round starts from.
+        plans : list of RoundPlan
+            One plan per replica.
+        """
+        parts = trainer.submit_replicas(type(self).replica_task, state, plans)
+        return submit_tree(
+            trainer.client, parts, trainer.replica_workers, type(self).finalize,
+            trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
+            run_id=trainer.run_id, round_index=plans[0].round,
+        )
+
+    # scikit-learn style parameters, so strategies print, compare and clone well.
+    def get_params(self, deep: bool = False) -> dict:
+        """The constructor arguments of this strategy."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params) -> Strategy:
+        """Set options (``strategy__<name>`` on the estimators)."""
+        valid = self.get_params()
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(
+                    f"Strategy {self.name!r} has no option {key!r}; its options are "
+                    f"{sorted(valid)}."
+                )
+            setattr(self, key, value)
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on invalid options."""
+
+    def copy(self) -> Strategy:
+        """A copy that a fit may configure without touching the original."""
+        return copy.deepcopy(self)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.get_params() == other.get_params()
+
+    __hash__ = object.__hash__

@@ -1,0 +1,91 @@
+"""Input checks, made on the client before any work reaches the cluster.
+
+In-memory inputs are checked in full (finite values, shapes, label types).
+Dask inputs are checked from their metadata only, so the client never computes
+them; their values are checked where the shards are built.
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.validation import check_array
+
+__all__ = ["check_features", "check_targets"]
+
+
+def _is_dask(a) -> bool:
+    return isinstance(a, da.Array)
+
+
+def check_features(X, *, n_features=None, what: str = "X"):
+    """Validate features; return numpy features as float32 (dask arrays as they are).
+
+    Parameters
+    ----------
+    X : array-like or dask.array.Array
+        Samples along the first axis.
+    n_features : int, optional
+        The number of features seen in fit; a mismatch is an error.
+    what : str
+        Name used in error messages.
+    """
+    if X is None:
+        raise ValueError(f"{what} is None; pass an array of samples.")
+    if _is_dask(X):
+        if X.ndim < 2:
+            raise ValueError(
+                f"Expected a 2-d {what} (samples, features) or more dims, got a {X.ndim}-d "
+                "dask array; reshape it with X.reshape(-1, 1) for a single feature."
+            )
+        if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+            raise ValueError(f"{what} must hold numbers, got dtype {X.dtype}.")
+    else:
+        if hasattr(X, "dtype") and np.issubdtype(np.asarray(X).dtype, np.complexfloating):
+            raise ValueError(f"Complex data not supported in {what}.")
+        X = check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True,
+                        input_name=what)
+        if np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer) \
+                or X.dtype == bool:
+            X = X.astype(np.float32, copy=False)
+    if n_features is not None and X.ndim == 2 and X.shape[1] != n_features:
+        raise ValueError(
+            f"{what} has {X.shape[1]} features, but this estimator was fitted with "
+            f"{n_features} features."
+        )
+    return X
+
+
+def check_targets(y, *, classifier: bool, n_samples: int):
+    """Validate targets.
+
+    Returns
+    -------
+    y : numpy.ndarray or dask.array.Array
+        Classifier targets unchanged (labels are encoded on the workers);
+        regression targets as float32.
+    """
+    if y is None:
+        raise ValueError("y is None; daskdist estimators need targets to fit.")
+    if _is_dask(y):
+        if y.shape[0] != n_samples:
+            raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}.")
+        if not classifier and not np.issubdtype(y.dtype, np.number):
+            raise ValueError(f"Regression targets must be numbers, got dtype {y.dtype}.")
+        return y if classifier else y.astype(np.float32)
+    y = np.asarray(y)
+    if y.shape[0] != n_samples:
+        raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}.")
+    if classifier:
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.ravel()
+        check_classification_targets(y)
+        if type_of_target(y) not in ("binary", "multiclass"):
+            raise ValueError(f"Expected class labels, got targets of type {type_of_target(y)}.")
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise ValueError("y contains NaN or infinity.")
+        return y
+    y = check_array(y, ensure_2d=False, dtype="numeric", ensure_all_finite=True,
+                    input_name="y")
+    return y.astype(np.float32, copy=False)
