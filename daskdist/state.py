@@ -86,10 +86,15 @@ def params_vector(module: torch.nn.Module) -> np.ndarray:
 
 def load_params(module: torch.nn.Module, vector: np.ndarray, buffers: dict | None = None) -> None:
     """Copy a flat parameter vector (and buffers) into ``module`` in place."""
-    params = list(module.parameters())
-    device = params[0].device
+    flat = torch.from_numpy(np.asarray(vector))
+    offset = 0
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(torch.from_numpy(vector).to(device), params)
+        # Copy into the existing storage: parameters must never alias the
+        # state's arrays, which other tasks on this worker may be reading.
+        for p in module.parameters():
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
         if buffers:
             own = dict(module.named_buffers())
             for name, value in buffers.items():

@@ -1,0 +1,42 @@
+import numpy as np
+import torch
+
+from daskdist.state import (
+    load_params,
+    module_to_state,
+    optimizer_state_from_numpy,
+    params_vector,
+    tree_weighted_sum,
+)
+
+
+def test_state_round_trip_restores_module_and_optimizer():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(module.parameters(), lr=0.1)
+    module(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    state = module_to_state(module, opt, step=1)
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    load_params(other, state.params, state.buffers)
+    optimizer_state_from_numpy(other_opt, state.optimizer)
+    np.testing.assert_array_equal(params_vector(other), params_vector(module))
+    for (_, a), (_, b) in zip(module.named_buffers(), other.named_buffers()):
+        assert torch.equal(a, b)
+    a = opt.state_dict()["state"][0]["exp_avg"]
+    b = other_opt.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(a, b)
+
+
+def test_weighted_sum_ignores_zero_weights_and_keeps_non_float_leaves():
+    trees = [
+        {"p": np.array([1.0, 2.0], np.float32), "n": 3, "ids": np.array([1, 2])},
+        {"p": np.array([3.0, 4.0], np.float32), "n": 3, "ids": np.array([1, 2])},
+        None,
+    ]
+    out = tree_weighted_sum(trees, [1.0, 3.0, 0.0])
+    np.testing.assert_allclose(out["p"], [10.0, 14.0])
+    assert out["n"] == 3
+    np.testing.assert_array_equal(out["ids"], [1, 2])
