@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import dask
 import numpy as np
-from distributed import wait
 
 from .replica import RoundPlan, drop_run, evaluate
 from .sharding import plan_shards
@@ -226,9 +225,9 @@ class Trainer:
             self._settle(self._inflight.popleft())
 
     def _settle(self, future) -> None:
-        wait(future)
-        if future.status == "error":
-            raise future.exception()
+        error = future.exception()  # waits without fetching the state
+        if error is not None:
+            raise error
         if future.status == "cancelled":
             raise RuntimeError(f"Training state {future.key} was cancelled.")
         self._last_done = future

@@ -10,6 +10,7 @@ before anything is sent to the cluster.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -93,8 +94,8 @@ class DaskNet:
 
     def get_strategy(self):
         """The configured strategy object for the next fit."""
-        return resolve_strategy(self.strategy, sync_every=self.sync_every,
-                                **self.get_params_for("strategy"))
+        return resolve_strategy(self.strategy, self.get_params_for("strategy"),
+                                sync_every=self.sync_every)
 
     def _holdout(self):
         """``(fraction, stratified)`` of the per-shard hold-out, or ``(None, False)``."""
@@ -309,7 +310,10 @@ class DaskNet:
                     rows.extend(result.rounds)
                     self._load_state(result.state)
                     self._record_epoch(result)
-                    self.notify("on_epoch_end", **datasets)
+                    with warnings.catch_warnings():
+                        # Schedulers step between epochs; the optimizer steps on the workers.
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
+                        self.notify("on_epoch_end", **datasets)
                     if not np.array_equal(self._current_state().params, result.state.params):
                         trainer.set_state(self._current_state())  # a callback changed them
             except KeyboardInterrupt:

@@ -46,6 +46,8 @@ def predict_blocks(predictor, X: da.Array, method: str, *, out_shape: tuple, dty
         new_axis = list(range(1, 1 + len(out_shape))) if X.ndim == 1 else None
         drop_axis = list(range(1 + len(out_shape), X.ndim)) or None
         return da.map_blocks(_predict_block, X, shared, method, dtype=dtype, chunks=chunks,
-                             new_axis=new_axis, drop_axis=drop_axis, token=name)
+                             new_axis=new_axis, drop_axis=drop_axis, token=name,
+                             meta=np.empty((0,) * len(chunks), dtype=dtype))
     return da.map_blocks(_predict_block, X, shared, method, dtype=dtype,
-                         chunks=(X.chunks[0],), drop_axis=list(range(1, X.ndim)), token=name)
+                         chunks=(X.chunks[0],), drop_axis=list(range(1, X.ndim)), token=name,
+                         meta=np.empty((0,), dtype=dtype))

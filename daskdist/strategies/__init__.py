@@ -14,7 +14,7 @@ __all__ = ["Strategy", "Sync", "LocalSGD", "STRATEGIES", "resolve_strategy"]
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, LocalSGD)}
 
 
-def resolve_strategy(strategy, *, sync_every=None, **options) -> Strategy:
+def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:
     """Return a configured strategy object.
 
     Parameters
@@ -22,10 +22,11 @@ def resolve_strategy(strategy, *, sync_every=None, **options) -> Strategy:
     strategy : str or Strategy
         A name from :data:`STRATEGIES` or a strategy object (copied, never
         changed).
+    options : dict, optional
+        ``strategy__<name>`` options, set as attributes; they win over
+        ``sync_every``.
     sync_every : int, optional
         The estimators' top-level ``sync_every``, given to strategies that take it.
-    **options
-        ``strategy__<name>`` options, set as attributes.
     """
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
@@ -40,6 +41,7 @@ def resolve_strategy(strategy, *, sync_every=None, **options) -> Strategy:
         raise TypeError(
             f"strategy must be a name or a daskdist Strategy, got {type(strategy).__name__}."
         )
+    options = dict(options or {})
     params = obj.get_params()
     if sync_every is not None and "sync_every" in params and "sync_every" not in options:
         if not isinstance(sync_every, numbers.Integral):
