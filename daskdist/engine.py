@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import dask
 import numpy as np
+from distributed.client import FutureCancelledError
 
 from .replica import RoundPlan, drop_run, evaluate
 from .sharding import plan_shards
@@ -128,6 +129,7 @@ class Trainer:
         self._inflight: deque = deque()
         self._state = None
         self._last_done = None
+        self._generation = 0
         self.shards = []
 
     # -- set-up -------------------------------------------------------------------------------
@@ -161,16 +163,8 @@ class Trainer:
         self.plan = plan
         self.valid_positions = self._client_holdout(plan)
         self.source.prepare(self.client, plan, run_id=self.run_id)
-        self.spec_future = self.client.submit(
-            _identity, self.spec, key=f"daskdist-spec-{self.run_id}", pure=False)
-        self.shards = [
-            self.source.submit_shard(
-                self.client, i, rows, self.replica_workers[i], run_id=self.run_id,
-                valid_positions=None if self.valid_positions is None else self.valid_positions[i],
-                holdout=self.holdout, stratify=self.stratify,
-                seed=self.random_state + i, **self.shard_kwargs)
-            for i, rows in enumerate(plan)
-        ]
+        self.spec_future = self._submit_spec()
+        self.shards = [self._submit_shard(i) for i in range(n)]
         sizes = self.client.gather(self.client.map(
             _shard_sizes, self.shards, key=[f"daskdist-size-{self.run_id}-{i}" for i in range(n)]))
         self.shard_sizes = [s[0] for s in sizes]
@@ -180,9 +174,27 @@ class Trainer:
         self.steps_per_epoch = max(int(np.ceil(s / b))
                                    for s, b in zip(self.shard_sizes, self.replica_batch))
         self.set_state(state)
+        self._epoch_state = state
         logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
                     self.run_id, n, len(set(self.replica_workers)), self.shard_sizes)
         return self
+
+    @property
+    def key_prefix(self) -> str:
+        """Run id and recovery generation, shared by this run's task keys."""
+        return f"{self.run_id}-{self._generation}"
+
+    def _submit_spec(self):
+        return self.client.submit(_identity, self.spec, pure=False,
+                                  key=f"daskdist-spec-{self.key_prefix}")
+
+    def _submit_shard(self, i: int):
+        valid = None if self.valid_positions is None else self.valid_positions[i]
+        return self.source.submit_shard(
+            self.client, i, self.plan[i], self.replica_workers[i],
+            run_id=self.key_prefix, valid_positions=valid,
+            holdout=self.holdout, stratify=self.stratify, seed=self.random_state + i,
+            **self.shard_kwargs)
 
     def _client_holdout(self, plan):
         """Hold-out rows chosen on the client, when the labels are already here."""
@@ -205,7 +217,7 @@ class Trainer:
     def set_state(self, state: TrainingState) -> None:
         """Continue from ``state`` (sent from the client)."""
         self._state = self.client.submit(
-            _identity, state, key=f"daskdist-state-{self.run_id}-{self.round}", pure=False)
+            _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}", pure=False)
         self._last_done = self._state
 
     # -- rounds ---------------------------------------------------------------------------------
@@ -214,7 +226,7 @@ class Trainer:
         return [
             self.client.submit(
                 task, self.spec_future, self.shards[p.replica], state, p,
-                key=f"daskdist-round-{self.run_id}-{p.round}-{p.replica}",
+                key=f"daskdist-round-{self.key_prefix}-{p.round}-{p.replica}",
                 workers=[self.replica_workers[p.replica]], allow_other_workers=True, pure=False)
             for p in plans
         ]
@@ -225,21 +237,49 @@ class Trainer:
             self._settle(self._inflight.popleft())
 
     def _settle(self, future) -> None:
-        error = future.exception()  # waits without fetching the state
+        try:
+            error = future.exception()  # waits without fetching the state
+        except FutureCancelledError:
+            error = None
+        if future.status in _LOST:
+            raise _WorkerLost(f"training state {future.key} was lost with a worker")
         if error is not None:
             raise error
-        if future.status == "cancelled":
-            raise RuntimeError(f"Training state {future.key} was cancelled.")
         self._last_done = future
 
     def run_epoch(self, lr) -> EpochResult:
         """Train one epoch and return its result (state and statistics).
+
+        If a worker is lost and takes data that Dask cannot recompute with it
+        (shards sent from the client), the epoch is run again from the state
+        it started from, after the lost shards are re-sent to live workers;
+        at most ``daskdist.driver.epoch-retries`` times.
 
         Parameters
         ----------
         lr : float or tuple of float
             Learning rate of every round in the epoch (one per parameter group).
         """
+        retries = dask.config.get("daskdist.driver.epoch-retries")
+        start_round, start_state = self.round, self._epoch_state
+        for attempt in range(retries + 1):
+            try:
+                return self._run_epoch_once(lr)
+            except _WorkerLost as lost:
+                if attempt == retries:
+                    raise RuntimeError(
+                        f"Epoch {self.epoch} failed {retries + 1} times because workers were "
+                        f"lost ({lost}); giving up."
+                    ) from None
+                logger.warning("daskdist run %s: %s; re-running epoch %d from its start",
+                               self.run_id, lost, self.epoch)
+                self.cancel()
+                self._replace_lost_shards()
+                self.round = start_round
+                self.set_state(start_state)
+        raise AssertionError("unreachable")
+
+    def _run_epoch_once(self, lr) -> EpochResult:
         t0 = time.perf_counter()
         state = self._state
         first = 0
@@ -267,7 +307,27 @@ class Trainer:
             epoch.valid = self.evaluate()
         self.rounds_.extend(epoch.rounds)
         self.epoch += 1
+        self._epoch_state = result
         return epoch
+
+    def _replace_lost_shards(self) -> None:
+        """Re-send shards whose data was lost with a worker; move replicas off dead workers."""
+        timeout = dask.config.get("daskdist.driver.worker-timeout")
+        try:
+            self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise RuntimeError(
+                f"The Dask cluster has had no workers for {timeout}; cannot go on training."
+            ) from None
+        live = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        self._generation += 1
+        for i, future in enumerate(self.shards):
+            if self.replica_workers[i] not in live:
+                self.replica_workers[i] = live[i % len(live)]
+            if future.status in _LOST:
+                self.shards[i] = self._submit_shard(i)
+        if self.spec_future.status in _LOST:
+            self.spec_future = self._submit_spec()
 
     @staticmethod
     def _round_rows(log) -> list[dict]:
@@ -290,7 +350,7 @@ class Trainer:
         futures = [
             self.client.submit(
                 evaluate, self.spec_future, shard, self._state, self.run_id,
-                max(self.batch_size, 1), key=f"daskdist-valid-{self.run_id}-{self.epoch}-{i}",
+                max(self.batch_size, 1), key=f"daskdist-valid-{self.key_prefix}-{self.epoch}-{i}",
                 workers=[self.replica_workers[i]], allow_other_workers=True, pure=False)
             for i, shard in enumerate(self.shards)
         ]
@@ -336,3 +396,11 @@ class Trainer:
 
 def _identity(x):
     return x
+
+
+class _WorkerLost(Exception):
+    """A round's inputs were lost with a worker and cannot be recomputed."""
+
+
+#: Future states that mean the data is gone rather than still coming.
+_LOST = ("cancelled", "lost")

@@ -51,7 +51,7 @@ class Strategy:
         return submit_tree(
             trainer.client, parts, trainer.replica_workers, type(self).finalize,
             trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
-            run_id=trainer.run_id, round_index=plans[0].round,
+            run_id=trainer.key_prefix, round_index=plans[0].round,
         )
 
     # scikit-learn style parameters, so strategies print, compare and clone well.
