@@ -122,6 +122,11 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor)
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
     def _set_target_info(self, y, classes) -> None:
         if self.sharding == "stratified":
             raise ValueError("sharding='stratified' needs class labels; use it with a classifier.")

@@ -33,7 +33,7 @@ from .clients import cluster_client
 from .engine import ROUND_COLUMNS, Trainer
 from .predict import predict_blocks
 from .shards import apply_preprocessor
-from .spec import ModelSpec
+from .spec import ModelSpec, seed_for
 from .state import TrainingState, load_params, module_to_state, optimizer_state_from_numpy
 from .strategies import resolve_strategy
 from .validation import check_features, check_targets
@@ -153,7 +153,8 @@ class DaskNet:
 
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
-        X = check_features(X, n_features=self.n_features_in_ if self._fitted_before() else None)
+        X = check_features(X, n_features=self.n_features_in_ if self._fitted_before() else None,
+                           estimator=type(self).__name__)
         y = check_targets(y, classifier=self._classifier, n_samples=X.shape[0])
         if X.shape[0] < 1:
             raise ValueError("Found array with 0 sample(s); at least 1 is needed to fit.")
@@ -173,14 +174,27 @@ class DaskNet:
 
     # -- fit ----------------------------------------------------------------------------------
     def initialize_module(self):
-        """Build ``module_``, passing ``n_outputs`` from the data when the module takes it."""
+        """Build ``module_``, passing ``n_outputs`` from the data when the module takes it.
+
+        With ``random_state`` set, the initial weights are seeded from it.
+        """
         kwargs = self.get_params_for("module")
         n_out = getattr(self, "_n_outputs_", None)
         if (n_out is not None and isinstance(self.module, type) and "n_outputs" not in kwargs
                 and "n_outputs" in inspect.signature(self.module).parameters):
             kwargs["n_outputs"] = n_out
-        self.module_ = self.initialized_instance(self.module, kwargs)
+        if self.random_state is None:
+            self.module_ = self.initialized_instance(self.module, kwargs)
+        else:  # random_state also fixes the initial weights, without touching torch's RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_for(self.random_state, 0))
+                self.module_ = self.initialized_instance(self.module, kwargs)
         return self
+
+    def _get_param_names(self):
+        # skorch lists every attribute without a trailing underscore; keep the
+        # private bookkeeping (``_params_to_validate`` …) out of the parameters.
+        return [k for k in super()._get_param_names() if not k.startswith("_")]
 
     def fit(self, X, y=None, **fit_params):
         """Initialize (unless ``warm_start``) and train on the Dask cluster.
@@ -239,7 +253,9 @@ class DaskNet:
                    for p in self.module_.parameters()):
             return
         self.module_.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            if self.random_state is not None:
+                torch.manual_seed(seed_for(self.random_state, 0))
             self.module_(torch.zeros((1, *sample_shape)))
         self._initialize_optimizer()
 
@@ -373,7 +389,7 @@ class DaskNet:
             from sklearn.exceptions import NotFittedError
 
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
-        return check_features(X, n_features=self.n_features_in_)
+        return check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
-from sklearn.utils.validation import check_array
+from sklearn.utils.validation import check_array, column_or_1d
 
 __all__ = ["check_features", "check_targets"]
 
@@ -19,7 +19,7 @@ def _is_dask(a) -> bool:
     return isinstance(a, da.Array)
 
 
-def check_features(X, *, n_features=None, what: str = "X"):
+def check_features(X, *, n_features=None, what: str = "X", estimator: str = "the estimator"):
     """Validate features; return numpy features as float32 (dask arrays as they are).
 
     Parameters
@@ -30,6 +30,8 @@ def check_features(X, *, n_features=None, what: str = "X"):
         The number of features seen in fit; a mismatch is an error.
     what : str
         Name used in error messages.
+    estimator : str
+        Name of the estimator, for error messages.
     """
     if X is None:
         raise ValueError(f"{what} is None; pass an array of samples.")
@@ -51,8 +53,8 @@ def check_features(X, *, n_features=None, what: str = "X"):
             X = X.astype(np.float32, copy=False)
     if n_features is not None and X.ndim == 2 and X.shape[1] != n_features:
         raise ValueError(
-            f"{what} has {X.shape[1]} features, but this estimator was fitted with "
-            f"{n_features} features."
+            f"{what} has {X.shape[1]} features, but {estimator} is expecting {n_features} "
+            "features as input (as many as in fit)."
         )
     return X
 
@@ -67,7 +69,7 @@ def check_targets(y, *, classifier: bool, n_samples: int):
         regression targets as float32.
     """
     if y is None:
-        raise ValueError("y is None; daskdist estimators need targets to fit.")
+        raise ValueError("This estimator requires y to be passed, but the target y is None.")
     if _is_dask(y):
         if y.shape[0] != n_samples:
             raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}.")
@@ -79,7 +81,7 @@ def check_targets(y, *, classifier: bool, n_samples: int):
         raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}.")
     if classifier:
         if y.ndim == 2 and y.shape[1] == 1:
-            y = y.ravel()
+            y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         if type_of_target(y) not in ("binary", "multiclass"):
             raise ValueError(f"Expected class labels, got targets of type {type_of_target(y)}.")

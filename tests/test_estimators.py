@@ -183,7 +183,7 @@ def test_bad_input_gets_clear_errors(client, tiny_data):
     with pytest.raises(ValueError, match="Unknown label type|continuous"):
         _clf().fit(X, np.linspace(0, 1, len(X)))
     net = _clf(max_epochs=1).fit(X, y)
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ValueError, match="expecting 20 features"):
         net.predict(X[:, :5])
     with pytest.raises(ValueError, match="smaller than the number of replicas"):
         _clf(batch_size=1, n_replicas=2).fit(X, y)
