@@ -301,7 +301,7 @@ class Trainer:
         epoch = EpochResult(
             epoch=self.epoch, state=result,
             train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
-            samples=samples, rounds=self._round_rows(log), duration=duration,
+            samples=samples, rounds=self.round_rows(result), duration=duration,
         )
         if self.holdout:
             epoch.valid = self.evaluate()
@@ -330,9 +330,10 @@ class Trainer:
             self.spec_future = self._submit_spec()
 
     @staticmethod
-    def _round_rows(log) -> list[dict]:
+    def round_rows(state: TrainingState) -> list[dict]:
+        """Rows of the ``rounds_`` table for the rounds logged in ``state``."""
         rows, prev_end = [], None
-        for r in log:
+        for r in state.log:
             start = r["t_start"] if prev_end is None else prev_end
             span = max(r["t_end"] - start, 0.0)
             rows.append({

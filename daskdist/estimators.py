@@ -57,7 +57,8 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
     _classifier = True
 
     def __init__(self, module, *args, criterion=torch.nn.NLLLoss,
-                 train_split=ValidSplit(5, stratified=True), classes=None, strategy="sync",
+                 train_split=ValidSplit(5, stratified=True),  # noqa: B008 - skorch's default
+                 classes=None, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,

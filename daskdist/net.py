@@ -337,6 +337,7 @@ class DaskNet:
                 trainer.cancel()
                 if state is not None:
                     self._load_state(state)
+                    rows.extend(r for r in trainer.round_rows(state) if r["epoch"] == trainer.epoch)
                 raise
             finally:
                 self._append_rounds(rows)

@@ -56,7 +56,8 @@ def plan_shards(n_samples: int, n_shards: int, sharding: str = "random", *, labe
             "needs at least one sample. Use fewer replicas (n_replicas) or more data."
         )
     if sharding == "sequential":
-        return [np.asarray(s, dtype=np.int64) for s in np.array_split(np.arange(n_samples), n_shards)]
+        blocks = np.array_split(np.arange(n_samples), n_shards)
+        return [np.asarray(s, dtype=np.int64) for s in blocks]
     rng = np.random.default_rng(random_state)
     if sharding == "random":
         perm = rng.permutation(n_samples)

@@ -114,8 +114,7 @@ class DaskArraySource(Source):
             )
         X = X.rechunk({i: -1 for i in range(1, X.ndim)})
         if y is not None:
-            y = y.rechunk((X.chunks[0],) + tuple((-1,) * (y.ndim - 1))) if isinstance(
-                y, da.Array) else da.from_array(np.asarray(y), chunks=(X.chunks[0],) + (-1,) * (np.ndim(y) - 1))
+            y = _along_samples(y, X.chunks[0])
         super().__init__(X, y)
         self._labels = None
         self._pieces = None
@@ -156,7 +155,16 @@ class DaskArraySource(Source):
 
 
 def _take_rows(x_chunk, y_chunk, local):
-    return RawShard(np.asarray(x_chunk)[local], None if y_chunk is None else np.asarray(y_chunk)[local])
+    y = None if y_chunk is None else np.asarray(y_chunk)[local]
+    return RawShard(np.asarray(x_chunk)[local], y)
+
+
+def _along_samples(a, sample_chunks) -> da.Array:
+    """``a`` as a dask array chunked like the samples, whole along other axes."""
+    chunks = (sample_chunks,) + (-1,) * (np.ndim(a) - 1)
+    if isinstance(a, da.Array):
+        return a.rechunk(chunks)
+    return da.from_array(np.asarray(a), chunks=chunks)
 
 
 def as_source(X, y=None, *, direct: bool = True) -> Source:
@@ -176,7 +184,7 @@ def as_source(X, y=None, *, direct: bool = True) -> Source:
     if isinstance(X, da.Array):
         return DaskArraySource(X, y)
     if isinstance(y, da.Array):
-        return DaskArraySource(da.from_array(np.asarray(X), chunks=(y.chunks[0],) + (-1,) * (np.ndim(X) - 1)), y)
+        return DaskArraySource(_along_samples(X, y.chunks[0]), y)
     if hasattr(X, "shape") and hasattr(X, "__getitem__"):
         return NumpySource(X, y, direct=direct)
     raise TypeError(

@@ -118,7 +118,8 @@ def optimizer_state_from_numpy(optimizer: torch.optim.Optimizer, state: dict) ->
     optimizer.load_state_dict(_map_tree(state, _numpy_to_tensor))
 
 
-def module_to_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, **counters) -> TrainingState:
+def module_to_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    **counters) -> TrainingState:
     """Capture a module and its optimizer as a :class:`TrainingState`."""
     return TrainingState(
         params=params_vector(module),

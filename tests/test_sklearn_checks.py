@@ -1,6 +1,5 @@
 """scikit-learn's estimator checks on both estimators, on the session cluster."""
 
-import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from daskdist import MLP, DaskNeuralNetClassifier, DaskNeuralNetRegressor

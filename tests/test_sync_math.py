@@ -7,7 +7,6 @@ from skorch import NeuralNetClassifier
 
 from daskdist import DaskNeuralNetClassifier
 from daskdist.state import params_vector
-
 from daskdist.testing import TinyNet
 
 COMMON = dict(max_epochs=3, lr=0.1, batch_size=32, train_split=None, verbose=0,

@@ -1,0 +1,210 @@
+"""Training throughput of daskdist against plain torch, independent processes and DDP.
+
+One run measures, on the same task and machine, side by side:
+
+- a plain single-process torch loop with 1 and with 2 threads;
+- two independent single-threaded processes that never communicate (the ceiling
+  for two replicas);
+- torch DistributedDataParallel with gloo on 2 processes;
+- daskdist ``sync`` and ``local_sgd`` (``sync_every`` 10 and 50) through the
+  estimator, on an embedded cluster of 2 single-threaded workers;
+
+and prints samples/s, each as a ratio of the ceiling and of DDP, plus daskdist's
+time per synchronisation round. The task: a 784-512-256-10 MLP (~0.5M
+parameters), 60k synthetic samples, 128 samples per replica per step
+(``batch_size=256`` over 2 replicas), plain SGD. Throughput is averaged over
+the epochs after the first (warm-up).
+
+Run: ``python benchmarks/bench_throughput.py [--epochs 4] [--samples 60000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+PER_REPLICA = 128
+REPLICAS = 2
+
+
+def make_model():
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 512), torch.nn.ReLU(),
+        torch.nn.Linear(512, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+
+
+def make_data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 784)).astype(np.float32)
+    y = (X[:, :10].argmax(1)).astype(np.int64)
+    return X, y
+
+
+def _plain_epochs(X, y, batch, epochs, threads, model=None):
+    """Plain torch loop; returns the wall time of each epoch."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = model or make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for start in range(0, len(Xt), batch):
+            opt.zero_grad()
+            loss_fn(model(Xt[start:start + batch]), yt[start:start + batch]).backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _steady(samples_per_epoch, times):
+    steady = times[1:] or times
+    return samples_per_epoch * len(steady) / sum(steady)
+
+
+def _independent_worker(rank, n, epochs, queue):
+    X, y = make_data(n, seed=rank)
+    queue.put(_plain_epochs(X, y, PER_REPLICA, epochs, threads=1))
+
+
+def run_independent(n_total, epochs):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_independent_worker, args=(r, n_total // REPLICAS, epochs, queue))
+             for r in range(REPLICAS)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    # both processes run at once: an epoch lasts as long as the slower one
+    times = [max(t) for t in zip(*results)]
+    return _steady(n_total, times)
+
+
+def _ddp_worker(rank, port, n, epochs, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=REPLICAS)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    X, y = make_data(n, seed=rank)
+    times = _plain_epochs(X, y, PER_REPLICA, epochs, threads=1, model=model)
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()
+
+
+def run_ddp(n_total, epochs):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, n_total // REPLICAS, epochs, queue))
+             for r in range(REPLICAS)]
+    for p in procs:
+        p.start()
+    times = queue.get()
+    for p in procs:
+        p.join()
+    return _steady(n_total, times)
+
+
+class BenchMLP(torch.nn.Module):
+    """The benchmark MLP with a linear output, for ``CrossEntropyLoss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, X):
+        return self.net(X)
+
+
+def run_daskdist(client, X, y, epochs, strategy, sync_every=None):
+    from daskdist import DaskNeuralNetClassifier
+
+    net = DaskNeuralNetClassifier(
+        BenchMLP, criterion=torch.nn.CrossEntropyLoss, max_epochs=epochs, lr=0.01,
+        batch_size=PER_REPLICA * REPLICAS, strategy=strategy, sync_every=sync_every or 1,
+        sharding="sequential", train_split=None, verbose=0, random_state=0,
+        scheduler_address=client.scheduler.address,
+    )
+    net.fit(X, y)
+    rates = net.history[:, "samples_per_sec"]
+    steady = rates[1:] or rates
+    rounds = net.rounds_[net.rounds_["epoch"] > 0]
+    return {
+        "samples_per_sec": float(np.mean(steady)),
+        "sync_ms": float(rounds["sync_s"].median() * 1e3),
+        "compute_ms": float(rounds["compute_s"].median() * 1e3),
+        "mb_per_round": float(rounds["bytes"].median() / 1e6),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=60000)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    n, epochs = args.samples, args.epochs
+    X, y = make_data(n)
+
+    results = {}
+    results["plain torch, 1 thread"] = _steady(n, _plain_epochs(X, y, 256, epochs, threads=1))
+    results["plain torch, 2 threads"] = _steady(n, _plain_epochs(X, y, 256, epochs, threads=2))
+    results["2 independent processes (ceiling)"] = run_independent(n, epochs)
+    results["torch DDP, gloo, 2 processes"] = run_ddp(n, epochs)
+
+    from distributed import Client
+
+    from daskdist.clients import embedded_cluster
+
+    details = {}
+    with embedded_cluster(n_workers=REPLICAS) as cluster, Client(cluster) as client:
+        for label, strategy, k in [("daskdist sync", "sync", None),
+                                   ("daskdist local_sgd, sync_every=10", "local_sgd", 10),
+                                   ("daskdist local_sgd, sync_every=50", "local_sgd", 50)]:
+            details[label] = run_daskdist(client, X, y, epochs, strategy, k)
+            results[label] = details[label]["samples_per_sec"]
+
+    ceiling = results["2 independent processes (ceiling)"]
+    ddp = results["torch DDP, gloo, 2 processes"]
+    print(f"\n{n} samples, {epochs} epochs (first is warm-up), {PER_REPLICA} samples per "
+          f"replica per step, 784-512-256-10 MLP, torch {torch.__version__}, "
+          f"{os.cpu_count()} cores\n")
+    print(f"{'run':<38} {'samples/s':>10} {'x ceiling':>10} {'x DDP':>8} "
+          f"{'sync ms/round':>14}")
+    for label, rate in results.items():
+        sync = details.get(label, {}).get("sync_ms")
+        sync_txt = f"{sync:14.1f}" if sync is not None else f"{'':>14}"
+        print(f"{label:<38} {rate:10.0f} {rate / ceiling:10.2f} {rate / ddp:8.2f} {sync_txt}")
+    print("\ntargets: local_sgd(50) >= 0.85x ceiling: "
+          f"{results['daskdist local_sgd, sync_every=50'] / ceiling:.2f}; "
+          f"sync >= 0.4x DDP: {results['daskdist sync'] / ddp:.2f}")
+    for label, d in details.items():
+        print(f"{label}: compute {d['compute_ms']:.1f} ms/round, "
+              f"{d['mb_per_round']:.1f} MB moved/round")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"samples_per_sec": results, "daskdist": details}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""daskdist's settings live under Dask's config and match their schema."""
+
+import dask
+import jsonschema
+import yaml
+
+import daskdist  # noqa: F401  (registers the defaults)
+from daskdist.config import SCHEMA_PATH, defaults
+
+
+def test_defaults_match_the_schema_and_every_key_is_documented():
+    with open(SCHEMA_PATH) as f:
+        schema = yaml.safe_load(f)
+    jsonschema.validate(defaults(), schema)
+
+    def walk(config, props, path=""):
+        for key, value in config.items():
+            assert key in props, f"{path}{key} is not in the schema"
+            node = props[key]
+            if isinstance(value, dict):
+                walk(value, node["properties"], f"{path}{key}.")
+            else:
+                assert node.get("description"), f"{path}{key} has no description"
+
+    walk(defaults()["daskdist"], schema["properties"]["daskdist"]["properties"], "daskdist.")
+
+
+def test_settings_are_read_through_dask_config():
+    assert dask.config.get("daskdist.driver.lookahead") >= 1
+    with dask.config.set({"daskdist.driver.lookahead": 3}):
+        assert dask.config.get("daskdist.driver.lookahead") == 3

@@ -1,0 +1,65 @@
+"""Dask inputs stay on the workers: shards are made where the chunks are."""
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import get_worker
+
+from daskdist import DaskNeuralNetClassifier
+from daskdist.testing import TinyNet, make_classification
+
+
+def _only_on_workers(block):
+    get_worker()  # raises ValueError anywhere but inside a worker's task
+    return block
+
+
+def _worker_only_array(X, chunks):
+    return da.from_array(X, chunks=(chunks, -1)).map_blocks(_only_on_workers, dtype=X.dtype)
+
+
+def test_fit_on_dask_never_computes_the_features_on_the_client(client):
+    X, y = make_classification(600)
+    with pytest.raises(ValueError):  # the guard works: computing here fails
+        _worker_only_array(X, 100).compute(scheduler="sync")
+    Xd = _worker_only_array(X, 100)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=3, lr=0.3, batch_size=32, verbose=0,
+                                  strategy="local_sgd", sync_every=2, random_state=0)
+    net.fit(Xd, da.from_array(y, chunks=100))
+    assert net.score(X, y) > 0.6
+    assert np.isfinite(net.history[:, "valid_loss"]).all()
+
+
+def test_dask_and_numpy_inputs_train_on_the_same_shards(client):
+    X, y = make_classification(400)
+    params = dict(max_epochs=2, lr=0.2, batch_size=32, verbose=0, strategy="sync",
+                  sharding="random", random_state=3, train_split=None)
+    from_numpy = DaskNeuralNetClassifier(TinyNet, **params).fit(X, y)
+    from_dask = DaskNeuralNetClassifier(TinyNet, **params).fit(
+        da.from_array(X, chunks=(70, -1)), y)
+    np.testing.assert_allclose(from_dask.predict_proba(X), from_numpy.predict_proba(X),
+                               atol=1e-5)
+
+
+def test_stratified_sharding_of_a_dask_input(client):
+    X, y = make_classification(500)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
+                                  sharding="stratified", random_state=0)
+    net.fit(da.from_array(X, chunks=(100, 5)), da.from_array(y, chunks=100))
+    assert len(net.history) == 1
+
+
+def test_shards_are_tasks_named_after_what_they_do(client):
+    X, y = make_classification(300)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
+                                  strategy="local_sgd", random_state=0)
+    net.fit(da.from_array(X, chunks=(100, -1)), y)
+
+    def prefixes(dask_scheduler):
+        return sorted({ts.prefix.name for ts in dask_scheduler.tasks.values()} |
+                      set(dask_scheduler.task_prefixes))
+
+    seen = client.run_on_scheduler(prefixes)
+    for name in ("daskdist-take", "daskdist-shard", "daskdist-round", "daskdist-average",
+                 "daskdist-valid"):
+        assert name in seen, (name, seen)

@@ -1,0 +1,48 @@
+"""Ctrl-C during a fit on an embedded cluster."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from skorch.callbacks import Callback
+
+from daskdist import DaskNeuralNetClassifier
+from daskdist.state import params_vector
+from daskdist.testing import TinyNet, make_classification
+
+
+class InterruptSoon(Callback):
+    """Send this process SIGINT shortly after the first epoch, mid-way through the second."""
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == 1:
+            self.timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+            self.timer.start()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_keeps_the_last_round_and_closes_the_embedded_cluster():
+    X, y = make_classification(4000)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=50, lr=0.1, batch_size=16, verbose=0,
+                                  strategy="local_sgd", sync_every=1, random_state=0,
+                                  callbacks=[("interrupt", InterruptSoon())])
+    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    t0 = time.perf_counter()
+    net.fit(X, y)  # skorch's convention: an interrupted fit returns normally
+    assert time.perf_counter() - t0 < 90
+    # as in skorch, the interrupted epoch has a history row but no epoch scores
+    assert len(net.history) == 2 and "train_loss" not in net.history[-1]
+    state = net._training_state_
+    assert state.round > net.history[0, "rounds"]  # ... but its finished rounds are kept
+    np.testing.assert_array_equal(params_vector(net.module_), state.params)
+    assert len(net.rounds_) == state.round
+    time.sleep(1.0)
+    # multiprocessing's resource tracker outlives every cluster by design
+    left = {p.pid for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())} - children_before
+    info = [(p.pid, p.name(), p.cmdline()[:4]) for p in map(psutil.Process, left)]
+    assert not left, f"the embedded cluster's processes are still running: {info}"
