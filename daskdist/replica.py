@@ -176,7 +176,7 @@ def _seed_round(plan: RoundPlan) -> None:
 def _train_batch(rep: _Replica, X, y, hook=None) -> float:
     """One step: loss → backward → hook → optimizer step; returns the loss."""
     module, optimizer = rep.module, rep.optimizer
-    optimizer.zero_grad(set_to_none=False)
+    optimizer.zero_grad()
     loss = rep.spec.loss(module(X), y)
     loss.backward()
     if hook is not None:
@@ -239,7 +239,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     t0 = time.perf_counter()
     X, y = shard.batch(pos)
     module = rep.module
-    module.zero_grad(set_to_none=False)
+    module.zero_grad()
     loss = spec.loss(module(X.to(spec.device)), y.to(spec.device))
     loss.backward()
     grad = torch.nn.utils.parameters_to_vector(

@@ -46,7 +46,12 @@ class Shard:
         return len(self.X_valid)
 
     def batch(self, positions: np.ndarray):
-        """Return ``(X, y)`` tensors for the given training positions."""
+        """Return ``(X, y)`` tensors for the given training positions.
+
+        A run of consecutive positions (unshuffled training) is a view, not a copy.
+        """
+        if len(positions) > 1 and np.all(np.diff(positions) == 1):
+            positions = slice(int(positions[0]), int(positions[-1]) + 1)
         X = torch.from_numpy(self.X[positions])
         y = None if self.y is None else torch.from_numpy(self.y[positions])
         return X, y
