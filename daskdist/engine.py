@@ -30,7 +30,7 @@ import numpy as np
 from distributed.client import FutureCancelledError
 
 from .replica import RoundPlan, drop_run, evaluate
-from .sharding import plan_shards
+from .sharding import holdout_split, plan_shards
 from .sources import as_source
 from .spec import ModelSpec
 from .state import TrainingState
@@ -200,8 +200,6 @@ class Trainer:
         """Hold-out rows chosen on the client, when the labels are already here."""
         if not self.holdout or self.source.lazy:
             return None
-        from .sharding import holdout_split
-
         labels = self.source.labels() if self.stratify else None
         return [holdout_split(len(rows), self.holdout,
                               labels=None if labels is None else labels[rows],

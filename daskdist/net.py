@@ -398,11 +398,8 @@ class DaskNet:
         return self._skorch_base.predict_proba(self, X)
 
     def _blockwise(self, X, method, out_shape, dtype):
-        return predict_blocks(self._predictor(), X, method, out_shape=out_shape, dtype=dtype)
-
-    def _predictor(self):
-        """A copy of this estimator fit for embedding in a task graph."""
-        return self
+        # The fitted estimator itself enters the graph: it pickles without live handles.
+        return predict_blocks(self, X, method, out_shape=out_shape, dtype=dtype)
 
     def __getstate__(self):
         state = super().__getstate__()
