@@ -44,6 +44,7 @@ class MLP(nn.Module):
         self.output = output
 
     def forward(self, X):
+        """Class probabilities (or raw outputs) for a batch."""
         out = self.net(X.reshape(X.shape[0], -1))
         return torch.softmax(out, dim=-1) if self.output == "softmax" else out
 
@@ -72,5 +73,6 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(8 * channels, n_outputs)
 
     def forward(self, X):
+        """Class probabilities (or raw outputs) for a batch."""
         X = X.reshape(X.shape[0], 1, self.side, self.side)
         return torch.softmax(self.head(self.features(X).flatten(1)), dim=-1)

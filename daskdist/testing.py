@@ -22,6 +22,7 @@ class TinyNet(torch.nn.Module):
             torch.nn.Linear(hidden, n_outputs))
 
     def forward(self, X):
+        """Class probabilities (or raw outputs) for a batch."""
         return torch.softmax(self.net(X), dim=-1)
 
 
