@@ -286,10 +286,10 @@ class Trainer:
                                self.replica_batch[i], lr, self.random_state, self.shuffle)
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
-            self._state = state
-            self._track(state)
+            self._track(self.strategy.tracked(state))
             first += steps
             self.round += 1
+        self._state = self.strategy.finish_epoch(self, state, plans)
         while self._inflight:
             self._settle(self._inflight.popleft())
         result = self._state.result()
@@ -371,7 +371,8 @@ class Trainer:
         """The state of the last finished round, without waiting for others."""
         for future in reversed([self._last_done, *self._inflight]):
             if future is not None and future.status == "finished":
-                return future.result()
+                value = future.result()
+                return getattr(value, "state", value)  # a strategy's round result or a state
         return None
 
     def cancel(self) -> None:

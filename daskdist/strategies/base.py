@@ -36,14 +36,14 @@ class Strategy:
         raise NotImplementedError
 
     def submit_round(self, trainer, state, plans):
-        """Submit one round; return the future of the next training state.
+        """Submit one round; return its output (by default the next state's future).
 
         Parameters
         ----------
         trainer : daskdist.engine.Trainer
             The driver (client, spec future, shard futures, placement).
-        state : Future
-            The training state the round starts from.
+        state : Future or object
+            The epoch's starting state (a future) or the previous round's output.
         plans : list of RoundPlan
             One plan per replica.
         """
@@ -53,6 +53,14 @@ class Strategy:
             trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
             run_id=trainer.key_prefix, round_index=plans[0].round,
         )
+
+    def tracked(self, round_output):
+        """The future whose completion marks the end of a submitted round."""
+        return round_output
+
+    def finish_epoch(self, trainer, round_output, plans):
+        """Turn the last round's output into the future of the epoch's final state."""
+        return round_output
 
     # scikit-learn style parameters, so strategies print, compare and clone well.
     def get_params(self, deep: bool = False) -> dict:

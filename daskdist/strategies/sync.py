@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..aggregation import combine, log_round
-from ..replica import _replica, gradient
-from ..state import TrainingState, module_to_state
+from ..replica import Contribution, _replica, gradient
+from ..state import TrainingState, module_to_state, tree_nbytes
 from .base import Strategy
 
-__all__ = ["Sync", "apply_gradient"]
+__all__ = ["Sync", "StepResult", "sync_step", "finish_steps"]
+
+
+@dataclass
+class StepResult:
+    """A replica's output of one step: the state it computed at, and its gradient."""
+
+    state: TrainingState
+    contribution: Contribution
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data (what a peer fetches)."""
+        return self.state.nbytes + tree_nbytes(self.contribution.payload)
 
 
 def _set_grads(module: torch.nn.Module, flat: np.ndarray) -> None:
@@ -27,18 +40,17 @@ def _set_grads(module: torch.nn.Module, flat: np.ndarray) -> None:
         offset += n
 
 
-def apply_gradient(spec, state: TrainingState, *parts, plan, replica_workers) -> TrainingState:
-    """Average the replicas' gradients and take one optimizer step.
-
-    The root ``daskdist-average`` task of :class:`Sync`. Gradients are weighted
-    by the samples each replica computed them on, so the step is the step of
-    single-process training on the combined batch. Buffers (batch-norm
-    statistics) are averaged the same way.
-    """
-    total = combine(*parts)
+def _apply(spec, previous, plan, replica_workers) -> TrainingState:
+    """Apply the averaged gradients of the previous step to its state."""
+    own = previous[plan.replica]
+    total = combine(*[r.contribution for r in previous])
+    # every replica fetches every other replica's step result from another worker
+    total.bytes_moved = sum(r.nbytes for w in replica_workers
+                            for r, rw in zip(previous, replica_workers) if rw != w)
     mean = total.mean()
-    rep = _replica(spec, plan.run_id, "updater")
-    rep.load(state)
+    rep = _replica(spec, plan.run_id, plan.replica)
+    rep.load(own.state)
+    state = own.state
     if mean is not None:
         rep.set_lr(plan.lr)
         rep.optimizer.zero_grad(set_to_none=False)
@@ -51,9 +63,35 @@ def apply_gradient(spec, state: TrainingState, *parts, plan, replica_workers) ->
                               round=state.round + 1, log=state.log)
     else:
         new = replace(state, round=state.round + 1)
-    new = replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
+    step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)
+    new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers))
     rep.state = new
     return new
+
+
+def sync_step(spec, shard, *previous, plan, replica_workers) -> StepResult:
+    """One ``sync`` round on a replica: finish the last step, compute this one's gradient.
+
+    ``previous`` is either the epoch's starting :class:`TrainingState` or every
+    replica's :class:`StepResult` of the previous step. In the latter case the
+    replica first applies the sample-weighted average of those gradients to
+    the previous state — every replica takes the same optimizer step, so no
+    separate aggregation task is needed — and then computes its gradient on
+    its slice of this step's batch.
+    """
+    if isinstance(previous[0], TrainingState):
+        state = previous[0]
+    else:
+        state = _apply(spec, previous, plan, replica_workers)
+    return StepResult(state, gradient(spec, shard, state, plan))
+
+
+def finish_steps(spec, *previous, plan, replica_workers) -> TrainingState:
+    """Apply the last step of an epoch and return the epoch's final state.
+
+    The ``daskdist-average`` task that ends a ``sync`` epoch.
+    """
+    return _apply(spec, previous, plan, replica_workers)
 
 
 class Sync(Strategy):
@@ -64,14 +102,42 @@ class Sync(Strategy):
     taken, so every replica continues from the same parameters. This is the
     data-parallel algorithm whose result equals single-process SGD on the
     combined batch.
+
+    Each replica applies the averaged gradient itself at the start of its next
+    round (all replicas take the identical step), so a step costs one task per
+    replica and one hop through the scheduler; each round's output carries the
+    state it started from, so the latest state is held on every replica's
+    worker.
     """
 
     name = "sync"
-    replica_task = staticmethod(gradient)
-    finalize = staticmethod(apply_gradient)
 
     def __init__(self):
         pass
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch
+
+    def submit_round(self, trainer, state, plans):
+        previous = state if isinstance(state, list) else [state]
+        return [
+            trainer.client.submit(
+                sync_step, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
+                replica_workers=trainer.replica_workers,
+                key=f"daskdist-round-{trainer.key_prefix}-{p.round}-{p.replica}",
+                workers=[trainer.replica_workers[p.replica]], allow_other_workers=True,
+                pure=False)
+            for p in plans
+        ]
+
+    def tracked(self, round_output):
+        return round_output[0]
+
+    def finish_epoch(self, trainer, round_output, plans):
+        last = plans[0]
+        plan = replace(last, round=last.round + 1, first_step=last.first_step + 1)
+        return trainer.client.submit(
+            finish_steps, trainer.spec_future, *round_output, plan=plan,
+            replica_workers=trainer.replica_workers,
+            key=f"daskdist-average-{trainer.key_prefix}-{last.round}",
+            workers=[trainer.replica_workers[0]], allow_other_workers=True, pure=False)
