@@ -14,9 +14,10 @@ and re-maps its activation buffers. On a cluster you start yourself, set
 ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_`` to ``null`` (or
 unset the variable) before the workers start.
 
-Embedded clusters also turn off Dask's statistical profiler in the workers
-(``daskdist.cluster.worker-profiler``): sampling every thread's stack every
-10 ms cost about a tenth of the replicas' training speed in our benchmark.
+Embedded clusters also quieten the workers' periodic work
+(``daskdist.cluster.dask-config``): the statistical profiler, the 20 ms
+event-loop tick and frequent memory/system monitoring cost about a fifth of the
+replicas' training speed on two cores in our benchmark.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def embedded_cluster_config() -> dict:
     trim = dask.config.get("daskdist.cluster.malloc-trim-threshold")
     threads = dask.config.get("daskdist.cluster.threads-per-worker")
     return {
-        "distributed.worker.profile.enabled": dask.config.get("daskdist.cluster.worker-profiler"),
+        **dask.config.get("daskdist.cluster.dask-config"),
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": trim,
         "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
         "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads,

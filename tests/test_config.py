@@ -17,12 +17,19 @@ def test_defaults_match_the_schema_and_every_key_is_documented():
         for key, value in config.items():
             assert key in props, f"{path}{key} is not in the schema"
             node = props[key]
-            if isinstance(value, dict):
+            if isinstance(value, dict) and "properties" in node:
                 walk(value, node["properties"], f"{path}{key}.")
             else:
                 assert node.get("description"), f"{path}{key} has no description"
 
     walk(defaults()["daskdist"], schema["properties"]["daskdist"]["properties"], "daskdist.")
+
+
+def test_embedded_clusters_apply_their_dask_settings(cluster, session_client):
+    def settings():
+        return dask.config.get("distributed.worker.profile.enabled")
+
+    assert set(session_client.run(settings).values()) == {False}
 
 
 def test_settings_are_read_through_dask_config():
