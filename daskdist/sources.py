@@ -47,11 +47,6 @@ class Source(abc.ABC):
         """Number of samples."""
         return int(self.X.shape[0])
 
-    @property
-    def sample_shape(self) -> tuple:
-        """Shape of one sample's features."""
-        return tuple(int(d) for d in self.X.shape[1:])
-
     @abc.abstractmethod
     def labels(self) -> np.ndarray | None:
         """The targets as a numpy array (computed for lazy sources)."""

@@ -12,7 +12,7 @@ numpy arrays or plain values) are averaged leaf by leaf with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,10 +63,6 @@ class TrainingState:
     def nbytes(self) -> int:
         """Bytes of array data that this state carries."""
         return tree_nbytes((self.params, self.buffers, self.optimizer))
-
-    def next_epoch(self) -> TrainingState:
-        """Return this state with an empty round log."""
-        return replace(self, log=())
 
 
 def params_vector(module: torch.nn.Module) -> np.ndarray:
