@@ -34,7 +34,13 @@ from .engine import ROUND_COLUMNS, Trainer
 from .predict import predict_blocks
 from .shards import apply_preprocessor
 from .spec import ModelSpec, seed_for
-from .state import TrainingState, load_params, module_to_state, optimizer_state_from_numpy
+from .state import (
+    TrainingState,
+    load_params,
+    module_to_state,
+    optimizer_state_from_numpy,
+    params_vector,
+)
 from .strategies import resolve_strategy
 from .validation import check_features, check_targets
 
@@ -330,7 +336,7 @@ class DaskNet:
                         # Schedulers step between epochs; the optimizer steps on the workers.
                         warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
                         self.notify("on_epoch_end", **datasets)
-                    if not np.array_equal(self._current_state().params, result.state.params):
+                    if not np.array_equal(params_vector(self.module_), result.state.params):
                         trainer.set_state(self._current_state())  # a callback changed them
             except KeyboardInterrupt:
                 state = trainer.last_completed_state()

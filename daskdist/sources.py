@@ -51,10 +51,6 @@ class Source(abc.ABC):
     def labels(self) -> np.ndarray | None:
         """The targets as a numpy array (computed for lazy sources)."""
 
-    @abc.abstractmethod
-    def classes(self) -> np.ndarray:
-        """The sorted unique labels."""
-
     def prepare(self, client, plan, *, run_id: str) -> None:  # noqa: B027 - optional hook
         """Submit whatever the shards of ``plan`` share (lazy sources)."""
 
@@ -88,9 +84,6 @@ class NumpySource(Source):
     def labels(self):
         return self.y
 
-    def classes(self):
-        return np.unique(self.y)
-
     def _raw(self, client, index, rows, worker, valid_positions):
         raw = RawShard(self.X[rows], None if self.y is None else self.y[rows], valid_positions)
         return client.scatter(raw, workers=[worker], direct=self.direct, hash=False)
@@ -121,9 +114,6 @@ class DaskArraySource(Source):
         if self._labels is None:
             self._labels = self.y.compute()
         return self._labels
-
-    def classes(self):
-        return np.asarray(da.unique(self.y).compute())
 
     def prepare(self, client, plan, *, run_id):
         bounds = np.concatenate([[0], np.cumsum(self.X.chunks[0])]).astype(np.int64)

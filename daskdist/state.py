@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "TrainingState",
+    "copy_flat",
     "module_to_state",
     "load_params",
     "params_vector",
@@ -82,19 +83,24 @@ def params_vector(module: torch.nn.Module) -> np.ndarray:
 
 def load_params(module: torch.nn.Module, vector: np.ndarray, buffers: dict | None = None) -> None:
     """Copy a flat parameter vector (and buffers) into ``module`` in place."""
-    flat = torch.from_numpy(np.asarray(vector))
-    offset = 0
     with torch.no_grad():
         # Copy into the existing storage: parameters must never alias the
         # state's arrays, which other tasks on this worker may be reading.
-        for p in module.parameters():
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+        copy_flat(list(module.parameters()), vector)
         if buffers:
             own = dict(module.named_buffers())
             for name, value in buffers.items():
                 own[name].copy_(torch.from_numpy(np.asarray(value)))
+
+
+def copy_flat(tensors, vector: np.ndarray) -> None:
+    """Copy consecutive slices of a flat vector into ``tensors``, in order, in place."""
+    flat = torch.from_numpy(np.asarray(vector))
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
 
 
 def buffers_to_numpy(module: torch.nn.Module) -> dict:

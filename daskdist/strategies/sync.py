@@ -9,7 +9,7 @@ import torch
 
 from ..aggregation import combine, log_round
 from ..replica import Contribution, _replica, gradient
-from ..state import TrainingState, module_to_state, tree_nbytes
+from ..state import TrainingState, copy_flat, module_to_state, tree_nbytes
 from .base import Strategy
 
 __all__ = ["Sync", "StepResult", "sync_step", "finish_steps"]
@@ -29,15 +29,12 @@ class StepResult:
 
 
 def _set_grads(module: torch.nn.Module, flat: np.ndarray) -> None:
-    offset = 0
-    for p in module.parameters():
-        n = p.numel()
-        g = torch.from_numpy(flat[offset:offset + n]).view_as(p).to(p.device)
+    params = list(module.parameters())
+    for p in params:
         if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
-        offset += n
+            p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        copy_flat([p.grad for p in params], flat)
 
 
 def _apply(spec, previous, plan, replica_workers) -> TrainingState:
