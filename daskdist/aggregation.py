@@ -56,11 +56,12 @@ def _as_sum(part) -> WeightedSum:
     )
 
 
-def combine(*parts) -> WeightedSum:
+def combine(*parts, payload: bool = True) -> WeightedSum:
     """Sum contributions (or partial sums) into one :class:`WeightedSum`.
 
     The body of ``daskdist-average`` tasks; counts the payload bytes that had
-    to come from other workers.
+    to come from other workers. With ``payload=False`` only the statistics are
+    combined (for a caller that averages the payloads itself).
     """
     here = _worker_address()
     sums = [_as_sum(p) for p in parts]
@@ -71,12 +72,12 @@ def combine(*parts) -> WeightedSum:
     trees = [s.payload for s in sums]
     weights = [(s.weight if isinstance(p, Contribution) else 1.0) if s.weight else 0.0
                for s, p in zip(sums, parts)]
-    payload = tree_weighted_sum(trees, weights) if any(weights) else None
+    total = tree_weighted_sum(trees, weights) if payload and any(weights) else None
     samples = {}
     for s in sums:
         samples.update(s.samples)
     return WeightedSum(
-        payload=payload, weight=sum(s.weight for s in sums),
+        payload=total, weight=sum(s.weight for s in sums),
         loss_sum=sum(s.loss_sum for s in sums), steps=max(s.steps for s in sums),
         compute_s=max(s.compute_s for s in sums), t_start=min(s.t_start for s in sums),
         samples=samples, bytes_moved=moved, worker=here,
@@ -105,18 +106,21 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
     return (log if plan.first_step else ()) + (record,)
 
 
-def submit_tree(client, parts, workers, finalize, *args, run_id: str, round_index: int,
+def submit_tree(submit, parts, workers, finalize, *args, run_id: str, round_index: int,
                 fan_in: int = 2, **kwargs):
     """Reduce contribution futures to one future with a tree of tasks.
 
     Parameters
     ----------
-    client : distributed.Client
-    parts : list of Future
+    submit : callable
+        ``submit(func, *args, key=, worker=, **kwargs)``, as
+        :meth:`daskdist.engine.Trainer.submit`.
+    parts : list of Future or Delayed
         One contribution per replica.
     workers : list of str
         The worker each contribution is expected on (tree nodes are placed
-        with the first input they sum; placement falls back to any worker).
+        with the first input they sum, the root rotating over the workers
+        from round to round; placement falls back to any worker).
     finalize : callable
         ``finalize(*args, *partials, **kwargs)``: the root task, given at most
         ``fan_in`` partial sums.
@@ -127,11 +131,15 @@ def submit_tree(client, parts, workers, finalize, *args, run_id: str, round_inde
 
     Returns
     -------
-    Future
+    Future or Delayed
         The root's result.
     """
     level = 0
-    parts, workers = list(parts), list(workers)
+    # The root's worker does the round's extra work (the final average, and
+    # serving the new state to the others): rotate it over the workers.
+    shift = round_index % len(parts)
+    parts = list(parts[shift:]) + list(parts[:shift])
+    workers = list(workers[shift:]) + list(workers[:shift])
     while len(parts) > fan_in:
         next_parts, next_workers = [], []
         for j in range(0, len(parts), fan_in):
@@ -139,13 +147,10 @@ def submit_tree(client, parts, workers, finalize, *args, run_id: str, round_inde
             if len(group) == 1:
                 next_parts.append(group[0])
             else:
-                next_parts.append(client.submit(
+                next_parts.append(submit(
                     combine, *group, key=f"daskdist-average-{run_id}-{round_index}-{level}-{j}",
-                    workers=[workers[j]], allow_other_workers=True, pure=False))
+                    worker=workers[j]))
             next_workers.append(workers[j])
         parts, workers, level = next_parts, next_workers, level + 1
-    return client.submit(
-        finalize, *args, *parts, **kwargs,
-        key=f"daskdist-average-{run_id}-{round_index}",
-        workers=[workers[0]], allow_other_workers=True, pure=False,
-    )
+    return submit(finalize, *args, *parts, **kwargs,
+                  key=f"daskdist-average-{run_id}-{round_index}", worker=workers[0])

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 
 import dask
 import numpy as np
+from dask.delayed import Delayed
+from distributed import Future
 from distributed.client import FutureCancelledError
 
-from .replica import RoundPlan, drop_run, evaluate
+from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split, plan_shards
 from .sources import as_source
 from .spec import ModelSpec
@@ -127,6 +129,8 @@ class Trainer:
         self.round = 0
         self.rounds_: list[dict] = []
         self._inflight: deque = deque()
+        self._queued: list = []
+        self._placement: dict = {}
         self._state = None
         self._last_done = None
         self._generation = 0
@@ -219,15 +223,74 @@ class Trainer:
         self._last_done = self._state
 
     # -- rounds ---------------------------------------------------------------------------------
+    def submit(self, func, *args, key: str, worker: str, **kwargs):
+        """Queue the task ``func(*args, **kwargs)`` for the next :meth:`flush`.
+
+        The task is placed on ``worker`` and may run elsewhere if that worker
+        is gone. Returns a placeholder (a :class:`dask.delayed.Delayed`) that
+        later tasks of the same flush take as an argument; strategies submit
+        through here so that several rounds reach the scheduler as one graph.
+        """
+        task = dask.delayed(func, pure=False)(*args, dask_key_name=key, **kwargs)
+        self._queued.append(task)
+        self._placement[key] = [worker]
+        return task
+
+    def flush(self) -> dict:
+        """Send the queued tasks to the scheduler as one graph; return their futures by key."""
+        if not self._queued:
+            return {}
+        # The placement travels as a callable annotation (key -> workers); it
+        # is a builtin dict method, so the scheduler needs nothing of ours.
+        with dask.annotate(workers=self._placement.__getitem__, allow_other_workers=True):
+            futures = self.client.compute(self._queued, optimize_graph=False)
+        self._queued, self._placement = [], {}
+        return {f.key: f for f in futures}
+
     def submit_replicas(self, task, state, plans):
-        """Submit ``task(spec, shard, state, plan)`` on every replica's worker."""
+        """Queue ``task(spec, shard, state, plan)`` on every replica's worker."""
         return [
-            self.client.submit(
-                task, self.spec_future, self.shards[p.replica], state, p,
-                key=f"daskdist-round-{self.key_prefix}-{p.round}-{p.replica}",
-                workers=[self.replica_workers[p.replica]], allow_other_workers=True, pure=False)
+            self.submit(task, self.spec_future, self.shards[p.replica], state, p,
+                        key=f"daskdist-round-{self.key_prefix}-{p.round}-{p.replica}",
+                        worker=self.replica_workers[p.replica])
             for p in plans
         ]
+
+    def _submit_epoch(self, lr, rounds: list) -> None:
+        """Submit the epoch's rounds, settling old ones as it goes; ``self._state`` ends
+        as the future of the epoch's final state.
+
+        ``rounds`` holds, at any moment, the outputs not yet handed to the
+        in-flight queue, so that a caller can release them on an error.
+        """
+        state = self._state
+        tracked = []
+        rounds[:] = [state, tracked]
+        # Rounds go to the scheduler in graphs of half the look-ahead: fewer,
+        # larger graphs cost the client and the scheduler less per task.
+        per_flush = max(1, self.lookahead // 2)
+        first = 0
+        for steps in self.strategy.round_sizes(self.steps_per_epoch):
+            plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
+                               self.replica_batch[i], lr, self.random_state, self.shuffle)
+                     for i in range(len(self.shards))]
+            state = self.strategy.submit_round(self, state, plans)
+            tracked.append(self.strategy.tracked(state))
+            rounds[0] = state
+            first += steps
+            self.round += 1
+            if len(tracked) == per_flush:
+                state = rounds[0] = self._flush_rounds(state, tracked)
+                tracked.clear()
+        self._state = self.strategy.finish_epoch(self, state, plans)
+        self._state = rounds[0] = self._flush_rounds(self._state, tracked)
+
+    def _flush_rounds(self, state, tracked):
+        """Send queued rounds; track their futures; return ``state`` as futures."""
+        futures = self.flush()
+        for output in tracked:
+            self._track(_resolve(output, futures))
+        return _resolve(state, futures)
 
     def _track(self, future) -> None:
         self._inflight.append(future)
@@ -241,6 +304,8 @@ class Trainer:
             error = None
         if future.status in _LOST:
             raise _WorkerLost(f"training state {future.key} was lost with a worker")
+        if isinstance(error, StateLost):
+            raise _WorkerLost(str(error))
         if error is not None:
             raise error
         self._last_done = future
@@ -279,19 +344,14 @@ class Trainer:
 
     def _run_epoch_once(self, lr) -> EpochResult:
         t0 = time.perf_counter()
-        state = self._state
-        first = 0
-        for steps in self.strategy.round_sizes(self.steps_per_epoch):
-            plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
-                               self.replica_batch[i], lr, self.random_state, self.shuffle)
-                     for i in range(len(self.shards))]
-            state = self.strategy.submit_round(self, state, plans)
-            self._track(self.strategy.tracked(state))
-            first += steps
-            self.round += 1
-        self._state = self.strategy.finish_epoch(self, state, plans)
-        while self._inflight:
-            self._settle(self._inflight.popleft())
+        rounds = []  # the latest round's output and the tracked ones not yet sent
+        try:
+            self._submit_epoch(lr, rounds)
+            while self._inflight:
+                self._settle(self._inflight.popleft())
+        except BaseException:  # interrupted, or a worker lost: stop what was sent
+            _release(rounds)
+            raise
         result = self._state.result()
         duration = time.perf_counter() - t0
         log = list(result.log)
@@ -367,19 +427,45 @@ class Trainer:
         """The latest training state (waits for rounds in flight)."""
         return self._state.result()
 
-    def last_completed_state(self) -> TrainingState | None:
-        """The state of the last finished round, without waiting for others."""
-        for future in reversed([self._last_done, *self._inflight]):
-            if future is not None and future.status == "finished":
-                value = future.result()
-                return getattr(value, "state", value)  # a strategy's round result or a state
+    def stop(self) -> TrainingState | None:
+        """Cancel the rounds in flight; return the state of the last finished round.
+
+        Returns ``None`` when no round of this run finished (or none can be
+        read back any more).
+        """
+        finished = [f for f in reversed([self._last_done, *self._inflight])
+                    if f is not None and f.status == "finished"]
+        self.cancel()  # frees the workers; ``finished`` keeps those results alive
+        for future in finished:
+            # A round result may keep its state on the worker that made it
+            # (daskdist.strategies.sync.StepResult), while the copies on the
+            # workers that fetched it have none: ask every holder.
+            holders = sorted(self.client.who_has(future).get(future.key, ()))
+            readers = [self.client.submit(_state_of, future, pure=False, workers=[holder],
+                                          key=f"daskdist-state-of-{future.key}-{i}")
+                       for i, holder in enumerate(holders)]
+            for reader in readers:
+                try:
+                    state = reader.result(timeout=_READ_BACK_TIMEOUT)
+                except TimeoutError:  # its worker went away meanwhile
+                    state = None
+                if state is not None:
+                    _release(readers)
+                    return state
+            _release(readers)
         return None
 
     def cancel(self) -> None:
-        """Cancel every round in flight."""
-        pending = [f for f in self._inflight if f.status == "pending"]
-        if pending:
-            self.client.cancel(pending)
+        """Stop every round in flight, and drop rounds queued but not yet sent.
+
+        The rounds' futures are released rather than cancelled: the scheduler
+        forgets every task that no one waits for any more, running ones
+        included. (``Client.cancel`` also cancels dependents, and the
+        scheduler refuses that for dependents whose futures no client holds,
+        as is the case for most of a run's tasks.)
+        """
+        self._queued, self._placement = [], {}
+        _release(self._inflight)
         self._inflight.clear()
 
     def close(self) -> None:
@@ -398,9 +484,36 @@ def _identity(x):
     return x
 
 
+def _release(outputs) -> None:
+    """Release the unfinished futures in (nested lists of) round outputs."""
+    if isinstance(outputs, Future):
+        if outputs.status == "pending":
+            outputs.release()
+    elif isinstance(outputs, (list, tuple, deque)):
+        for output in outputs:
+            _release(output)
+
+
+def _resolve(output, futures: dict):
+    """Replace queued placeholders in a round output by the futures sent for them."""
+    if isinstance(output, Delayed):
+        return futures[output.key]
+    if isinstance(output, (list, tuple)):
+        return type(output)(_resolve(o, futures) for o in output)
+    return output
+
+
+def _state_of(value):
+    """The training state in a round's output (a strategy's round result or a state)."""
+    return getattr(value, "state", value)
+
+
 class _WorkerLost(Exception):
     """A round's inputs were lost with a worker and cannot be recomputed."""
 
+
+#: Seconds to wait for a worker to hand back a finished round's state on Ctrl-C.
+_READ_BACK_TIMEOUT = 10
 
 #: Future states that mean the data is gone rather than still coming.
 _LOST = ("cancelled", "lost")

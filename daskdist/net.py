@@ -339,8 +339,7 @@ class DaskNet:
                     if not np.array_equal(params_vector(self.module_), result.state.params):
                         trainer.set_state(self._current_state())  # a callback changed them
             except KeyboardInterrupt:
-                state = trainer.last_completed_state()
-                trainer.cancel()
+                state = trainer.stop()
                 if state is not None:
                     self._load_state(state)
                     rows.extend(r for r in trainer.round_rows(state) if r["epoch"] == trainer.epoch)

@@ -24,17 +24,28 @@ from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
     buffers_to_numpy,
+    load_buffers,
     load_params,
     optimizer_state_from_numpy,
     optimizer_state_to_numpy,
     params_vector,
+    tree_nbytes,
 )
 
-__all__ = ["RoundPlan", "Contribution", "local_steps", "gradient", "evaluate", "drop_run"]
+__all__ = ["RoundPlan", "Contribution", "StateLost", "local_steps", "gradient", "evaluate",
+           "drop_run"]
 
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
+
+
+class StateLost(RuntimeError):
+    """A round's starting state is gone with the worker that held it.
+
+    The driver treats it like a lost worker: the epoch is run again from its
+    starting state.
+    """
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,10 @@ class Contribution:
     t_end: float
     worker: str | None
 
+    def __sizeof__(self) -> int:
+        # what Dask's memory accounting and task placement see (dask.sizeof)
+        return object.__sizeof__(self) + tree_nbytes(self.payload)
+
 
 class _Replica:
     """A live module and optimizer built from a spec, cached on a worker."""
@@ -110,17 +125,33 @@ class _Replica:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.module, self.optimizer = spec.build()
-        self.state = None  # the TrainingState object last loaded or produced
-        self.order_key = None
-        self.order = None
+        self.state = None  # the TrainingState the module's parameters hold
+        self.optimizer_current = False  # the optimizer holds ``state.optimizer``
+        self.buffers_current = False  # the buffers hold ``state.buffers``
 
     def load(self, state: TrainingState, with_optimizer: bool = True) -> None:
-        if state is self.state:
-            return
-        load_params(self.module, state.params, state.buffers)
-        if with_optimizer:
+        """Make the module (and optimizer) hold ``state``, copying only what differs."""
+        if state is not self.state:
+            load_params(self.module, state.params, state.buffers)
+            self.state, self.optimizer_current, self.buffers_current = state, False, True
+        elif not self.buffers_current:
+            load_buffers(self.module, state.buffers)
+            self.buffers_current = True
+        if with_optimizer and not self.optimizer_current:
             optimizer_state_from_numpy(self.optimizer, state.optimizer)
-        self.state = state
+            self.optimizer_current = True
+
+    def adopt(self, state: TrainingState) -> None:
+        """Record that the module and optimizer were just captured as ``state``."""
+        self.state, self.optimizer_current, self.buffers_current = state, True, True
+
+    def moved_on(self) -> None:
+        """The parameters were trained past the state they were loaded from."""
+        self.state = None
+
+    def ran_forward(self) -> None:
+        """A forward pass in training mode may have updated the buffers."""
+        self.buffers_current = False
 
     def set_lr(self, lr) -> None:
         groups = self.optimizer.param_groups
@@ -169,8 +200,13 @@ def _worker_address():
         return None
 
 
-def _seed_round(plan: RoundPlan) -> None:
-    torch.manual_seed(seed_for(plan.random_state, 2, plan.round, plan.replica))
+def _seed_round(plan: RoundPlan, device: str) -> None:
+    # Only the generators this replica uses: torch.manual_seed also queues a
+    # lazy seeding of every CUDA device, which costs milliseconds on each call.
+    seed = seed_for(plan.random_state, 2, plan.round, plan.replica)
+    torch.default_generator.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def _train_batch(rep: _Replica, X, y, hook=None) -> float:
@@ -198,7 +234,7 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
     rep.load(state)
     rep.set_lr(plan.lr)
     rep.module.train()
-    _seed_round(plan)
+    _seed_round(plan, spec.device)
     device = spec.device
     loss_sum, n, steps = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -215,7 +251,7 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
         "buffers": buffers_to_numpy(rep.module),
         "optimizer": optimizer_state_to_numpy(rep.optimizer),
     }
-    rep.state = None  # the module moved on from the state it loaded
+    rep.moved_on()
     return Contribution(plan.replica, float(n), payload, loss_sum, steps, compute_s,
                         t_start, time.time(), _worker_address())
 
@@ -231,7 +267,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     rep = _replica(spec, plan.run_id, plan.replica)
     rep.load(state, with_optimizer=False)
     rep.module.train()
-    _seed_round(plan)
+    _seed_round(plan, spec.device)
     (pos,) = plan.positions(len(shard))
     if len(pos) == 0:  # shard exhausted: weight zero
         return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, 0, 0.0,
@@ -246,7 +282,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
         [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
     ).detach().cpu().numpy()
     compute_s = time.perf_counter() - t0
-    rep.state = None  # buffers moved on
+    rep.ran_forward()
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
     return Contribution(plan.replica, float(len(pos)), payload, float(loss.item()) * len(pos), 1,
                         compute_s, t_start, time.time(), _worker_address())

@@ -45,6 +45,11 @@ class Shard:
         """Number of hold-out samples."""
         return len(self.X_valid)
 
+    def __sizeof__(self) -> int:
+        # what Dask's memory accounting and task placement see (dask.sizeof)
+        arrays = (self.X, self.y, self.X_valid, self.y_valid)
+        return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
+
     def batch(self, positions: np.ndarray):
         """Return ``(X, y)`` tensors for the given training positions.
 

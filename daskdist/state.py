@@ -12,6 +12,7 @@ numpy arrays or plain values) are averaged leaf by leaf with
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,9 @@ __all__ = [
     "TrainingState",
     "copy_flat",
     "module_to_state",
+    "load_buffers",
     "load_params",
+    "mean_flat_into",
     "params_vector",
     "optimizer_state_to_numpy",
     "optimizer_state_from_numpy",
@@ -65,6 +68,10 @@ class TrainingState:
         """Bytes of array data that this state carries."""
         return tree_nbytes((self.params, self.buffers, self.optimizer))
 
+    def __sizeof__(self) -> int:
+        # what Dask's memory accounting and task placement see (dask.sizeof)
+        return object.__sizeof__(self) + self.nbytes
+
 
 def params_vector(module: torch.nn.Module) -> np.ndarray:
     """Return the module's parameters as one flat numpy vector (a copy)."""
@@ -78,7 +85,10 @@ def params_vector(module: torch.nn.Module) -> np.ndarray:
             "daskdist averages parameters as one vector and needs a single dtype."
         )
     with torch.no_grad():
-        return torch.nn.utils.parameters_to_vector(params).detach().cpu().numpy().copy()
+        flat = torch.nn.utils.parameters_to_vector(params).detach().cpu()
+    # parameters_to_vector concatenates into new storage, except for a module
+    # with a single parameter, whose vector is a view of it.
+    return flat.numpy().copy() if len(params) == 1 else flat.numpy()
 
 
 def load_params(module: torch.nn.Module, vector: np.ndarray, buffers: dict | None = None) -> None:
@@ -87,19 +97,57 @@ def load_params(module: torch.nn.Module, vector: np.ndarray, buffers: dict | Non
         # Copy into the existing storage: parameters must never alias the
         # state's arrays, which other tasks on this worker may be reading.
         copy_flat(list(module.parameters()), vector)
-        if buffers:
-            own = dict(module.named_buffers())
-            for name, value in buffers.items():
-                own[name].copy_(torch.from_numpy(np.asarray(value)))
+    load_buffers(module, buffers)
+
+
+def load_buffers(module: torch.nn.Module, buffers: dict | None) -> None:
+    """Copy numpy buffers (by name) into the module's buffers in place."""
+    if not buffers:
+        return
+    own = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(_read_tensor(value))
+
+
+def _read_tensor(array) -> torch.Tensor:
+    """A tensor view of a numpy array that is only read (it may be read-only)."""
+    array = np.asarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    # Arrays received from other workers are read-only views of the message;
+    # torch warns about those, although nothing here writes to them.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def copy_flat(tensors, vector: np.ndarray) -> None:
     """Copy consecutive slices of a flat vector into ``tensors``, in order, in place."""
-    flat = torch.from_numpy(np.asarray(vector))
+    flat = _read_tensor(vector)
     offset = 0
     for t in tensors:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def mean_flat_into(tensors, vectors, weights) -> None:
+    """Write ``sum(w * vector)`` over flat vectors into ``tensors``, slice by slice, in place.
+
+    The weights are the normalised ones of a weighted mean; no temporary the
+    size of the vectors is made.
+    """
+    flats = [_read_tensor(v) for v in vectors]
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        parts = [f[offset:offset + n].view_as(t) for f in flats]
+        t.copy_(parts[0])
+        if weights[0] != 1.0:
+            t.mul_(weights[0])
+        for part, w in zip(parts[1:], weights[1:]):
+            t.add_(part, alpha=w)
         offset += n
 
 
@@ -186,9 +234,12 @@ def _weighted_sum(trees, weights, first):
             _weighted_sum([t[i] for t in trees], weights, first[i]) for i in range(len(first))
         )
     if _is_averaged(first):
-        total = np.zeros_like(first)
-        for leaf, w in zip(trees, weights):
-            total += np.asarray(leaf, dtype=first.dtype) * np.asarray(w, dtype=first.dtype)
+        # in place on torch views: one pass per input, no temporaries
+        total = np.empty_like(first)
+        out = torch.from_numpy(total)
+        out.copy_(_read_tensor(first)).mul_(weights[0])
+        for leaf, w in zip(trees[1:], weights[1:]):
+            out.add_(_read_tensor(np.asarray(leaf, dtype=first.dtype)), alpha=w)
         return total
     return first
 

@@ -25,10 +25,11 @@ class InterruptSoon(Callback):
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_keeps_the_last_round_and_closes_the_embedded_cluster():
+@pytest.mark.parametrize("strategy", ["local_sgd", "sync"])
+def test_ctrl_c_keeps_the_last_round_and_closes_the_embedded_cluster(strategy):
     X, y = make_classification(4000)
     net = DaskNeuralNetClassifier(TinyNet, max_epochs=50, lr=0.1, batch_size=16, verbose=0,
-                                  strategy="local_sgd", sync_every=1, random_state=0,
+                                  strategy=strategy, sync_every=1, random_state=0,
                                   callbacks=[("interrupt", InterruptSoon())])
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@ import torch
 
 from daskdist.state import (
     load_params,
+    mean_flat_into,
     module_to_state,
     optimizer_state_from_numpy,
     params_vector,
@@ -40,3 +41,23 @@ def test_weighted_sum_ignores_zero_weights_and_keeps_non_float_leaves():
     np.testing.assert_allclose(out["p"], [10.0, 14.0])
     assert out["n"] == 3
     np.testing.assert_array_equal(out["ids"], [1, 2])
+
+
+def test_weighted_sum_reads_read_only_arrays_without_changing_them():
+    a = np.arange(4, dtype=np.float32)
+    b = np.ones(4, dtype=np.float32)
+    a.flags.writeable = b.flags.writeable = False  # as arrays received from a peer are
+    out = tree_weighted_sum([a, b], [0.5, 2.0])
+    np.testing.assert_allclose(out, 0.5 * np.arange(4) + 2.0)
+    np.testing.assert_array_equal(a, np.arange(4))
+
+
+def test_mean_flat_into_writes_the_weighted_mean_into_each_tensor():
+    tensors = [torch.zeros(2, 3), torch.zeros(4)]
+    rng = np.random.default_rng(0)
+    vectors = [rng.normal(size=10).astype(np.float32) for _ in range(3)]
+    weights = [0.2, 0.3, 0.5]
+    mean_flat_into(tensors, vectors, weights)
+    expected = sum(w * v for w, v in zip(weights, vectors))
+    got = torch.cat([t.reshape(-1) for t in tensors]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

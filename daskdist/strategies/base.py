@@ -36,7 +36,10 @@ class Strategy:
         raise NotImplementedError
 
     def submit_round(self, trainer, state, plans):
-        """Submit one round; return its output (by default the next state's future).
+        """Queue one round; return its output (by default the next state's placeholder).
+
+        Tasks go through :meth:`daskdist.engine.Trainer.submit`; the driver
+        sends them and replaces the placeholders by futures.
 
         Parameters
         ----------
@@ -49,7 +52,7 @@ class Strategy:
         """
         parts = trainer.submit_replicas(type(self).replica_task, state, plans)
         return submit_tree(
-            trainer.client, parts, trainer.replica_workers, type(self).finalize,
+            trainer.submit, parts, trainer.replica_workers, type(self).finalize,
             trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
             run_id=trainer.key_prefix, round_index=plans[0].round,
         )

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from ..aggregation import combine, log_round
-from ..replica import Contribution, _replica, gradient
-from ..state import TrainingState, copy_flat, module_to_state, tree_nbytes
+from ..replica import Contribution, StateLost, _replica, gradient
+from ..state import (
+    TrainingState,
+    load_buffers,
+    mean_flat_into,
+    module_to_state,
+    tree_nbytes,
+    tree_weighted_sum,
+)
 from .base import Strategy
 
 __all__ = ["Sync", "StepResult", "sync_step", "finish_steps"]
@@ -17,52 +23,76 @@ __all__ = ["Sync", "StepResult", "sync_step", "finish_steps"]
 
 @dataclass
 class StepResult:
-    """A replica's output of one step: the state it computed at, and its gradient."""
+    """A replica's output of one step: the state it computed at, and its gradient.
 
-    state: TrainingState
+    The state stays on the worker that computed it: every replica's worker
+    already holds the same state, so a copy of a step result that leaves its
+    worker (fetched by a peer or the client, or spilled to disk) carries the
+    gradient and the state's round counter only. Peers need the gradient
+    alone, which halves what a step moves.
+    """
+
+    state: TrainingState | None
     contribution: Contribution
+    round: int
+
+    def __reduce__(self):
+        return (StepResult, (None, self.contribution, self.round))
 
     @property
     def nbytes(self) -> int:
-        """Bytes of array data (what a peer fetches)."""
-        return self.state.nbytes + tree_nbytes(self.contribution.payload)
+        """Bytes of array data that a peer fetches."""
+        return tree_nbytes(self.contribution.payload)
+
+    def __sizeof__(self) -> int:
+        state = 0 if self.state is None else self.state.nbytes
+        return object.__sizeof__(self) + state + self.nbytes
 
 
-def _set_grads(module: torch.nn.Module, flat: np.ndarray) -> None:
-    params = list(module.parameters())
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    with torch.no_grad():
-        copy_flat([p.grad for p in params], flat)
+def _own_state(spec, own: StepResult, plan) -> TrainingState:
+    """This replica's state from its last step result, or from the worker's replica cache."""
+    if own.state is not None:
+        return own.state
+    cached = _replica(spec, plan.run_id, plan.replica).state
+    if cached is not None and cached.round == own.round:
+        return cached  # the result was spilled to disk and read back on its worker
+    raise StateLost(
+        f"The training state of replica {plan.replica} at round {own.round} is not on this "
+        "worker (its worker was lost)."
+    )
 
 
 def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     """Apply the averaged gradients of the previous step to its state."""
-    own = previous[plan.replica]
-    total = combine(*[r.contribution for r in previous])
-    # every replica fetches every other replica's step result from another worker
+    state = _own_state(spec, previous[plan.replica], plan)
+    contributions = [r.contribution for r in previous]
+    total = combine(*contributions, payload=False)
+    # every replica fetches every other replica's gradient from another worker
     total.bytes_moved = sum(r.nbytes for w in replica_workers
                             for r, rw in zip(previous, replica_workers) if rw != w)
-    mean = total.mean()
     rep = _replica(spec, plan.run_id, plan.replica)
-    rep.load(own.state)
-    state = own.state
-    if mean is not None:
+    rep.load(state)
+    if total.weight:
+        live = [c for c in contributions if c.weight]
+        weights = [c.weight / total.weight for c in live]
         rep.set_lr(plan.lr)
-        rep.optimizer.zero_grad(set_to_none=False)
-        _set_grads(rep.module, mean["grad"])
-        rep.optimizer.step()
+        params = list(rep.module.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         with torch.no_grad():
-            for name, buf in rep.module.named_buffers():
-                buf.copy_(torch.from_numpy(np.asarray(mean["buffers"][name])))
+            # the sample-weighted mean gradient, written straight into .grad
+            mean_flat_into([p.grad for p in params], [c.payload["grad"] for c in live], weights)
+        rep.optimizer.step()
+        load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
+                                                   weights))
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
                               round=state.round + 1, log=state.log)
     else:
         new = replace(state, round=state.round + 1)
     step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)
     new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers))
-    rep.state = new
+    rep.adopt(new)
     return new
 
 
@@ -80,7 +110,7 @@ def sync_step(spec, shard, *previous, plan, replica_workers) -> StepResult:
         state = previous[0]
     else:
         state = _apply(spec, previous, plan, replica_workers)
-    return StepResult(state, gradient(spec, shard, state, plan))
+    return StepResult(state, gradient(spec, shard, state, plan), state.round)
 
 
 def finish_steps(spec, *previous, plan, replica_workers) -> TrainingState:
@@ -118,12 +148,11 @@ class Sync(Strategy):
     def submit_round(self, trainer, state, plans):
         previous = state if isinstance(state, list) else [state]
         return [
-            trainer.client.submit(
+            trainer.submit(
                 sync_step, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
                 replica_workers=trainer.replica_workers,
                 key=f"daskdist-round-{trainer.key_prefix}-{p.round}-{p.replica}",
-                workers=[trainer.replica_workers[p.replica]], allow_other_workers=True,
-                pure=False)
+                worker=trainer.replica_workers[p.replica])
             for p in plans
         ]
 
@@ -133,8 +162,8 @@ class Sync(Strategy):
     def finish_epoch(self, trainer, round_output, plans):
         last = plans[0]
         plan = replace(last, round=last.round + 1, first_step=last.first_step + 1)
-        return trainer.client.submit(
+        return trainer.submit(
             finish_steps, trainer.spec_future, *round_output, plan=plan,
             replica_workers=trainer.replica_workers,
             key=f"daskdist-average-{trainer.key_prefix}-{last.round}",
-            workers=[trainer.replica_workers[0]], allow_other_workers=True, pure=False)
+            worker=trainer.replica_workers[0])
