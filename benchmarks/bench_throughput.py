@@ -12,13 +12,15 @@ One run measures, on the same task and machine, side by side:
 and prints samples/s, each as a ratio of the ceiling and of DDP, plus daskdist's
 time per synchronisation round. The task: a 784-512-256-10 MLP (~0.5M
 parameters), 60k synthetic samples, 128 samples per replica per step
-(``batch_size=256`` over 2 replicas), plain SGD. The first epoch is warm-up;
-each row reports the mean over the other epochs and the best of them. Other
-load on a shared machine only ever slows a run down, so the best epoch is the
-steadier estimate of what each method can do; ratios use it, and the mean is
-printed beside it.
+(``batch_size=256`` over 2 replicas), plain SGD. The first epoch is warm-up.
+All rows are measured in turn, and the whole sequence is repeated
+(``--repeats``), so that a slow spell of a shared machine does not fall on one
+row only. Each row reports the mean of its steady epochs' rates and the best of
+them. Other load on a shared machine only ever slows a run down, so the best
+epoch is the steadier estimate of what each method can do; ratios use it, and
+the mean is printed beside it.
 
-Run: ``python benchmarks/bench_throughput.py [--epochs 5] [--samples 60000]``.
+Run: ``python benchmarks/bench_throughput.py [--epochs 4] [--repeats 2] [--samples 60000]``.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def _plain_epochs(X, y, batch, epochs, threads, model=None):
 
 
 def _steady(samples_per_epoch, times):
-    """``(mean, best)`` samples/s over the epochs after the first."""
+    """Samples/s of each epoch after the first (the warm-up)."""
     steady = times[1:] or times
-    return samples_per_epoch * len(steady) / sum(steady), samples_per_epoch / min(steady)
+    return [samples_per_epoch / t for t in steady]
 
 
 def _independent_worker(rank, n, epochs, queue):
@@ -154,45 +156,62 @@ def run_daskdist(client, X, y, epochs, strategy, sync_every=None):
     steady = rates[1:] or rates
     rounds = net.rounds_[net.rounds_["epoch"] > 0]
     return {
-        "samples_per_sec": (float(np.mean(steady)), float(np.max(steady))),
+        "samples_per_sec": [float(r) for r in steady],
         "sync_ms": float(rounds["sync_s"].median() * 1e3),
         "compute_ms": float(rounds["compute_s"].median() * 1e3),
         "mb_per_round": float(rounds["bytes"].median() / 1e6),
     }
 
 
+def _measure_all(X, y, epochs, results, details):
+    """One pass over every row; appends each row's steady-state epoch rates."""
+    from distributed import Client
+
+    from daskdist.clients import embedded_cluster
+
+    n = len(X)
+
+    def add(label, rates):
+        results.setdefault(label, []).extend(rates)
+
+    add("plain torch, 1 thread", _steady(n, _plain_epochs(X, y, 256, epochs, threads=1)))
+    add("plain torch, 2 threads", _steady(n, _plain_epochs(X, y, 256, epochs, threads=2)))
+    add("2 independent processes (ceiling)", run_independent(n, epochs))
+    add("torch DDP, gloo, 2 processes", run_ddp(n, epochs))
+    # the cluster lives only while its rows run, so it never loads the others
+    with embedded_cluster(n_workers=REPLICAS) as cluster, Client(cluster) as client:
+        for label, strategy, k in [("daskdist sync", "sync", None),
+                                   ("daskdist local_sgd, sync_every=10", "local_sgd", 10),
+                                   ("daskdist local_sgd, sync_every=50", "local_sgd", 50)]:
+            run = run_daskdist(client, X, y, epochs, strategy, k)
+            add(label, run.pop("samples_per_sec"))
+            for key, value in run.items():
+                details.setdefault(label, {}).setdefault(key, []).append(value)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=60000)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="passes over all rows, interleaved (default 2)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     n, epochs = args.samples, args.epochs
     X, y = make_data(n)
 
-    results = {}
-    results["plain torch, 1 thread"] = _steady(n, _plain_epochs(X, y, 256, epochs, threads=1))
-    results["plain torch, 2 threads"] = _steady(n, _plain_epochs(X, y, 256, epochs, threads=2))
-    results["2 independent processes (ceiling)"] = run_independent(n, epochs)
-    results["torch DDP, gloo, 2 processes"] = run_ddp(n, epochs)
-
-    from distributed import Client
-
-    from daskdist.clients import embedded_cluster
-
-    details = {}
-    with embedded_cluster(n_workers=REPLICAS) as cluster, Client(cluster) as client:
-        for label, strategy, k in [("daskdist sync", "sync", None),
-                                   ("daskdist local_sgd, sync_every=10", "local_sgd", 10),
-                                   ("daskdist local_sgd, sync_every=50", "local_sgd", 50)]:
-            details[label] = run_daskdist(client, X, y, epochs, strategy, k)
-            results[label] = details[label]["samples_per_sec"]
+    rates, details = {}, {}
+    for _ in range(args.repeats):
+        _measure_all(X, y, epochs, rates, details)
+    results = {label: (float(np.mean(r)), float(np.max(r))) for label, r in rates.items()}
+    details = {label: {k: float(np.median(v)) for k, v in d.items()}
+               for label, d in details.items()}
 
     ceiling = results["2 independent processes (ceiling)"][1]
     ddp = results["torch DDP, gloo, 2 processes"][1]
-    print(f"\n{n} samples, {epochs} epochs (the first is warm-up), {PER_REPLICA} samples per "
-          f"replica per step, 784-512-256-10 MLP, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores\n")
+    print(f"\n{n} samples, {epochs} epochs (the first is warm-up) x {args.repeats} interleaved "
+          f"passes, {PER_REPLICA} samples per replica per step, 784-512-256-10 MLP, "
+          f"torch {torch.__version__}, {os.cpu_count()} cores\n")
     print(f"{'run':<38} {'mean/s':>8} {'best/s':>8} {'x ceiling':>10} {'x DDP':>7} "
           f"{'sync ms/round':>14}")
     for label, (mean, best) in results.items():
