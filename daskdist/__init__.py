@@ -1,6 +1,7 @@
 """daskdist: data-parallel PyTorch training on Dask, behind scikit-learn estimators."""
 
 from . import config  # noqa: F401  (registers daskdist's Dask config defaults)
+from .callbacks import Checkpoint
 from .clients import cluster_client, embedded_cluster
 from .engine import EpochResult, Trainer
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
@@ -19,6 +20,7 @@ __all__ = [
     "EpochResult",
     "ModelSpec",
     "TrainingState",
+    "Checkpoint",
     "Strategy",
     "Sync",
     "LocalSGD",

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dask
 import numpy as np
@@ -31,6 +31,7 @@ from dask.delayed import Delayed
 from distributed import Future
 from distributed.client import FutureCancelledError
 
+from . import interrupt
 from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split, plan_shards
 from .sources import as_source
@@ -177,6 +178,9 @@ class Trainer:
             raise ValueError("A shard has no training samples left after the hold-out split.")
         self.steps_per_epoch = max(int(np.ceil(s / b))
                                    for s, b in zip(self.shard_sizes, self.replica_batch))
+        # Counters continue from the state, so that shuffles and per-round
+        # seeds of a continued (or resumed) fit are those of an uninterrupted one.
+        self.epoch, self.round = state.epoch, state.round
         self.set_state(state)
         self._epoch_state = state
         logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
@@ -287,6 +291,7 @@ class Trainer:
 
     def _flush_rounds(self, state, tracked):
         """Send queued rounds; track their futures; return ``state`` as futures."""
+        interrupt.raise_if_interrupted()
         futures = self.flush()
         for output in tracked:
             self._track(_resolve(output, futures))
@@ -298,6 +303,7 @@ class Trainer:
             self._settle(self._inflight.popleft())
 
     def _settle(self, future) -> None:
+        interrupt.raise_if_interrupted()
         try:
             error = future.exception()  # waits without fetching the state
         except FutureCancelledError:
@@ -352,7 +358,7 @@ class Trainer:
         except BaseException:  # interrupted, or a worker lost: stop what was sent
             _release(rounds)
             raise
-        result = self._state.result()
+        result = replace(self._state.result(), epoch=self.epoch + 1)
         duration = time.perf_counter() - t0
         log = list(result.log)
         samples = sum(r["samples"] for r in log)

@@ -26,9 +26,13 @@ from skorch.callbacks import (
     PrintLog,
 )
 from skorch.dataset import Dataset, ValidSplit
+from skorch.history import History
 from skorch.net import NeuralNet
 from torch.utils.data import DataLoader
 
+from . import interrupt
+from .callbacks import Checkpoint as SafetensorsCheckpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
 from .engine import ROUND_COLUMNS, Trainer
 from .predict import predict_blocks
@@ -49,12 +53,40 @@ __all__ = ["DaskNet"]
 #: Callbacks known to act at epoch boundaries only (their batch hooks are
 #: unused or inert when no per-batch calls are made).
 EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
-                   EpochScoring)
+                   SafetensorsCheckpoint, EpochScoring)
 #: skorch methods that run per batch; overriding them cannot act on workers.
 PER_BATCH_METHODS = ("train_step", "train_step_single", "get_loss", "infer",
                      "validation_step", "evaluation_step")
 #: ``iterator_train__*`` options the replicas honour.
 WORKER_ITERATOR_OPTIONS = ("shuffle",)
+
+
+def _json_params(params: dict) -> tuple[dict, list]:
+    """Split estimator parameters into JSON-representable ones and the names of the rest.
+
+    Classes and functions are stored by import path (``{"import": "pkg.mod.Name"}``).
+    """
+    stored, skipped = {}, []
+    for name, value in params.items():
+        try:
+            stored[name] = _json_value(value)
+        except TypeError:
+            skipped.append(name)
+    return stored, sorted(skipped)
+
+
+def _json_value(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    if (isinstance(value, type) or inspect.isfunction(value)) and "<" not in value.__qualname__:
+        return {"import": f"{value.__module__}.{value.__qualname__}"}
+    raise TypeError(f"{type(value).__name__} is not JSON-representable")
 
 
 def _overrides(cb, method: str) -> bool:
@@ -182,8 +214,10 @@ class DaskNet:
     def initialize_module(self):
         """Build ``module_``, passing ``n_outputs`` from the data when the module takes it.
 
-        With ``random_state`` set, the initial weights are seeded from it.
+        With ``random_state`` set, the initial weights are seeded from it. The
+        round and epoch counters start again from zero.
         """
+        self._training_state_ = None  # fresh weights: counters start again
         kwargs = self.get_params_for("module")
         n_out = getattr(self, "_n_outputs_", None)
         if (n_out is not None and isinstance(self.module, type) and "n_outputs" not in kwargs
@@ -202,7 +236,7 @@ class DaskNet:
         # private bookkeeping (``_params_to_validate`` …) out of the parameters.
         return [k for k in super()._get_param_names() if not k.startswith("_")]
 
-    def fit(self, X, y=None, **fit_params):
+    def fit(self, X, y=None, resume=None, **fit_params):
         """Initialize (unless ``warm_start``) and train on the Dask cluster.
 
         Parameters
@@ -211,6 +245,12 @@ class DaskNet:
             Features, samples along the first axis.
         y : array-like or dask.array.Array
             Targets.
+        resume : str or os.PathLike, optional
+            A checkpoint directory (:meth:`save_checkpoint`,
+            :class:`daskdist.callbacks.Checkpoint`): continue from its epoch,
+            with its parameters, optimizer state, history and random state,
+            for the remaining of ``max_epochs`` epochs. The result equals an
+            uninterrupted run's up to float rounding.
         **fit_params
             Not supported (the replicas call the module with ``X`` only).
 
@@ -220,9 +260,64 @@ class DaskNet:
         """
         self._in_partial_fit_ = False
         X, y = self._check_fit_data(X, y)
-        if not self.warm_start or not self.initialized_:
+        checkpoint = None if resume is None else load_checkpoint(resume)
+        if not self.warm_start or not self.initialized_ or checkpoint is not None:
             self.initialize()
+        self._resume_from_ = checkpoint
         return self._train(X, y, **fit_params)
+
+    def save_checkpoint(self, path) -> None:
+        """Write the current training state as a safetensors checkpoint, atomically.
+
+        Parameters and buffers of ``module_``, the optimizer state, the
+        round/epoch counters, ``history``, the random state and the
+        estimator's JSON-representable parameters (classes and functions by
+        import path) are stored; see :mod:`daskdist.checkpoint`. Callback
+        internals and parameters that are neither JSON nor importable are
+        not (their names are listed in the sidecar under ``not_stored``).
+
+        A fit resumed from it (``fit(X, y, resume=path)``) starts at the
+        epoch after the last completed one; saved mid-epoch (after Ctrl-C),
+        it restarts that epoch from the parameters of its last finished round.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The checkpoint directory.
+        """
+        if not self.initialized_:
+            raise ValueError(f"This {type(self).__name__} has not been initialized; fit it "
+                             "before saving a checkpoint.")
+        params, not_stored = _json_params(self.get_params(deep=False))
+        meta = {
+            "estimator": f"{type(self).__module__}.{type(self).__qualname__}",
+            "params": params,
+            "not_stored": not_stored,
+            "history": self.history.to_list(),
+            "random_state": getattr(self, "random_state_", None),
+            "classes": (np.asarray(self.classes_).tolist()
+                        if getattr(self, "classes_", None) is not None else None),
+        }
+        save_checkpoint(path, self._current_state(), meta)
+
+    def _resume(self, checkpoint) -> int:
+        """Load a checkpoint into the initialized estimator; return the epochs it covered."""
+        state, meta = checkpoint
+        n_params = params_vector(self.module_).size
+        if state.params.size != n_params:
+            raise CheckpointError(
+                f"The checkpoint holds {state.params.size} parameters but "
+                f"{type(self.module_).__name__} has {n_params}: it was saved from another model."
+            )
+        missing = set(dict(self.module_.named_buffers())) ^ set(state.buffers)
+        if missing:
+            raise CheckpointError(f"The checkpoint's buffers differ from the module's: "
+                                  f"{sorted(missing)}.")
+        self._load_state(state)
+        self.history_ = History(meta.get("history", []))
+        if meta.get("random_state") is not None:
+            self.random_state_ = int(meta["random_state"])
+        return state.epoch
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training from the current parameters for ``max_epochs`` epochs.
@@ -277,7 +372,8 @@ class DaskNet:
 
     def _current_state(self) -> TrainingState:
         prev = getattr(self, "_training_state_", None)
-        counters = {} if prev is None else {"step": prev.step, "round": prev.round}
+        counters = ({} if prev is None
+                    else {"step": prev.step, "round": prev.round, "epoch": prev.epoch})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:
@@ -309,9 +405,12 @@ class DaskNet:
             self.random_state_ = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
         else:
             self.random_state_ = int(self.random_state)
+        checkpoint, self._resume_from_ = getattr(self, "_resume_from_", None), None
+        if checkpoint is not None:
+            epochs = max(epochs - self._resume(checkpoint), 0)
         strategy = self.get_strategy()
         rows = []
-        with cluster_client(self.scheduler_address) as (client, _embedded):
+        with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
@@ -339,6 +438,7 @@ class DaskNet:
                     if not np.array_equal(params_vector(self.module_), result.state.params):
                         trainer.set_state(self._current_state())  # a callback changed them
             except KeyboardInterrupt:
+                interrupt.clear()
                 state = trainer.stop()
                 if state is not None:
                     self._load_state(state)

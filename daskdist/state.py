@@ -51,6 +51,8 @@ class TrainingState:
         Optimizer steps taken so far in the whole fit.
     round : int
         Synchronisation rounds completed so far in the whole fit.
+    epoch : int
+        Epochs completed so far (set at each epoch boundary).
     log : tuple of dict
         One record per round completed in the current epoch (losses, samples,
         timings); reset at each epoch boundary.
@@ -61,6 +63,7 @@ class TrainingState:
     optimizer: dict = field(default_factory=dict)
     step: int = 0
     round: int = 0
+    epoch: int = 0
     log: tuple = ()
 
     @property

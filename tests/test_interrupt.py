@@ -47,3 +47,36 @@ def test_ctrl_c_keeps_the_last_round_and_closes_the_embedded_cluster(strategy):
             if "resource_tracker" not in " ".join(p.cmdline())} - children_before
     info = [(p.pid, p.name(), p.cmdline()[:4]) for p in map(psutil.Process, left)]
     assert not left, f"the embedded cluster's processes are still running: {info}"
+
+
+class _SlowFinalizer:
+    def __del__(self):
+        time.sleep(2.0)  # Ctrl-C lands here, where Python ignores exceptions
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_swallowed_by_a_finalizer_is_raised_at_the_next_safe_point():
+    from daskdist import interrupt
+
+    with interrupt.guard():
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        obj = _SlowFinalizer()
+        del obj  # the KeyboardInterrupt raised in __del__ is printed and dropped ...
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.raise_if_interrupted()  # ... and raised here instead
+        interrupt.raise_if_interrupted()  # once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_guard_leaves_an_application_handler_alone():
+    from daskdist import interrupt
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        with interrupt.guard():
+            assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -25,7 +25,8 @@ def average_parameters(spec, state: TrainingState, *parts, plan, replica_workers
     else:
         new = TrainingState(
             params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
-            step=state.step + total.steps, round=state.round + 1, log=state.log,
+            step=state.step + total.steps, round=state.round + 1, epoch=state.epoch,
+            log=state.log,
         )
     return replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
 

@@ -87,7 +87,7 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
         load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
                                                    weights))
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
-                              round=state.round + 1, log=state.log)
+                              round=state.round + 1, epoch=state.epoch, log=state.log)
     else:
         new = replace(state, round=state.round + 1)
     step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)

@@ -1,0 +1,164 @@
+"""Checkpoints: safetensors + JSON, atomic writes, exact resume, no unpickling."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from daskdist import DaskNeuralNetClassifier
+from daskdist.callbacks import Checkpoint
+from daskdist.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from daskdist.models import MLP
+from daskdist.state import (
+    TrainingState,
+    load_params,
+    module_to_state,
+    optimizer_state_from_numpy,
+    params_vector,
+)
+from daskdist.testing import TinyNet
+
+
+def test_a_checkpoint_restores_parameters_buffers_optimizer_and_counters(tmp_path):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(module.parameters(), lr=0.1, betas=(0.8, 0.99))
+    module(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", module_to_state(module, opt, step=5, round=7, epoch=2),
+                    {"note": np.float32(0.5)})
+    state, meta = load_checkpoint(tmp_path / "ck")
+    assert (state.step, state.round, state.epoch, meta) == (5, 7, 2, {"note": 0.5})
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    load_params(other, state.params, state.buffers)
+    optimizer_state_from_numpy(other_opt, state.optimizer)
+    np.testing.assert_array_equal(params_vector(other), params_vector(module))
+    for (_, a), (_, b) in zip(module.named_buffers(), other.named_buffers()):
+        assert torch.equal(a, b) and a.shape == b.shape
+    assert other_opt.param_groups[0]["betas"] == (0.8, 0.99)
+    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg_sq"],
+                       opt.state_dict()["state"][0]["exp_avg_sq"])
+
+
+_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from daskdist.checkpoint import save_checkpoint
+    from daskdist.state import TrainingState
+    i = 0
+    while True:
+        i += 1
+        save_checkpoint(sys.argv[1], TrainingState(np.full(200_000, i, np.float32), round=i))
+        print(i, flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_killed_mid_write_leaves_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "ck"
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one checkpoint is complete
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state, _ = load_checkpoint(path)
+        # the tensors are the ones the sidecar describes, never half of a write
+        assert state.round >= 1
+        np.testing.assert_array_equal(state.params, np.full(200_000, state.round, np.float32))
+    assert len(list(path.glob("state-*.safetensors"))) <= 2  # old tensor files are cleaned up
+
+
+def _net(**kwargs):
+    params = dict(lr=0.1, batch_size=32, verbose=0, random_state=0, train_split=None,
+                  optimizer__momentum=0.9, iterator_train__shuffle=True)
+    return DaskNeuralNetClassifier(TinyNet, **{**params, **kwargs})
+
+
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, tmp_path,
+                                                            strategy):
+    X, y = tiny_data
+    whole = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y)
+
+    ck = tmp_path / "ck"
+    first = _net(max_epochs=2, strategy=strategy, sync_every=3,
+                 callbacks=[("checkpoint", Checkpoint(ck))]).fit(X, y)
+    assert load_checkpoint(ck)[0].epoch == 2
+    resumed = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y, resume=ck)
+
+    assert not np.allclose(params_vector(resumed.module_), params_vector(first.module_))
+    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
+                               atol=1e-6, rtol=0)
+    assert len(resumed.history) == 4
+    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
+                               rtol=1e-5)
+    assert resumed.rounds_["round"].tolist() == whole.rounds_["round"].tolist()[-len(
+        resumed.rounds_):]
+
+
+def test_the_sidecar_names_what_it_could_not_store(client, tiny_data, tmp_path):
+    X, y = tiny_data
+    net = _net(max_epochs=1, criterion=torch.nn.NLLLoss,
+               callbacks=[("checkpoint", Checkpoint(tmp_path / "ck"))]).fit(X, y)
+    _, meta = load_checkpoint(tmp_path / "ck")
+    assert meta["params"]["module"] == {"import": "daskdist.testing.TinyNet"}
+    assert meta["params"]["criterion"] == {"import": "torch.nn.modules.loss.NLLLoss"}
+    assert "callbacks" in meta["not_stored"]
+    assert meta["classes"] == net.classes_.tolist()
+    assert len(meta["history"]) == 1
+
+
+def test_a_checkpoint_of_another_model_is_refused(client, tiny_data, tmp_path):
+    X, y = tiny_data
+    _net(max_epochs=1, callbacks=[("checkpoint", Checkpoint(tmp_path / "ck"))]).fit(X, y)
+    other = DaskNeuralNetClassifier(MLP, module__hidden=(7,), max_epochs=2, verbose=0,
+                                    train_split=None)
+    with pytest.raises(CheckpointError, match="parameters"):
+        other.fit(X, y, resume=tmp_path / "ck")
+
+
+class _Evil:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def test_pickle_files_are_refused_unread(tiny_data, tmp_path):
+    X, y = tiny_data
+    sentinel = tmp_path / "pwned"
+    evil = pickle.dumps(_Evil(str(sentinel)))
+    (tmp_path / "evil.pkl").write_bytes(evil)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "params.pt")  # skorch's format: pickle in zip
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "checkpoint.json").write_bytes(evil)
+
+    for path in (tmp_path / "evil.pkl", tmp_path / "params.pt", fake / "checkpoint.json", fake):
+        with pytest.raises(CheckpointError, match="never unpickles"):
+            load_checkpoint(path)
+    net = _net(max_epochs=1)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        net.fit(X, y, resume=tmp_path / "evil.pkl")  # refused before anything is submitted
+    assert not sentinel.exists()
+
+    # a tensor file swapped for a pickle is refused too
+    good = tmp_path / "good"
+    save_checkpoint(good, TrainingState(np.zeros(3, np.float32)))
+    next(good.glob("state-*.safetensors")).write_bytes(evil)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(good)
+    assert not sentinel.exists()
+    assert not os.path.exists(sentinel)
