@@ -58,14 +58,18 @@ def embedded_cluster(n_workers: int | None = None, **kwargs) -> LocalCluster:
         Worker processes; default config ``daskdist.cluster.n-workers``, else
         one per core.
     **kwargs
-        Passed to :class:`distributed.LocalCluster`.
+        Passed to :class:`distributed.LocalCluster` (``host`` and
+        ``dashboard_address`` override config ``daskdist.cluster.host``, by
+        default the loopback interface only).
     """
     n_workers = n_workers or dask.config.get("daskdist.cluster.n-workers") or os.cpu_count() or 1
+    host = dask.config.get("daskdist.cluster.host")
     options = {
         "n_workers": n_workers,
         "threads_per_worker": dask.config.get("daskdist.cluster.threads-per-worker"),
         "processes": True,
-        "dashboard_address": ":0",
+        "host": host,
+        "dashboard_address": f"{host}:0",
     }
     options.update(kwargs)
     # A default nanny started earlier in this process leaves Dask's value in

@@ -36,3 +36,14 @@ def test_settings_are_read_through_dask_config():
     assert dask.config.get("daskdist.driver.lookahead") >= 1
     with dask.config.set({"daskdist.driver.lookahead": 3}):
         assert dask.config.get("daskdist.driver.lookahead") == 3
+
+
+def test_embedded_clusters_listen_on_the_loopback_interface_only(cluster, session_client):
+    import psutil
+
+    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+    assert session_client.dashboard_link.startswith("http://127.0.0.1:")
+    me = psutil.Process()
+    listening = [conn.laddr.ip for p in [me, *me.children(recursive=True)]
+                 for conn in p.net_connections(kind="inet") if conn.status == psutil.CONN_LISTEN]
+    assert listening and set(listening) == {"127.0.0.1"}  # dashboard and workers included
