@@ -15,6 +15,18 @@ from daskdist.state import params_vector
 from daskdist.testing import TinyNet, make_classification
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler, whatever this process inherited.
+
+    A shell starts background jobs with SIGINT ignored, and these tests press
+    Ctrl-C with ``os.kill``.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class InterruptSoon(Callback):
     """Send this process SIGINT shortly after the first epoch, mid-way through the second."""
 
