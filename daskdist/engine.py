@@ -132,6 +132,7 @@ class Trainer:
         self._inflight: deque = deque()
         self._queued: list = []
         self._placement: dict = {}
+        self._latest = None
         self._state = None
         self._last_done = None
         self._generation = 0
@@ -260,16 +261,13 @@ class Trainer:
             for p in plans
         ]
 
-    def _submit_epoch(self, lr, rounds: list) -> None:
-        """Submit the epoch's rounds, settling old ones as it goes; ``self._state`` ends
-        as the future of the epoch's final state.
+    def _submit_epoch(self, lr) -> None:
+        """Submit the epoch's rounds, settling old ones as it goes.
 
-        ``rounds`` holds, at any moment, the outputs not yet handed to the
-        in-flight queue, so that a caller can release them on an error.
+        ``self._state`` ends as the future of the epoch's final state.
         """
         state = self._state
         tracked = []
-        rounds[:] = [state, tracked]
         # Rounds go to the scheduler in graphs of half the look-ahead: fewer,
         # larger graphs cost the client and the scheduler less per task.
         per_flush = max(1, self.lookahead // 2)
@@ -280,22 +278,23 @@ class Trainer:
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
             tracked.append(self.strategy.tracked(state))
-            rounds[0] = state
             first += steps
             self.round += 1
             if len(tracked) == per_flush:
-                state = rounds[0] = self._flush_rounds(state, tracked)
+                state = self._flush_rounds(state, tracked)
                 tracked.clear()
         self._state = self.strategy.finish_epoch(self, state, plans)
-        self._state = rounds[0] = self._flush_rounds(self._state, tracked)
+        self._state = self._flush_rounds(self._state, tracked)
 
     def _flush_rounds(self, state, tracked):
         """Send queued rounds; track their futures; return ``state`` as futures."""
         interrupt.raise_if_interrupted()
         futures = self.flush()
+        # the newest outputs, until the next flush (not all of them are tracked)
+        self._latest = _resolve(state, futures)
         for output in tracked:
             self._track(_resolve(output, futures))
-        return _resolve(state, futures)
+        return self._latest
 
     def _track(self, future) -> None:
         self._inflight.append(future)
@@ -350,13 +349,12 @@ class Trainer:
 
     def _run_epoch_once(self, lr) -> EpochResult:
         t0 = time.perf_counter()
-        rounds = []  # the latest round's output and the tracked ones not yet sent
         try:
-            self._submit_epoch(lr, rounds)
+            self._submit_epoch(lr)
             while self._inflight:
                 self._settle(self._inflight.popleft())
-        except BaseException:  # interrupted, or a worker lost: stop what was sent
-            _release(rounds)
+        except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
+            _release(self._latest)
             raise
         result = replace(self._state.result(), epoch=self.epoch + 1)
         duration = time.perf_counter() - t0
@@ -479,7 +477,7 @@ class Trainer:
         self.cancel()
         # Dropping the last references releases the keys on the scheduler.
         self.shards = []
-        self.spec_future = self._state = self._last_done = None
+        self.spec_future = self._state = self._last_done = self._latest = None
         try:
             self.client.run(drop_run, self.run_id)
         except Exception:  # a closing cluster must not mask the fit's own outcome
