@@ -125,14 +125,18 @@ def _read_tensor(array) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def _weighted_into(out: torch.Tensor, parts, weights) -> None:
+    """``out = sum(w * part)``, in place: one pass per input, no temporaries."""
+    out.copy_(parts[0])
+    if weights[0] != 1.0:
+        out.mul_(weights[0])
+    for part, w in zip(parts[1:], weights[1:]):
+        out.add_(part, alpha=w)
+
+
 def copy_flat(tensors, vector: np.ndarray) -> None:
     """Copy consecutive slices of a flat vector into ``tensors``, in order, in place."""
-    flat = _read_tensor(vector)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
+    mean_flat_into(tensors, [vector], [1.0])
 
 
 def mean_flat_into(tensors, vectors, weights) -> None:
@@ -145,12 +149,7 @@ def mean_flat_into(tensors, vectors, weights) -> None:
     offset = 0
     for t in tensors:
         n = t.numel()
-        parts = [f[offset:offset + n].view_as(t) for f in flats]
-        t.copy_(parts[0])
-        if weights[0] != 1.0:
-            t.mul_(weights[0])
-        for part, w in zip(parts[1:], weights[1:]):
-            t.add_(part, alpha=w)
+        _weighted_into(t, [f[offset:offset + n].view_as(t) for f in flats], weights)
         offset += n
 
 
@@ -237,12 +236,9 @@ def _weighted_sum(trees, weights, first):
             _weighted_sum([t[i] for t in trees], weights, first[i]) for i in range(len(first))
         )
     if _is_averaged(first):
-        # in place on torch views: one pass per input, no temporaries
         total = np.empty_like(first)
-        out = torch.from_numpy(total)
-        out.copy_(_read_tensor(first)).mul_(weights[0])
-        for leaf, w in zip(trees[1:], weights[1:]):
-            out.add_(_read_tensor(np.asarray(leaf, dtype=first.dtype)), alpha=w)
+        _weighted_into(torch.from_numpy(total),
+                       [_read_tensor(np.asarray(t, dtype=first.dtype)) for t in trees], weights)
         return total
     return first
 
