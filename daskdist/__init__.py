@@ -3,7 +3,7 @@
 from . import config  # noqa: F401  (registers daskdist's Dask config defaults)
 from .callbacks import Checkpoint
 from .clients import cluster_client, embedded_cluster
-from .engine import EpochResult, Trainer
+from .engine import EpochResult, ShardFailedError, Trainer
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from .models import MLP, SmallCNN
 from .sharding import holdout_split, plan_shards
@@ -18,6 +18,7 @@ __all__ = [
     "DaskNeuralNetRegressor",
     "Trainer",
     "EpochResult",
+    "ShardFailedError",
     "ModelSpec",
     "TrainingState",
     "Checkpoint",

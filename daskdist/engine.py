@@ -20,6 +20,7 @@ next epoch's rounds is read then.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import dask
 import numpy as np
 from dask.delayed import Delayed
-from distributed import Future
+from distributed import Future, KilledWorker
 from distributed.client import FutureCancelledError
 
 from . import interrupt
@@ -38,12 +39,16 @@ from .sources import as_source
 from .spec import ModelSpec
 from .state import TrainingState
 
-__all__ = ["Trainer", "EpochResult", "ROUND_COLUMNS"]
+__all__ = ["Trainer", "EpochResult", "ShardFailedError", "ROUND_COLUMNS", "RECOVERY_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "samples", "loss", "bytes", "sync_s", "compute_s")
+#: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
+#: (the epoch, the round counter training went on from, finished rounds that
+#: had to be run again, and what was lost).
+RECOVERY_COLUMNS = ("epoch", "round", "rounds_lost", "reason")
 
 
 @dataclass
@@ -66,6 +71,20 @@ class EpochResult:
 
 def _shard_sizes(shard):
     return len(shard), shard.n_valid
+
+
+class ShardFailedError(RuntimeError):
+    """The tasks of one shard killed every worker they ran on (a poison shard).
+
+    Raised instead of retrying for ever: when Dask gives up on a task of the
+    shard (:class:`distributed.KilledWorker`, chained as the cause) or when
+    the workers that held the shard died more times in a row than
+    ``distributed.scheduler.allowed-failures``. ``replica`` is the shard's index.
+    """
+
+    def __init__(self, message: str, replica: int | None):
+        super().__init__(message)
+        self.replica = replica
 
 
 class Trainer:
@@ -134,9 +153,12 @@ class Trainer:
         self._placement: dict = {}
         self._latest = None
         self._state = None
-        self._last_done = None
+        self._last_done = None  # (round, future) of the newest settled round output
         self._generation = 0
+        self._shard_losses: list[int] = []
         self.shards = []
+        #: One record per recovery from a lost worker (see :meth:`run_epoch`).
+        self.recoveries: list[dict] = []
 
     # -- set-up -------------------------------------------------------------------------------
     def start(self, X, y, state: TrainingState) -> Trainer:
@@ -171,8 +193,8 @@ class Trainer:
         self.source.prepare(self.client, plan, run_id=self.run_id)
         self.spec_future = self._submit_spec()
         self.shards = [self._submit_shard(i) for i in range(n)]
-        sizes = self.client.gather(self.client.map(
-            _shard_sizes, self.shards, key=[f"daskdist-size-{self.run_id}-{i}" for i in range(n)]))
+        self._shard_losses = [0] * n
+        sizes = self._gather_shard_sizes()
         self.shard_sizes = [s[0] for s in sizes]
         self.valid_sizes = [s[1] for s in sizes]
         if min(self.shard_sizes) < 1:
@@ -187,6 +209,53 @@ class Trainer:
         logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
                     self.run_id, n, len(set(self.replica_workers)), self.shard_sizes)
         return self
+
+    def _gather_shard_sizes(self) -> list:
+        """Wait for the shards to be built; re-send those lost with a worker."""
+        while True:
+            sizes = [self.client.submit(_shard_sizes, shard, pure=False,
+                                        key=f"daskdist-size-{self.key_prefix}-{i}")
+                     for i, shard in enumerate(self.shards)]
+            try:
+                return self.client.gather(sizes)
+            except KilledWorker as error:
+                raise self._shard_failed(error) from error
+            except FutureCancelledError:
+                if not any(f.status in _LOST for f in self.shards):
+                    raise
+                self._count_shard_losses("while the shards were built")
+                self._replace_lost_shards()
+            finally:
+                _release(sizes)
+
+    def _lost_shards(self) -> list[int]:
+        return [i for i, f in enumerate(self.shards) if f.status in _LOST]
+
+    def _count_shard_losses(self, reason) -> None:
+        """Count workers lost, per shard, in a row; raise on a poison shard."""
+        lost = self._lost_shards()
+        self._shard_losses = [(count + 1) if i in lost else 0
+                              for i, count in enumerate(self._shard_losses)]
+        allowed = dask.config.get("distributed.scheduler.allowed-failures")
+        worst = max(range(len(self.shards)), key=self._shard_losses.__getitem__)
+        if self._shard_losses[worst] > allowed:
+            raise ShardFailedError(
+                f"The workers holding shard {worst} ({len(self.plan[worst])} samples) died "
+                f"{self._shard_losses[worst]} times in a row ({reason}): a task of that shard "
+                "seems to kill its worker (out of memory, or a crash in compiled code on some "
+                "rows). Training stopped; the cluster is still usable "
+                "(distributed.scheduler.allowed-failures).", worst)
+
+    def _shard_failed(self, error: KilledWorker) -> ShardFailedError:
+        """Name the shard behind a task Dask gave up on."""
+        match = _SHARD_TASK.match(str(error.task))
+        replica = int(match.group(1)) if match else None
+        what = "a task of this fit" if replica is None else f"shard {replica}"
+        return ShardFailedError(
+            f"Task {error.task!r} ({what}) killed {error.allowed_failures + 1} workers in a "
+            "row, so Dask gave up on it (distributed.scheduler.allowed-failures): its data "
+            "seems to crash the worker process (out of memory, or a crash in compiled code). "
+            "Training stopped; the cluster is still usable.", replica)
 
     @property
     def key_prefix(self) -> str:
@@ -225,7 +294,7 @@ class Trainer:
         """Continue from ``state`` (sent from the client)."""
         self._state = self.client.submit(
             _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}", pure=False)
-        self._last_done = self._state
+        self._last_done = (state.round, self._state)
 
     # -- rounds ---------------------------------------------------------------------------------
     def submit(self, func, *args, key: str, worker: str, **kwargs):
@@ -261,9 +330,11 @@ class Trainer:
             for p in plans
         ]
 
-    def _submit_epoch(self, lr) -> None:
-        """Submit the epoch's rounds, settling old ones as it goes.
+    def _submit_epoch(self, lr, epoch_round: int) -> None:
+        """Submit the epoch's rounds not yet done, settling old ones as it goes.
 
+        ``epoch_round`` is the round the epoch started at: after a recovery the
+        current state already holds ``self.round - epoch_round`` of its rounds.
         ``self._state`` ends as the future of the epoch's final state.
         """
         state = self._state
@@ -271,18 +342,23 @@ class Trainer:
         # Rounds go to the scheduler in graphs of half the look-ahead: fewer,
         # larger graphs cost the client and the scheduler less per task.
         per_flush = max(1, self.lookahead // 2)
-        first = 0
-        for steps in self.strategy.round_sizes(self.steps_per_epoch):
+        sizes = self.strategy.round_sizes(self.steps_per_epoch)
+        done = self.round - epoch_round
+        first, plans = sum(sizes[:done]), None
+        for steps in sizes[done:]:
             plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
                                self.replica_batch[i], lr, self.random_state, self.shuffle)
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
-            tracked.append(self.strategy.tracked(state))
+            tracked.append((self.strategy.state_round(self.round),
+                            self.strategy.tracked(state)))
             first += steps
             self.round += 1
             if len(tracked) == per_flush:
                 state = self._flush_rounds(state, tracked)
                 tracked.clear()
+        if plans is None:  # the state already holds every round of the epoch
+            return
         self._state = self.strategy.finish_epoch(self, state, plans)
         self._state = self._flush_rounds(self._state, tracked)
 
@@ -292,17 +368,19 @@ class Trainer:
         futures = self.flush()
         # the newest outputs, until the next flush (not all of them are tracked)
         self._latest = _resolve(state, futures)
-        for output in tracked:
-            self._track(_resolve(output, futures))
+        for state_round, output in tracked:
+            self._track((state_round, _resolve(output, futures)))
         return self._latest
 
-    def _track(self, future) -> None:
-        self._inflight.append(future)
+    def _track(self, item) -> None:
+        self._inflight.append(item)
         while len(self._inflight) > self.lookahead:
             self._settle(self._inflight.popleft())
 
-    def _settle(self, future) -> None:
+    def _settle(self, item) -> None:
+        """Wait for a tracked round output; raise if it failed or was lost."""
         interrupt.raise_if_interrupted()
+        _, future = item
         try:
             error = future.exception()  # waits without fetching the state
         except FutureCancelledError:
@@ -311,46 +389,65 @@ class Trainer:
             raise _WorkerLost(f"training state {future.key} was lost with a worker")
         if isinstance(error, StateLost):
             raise _WorkerLost(str(error))
+        if isinstance(error, KilledWorker):
+            raise self._shard_failed(error) from error
         if error is not None:
             raise error
-        self._last_done = future
+        self._last_done = item
 
     def run_epoch(self, lr) -> EpochResult:
         """Train one epoch and return its result (state and statistics).
 
-        If a worker is lost and takes data that Dask cannot recompute with it
-        (shards sent from the client), the epoch is run again from the state
-        it started from, after the lost shards are re-sent to live workers;
-        at most ``daskdist.driver.epoch-retries`` times.
+        If a worker is lost and takes with it data that Dask cannot recompute
+        (shards sent from the client, the newest round's state), the driver
+        recovers: it stops the rounds in flight, re-sends the lost shards to
+        live workers, and continues the epoch from the newest round whose
+        state is still held by a live worker — so at most the round in
+        progress is lost, and every round's update is applied once. Each
+        recovery is recorded in :attr:`recoveries`; at most
+        ``daskdist.driver.recoveries`` happen per epoch.
 
         Parameters
         ----------
         lr : float or tuple of float
             Learning rate of every round in the epoch (one per parameter group).
         """
-        retries = dask.config.get("daskdist.driver.epoch-retries")
-        start_round, start_state = self.round, self._epoch_state
-        for attempt in range(retries + 1):
+        limit = dask.config.get("daskdist.driver.recoveries")
+        epoch_round, epoch_state = self.round, self._epoch_state
+        t0 = time.perf_counter()
+        for attempt in range(limit + 1):
             try:
-                return self._run_epoch_once(lr)
+                return self._run_epoch_once(lr, epoch_round, t0)
             except _WorkerLost as lost:
-                if attempt == retries:
+                if attempt == limit:
                     raise RuntimeError(
-                        f"Epoch {self.epoch} failed {retries + 1} times because workers were "
-                        f"lost ({lost}); giving up."
+                        f"Epoch {self.epoch} lost workers {limit + 1} times ({lost}); giving up "
+                        "(daskdist.driver.recoveries)."
                     ) from None
-                logger.warning("daskdist run %s: %s; re-running epoch %d from its start",
-                               self.run_id, lost, self.epoch)
-                self.cancel()
-                self._replace_lost_shards()
-                self.round = start_round
-                self.set_state(start_state)
+                self._recover(lost, epoch_round, epoch_state)
         raise AssertionError("unreachable")
 
-    def _run_epoch_once(self, lr) -> EpochResult:
-        t0 = time.perf_counter()
+    def _recover(self, lost, epoch_round: int, epoch_state: TrainingState) -> None:
+        """Continue from the newest state a live worker still holds."""
+        self._count_shard_losses(str(lost))
+        newest = max((r for r, f in self._held() if f.status == "finished"), default=None)
+        state = self._newest_state()  # also stops the rounds in flight
+        if state is None or state.round < epoch_round:
+            state = epoch_state
+        record = {"epoch": self.epoch, "round": state.round,
+                  "rounds_lost": max((newest or state.round) - state.round, 0),
+                  "reason": str(lost)}
+        self.recoveries.append(record)
+        logger.warning("daskdist run %s: %s; continuing epoch %d from round %d (%d finished "
+                       "rounds lost)", self.run_id, lost, self.epoch, state.round,
+                       record["rounds_lost"])
+        self._replace_lost_shards()
+        self.round = state.round
+        self.set_state(state)
+
+    def _run_epoch_once(self, lr, epoch_round: int, t0: float) -> EpochResult:
         try:
-            self._submit_epoch(lr)
+            self._submit_epoch(lr, epoch_round)
             while self._inflight:
                 self._settle(self._inflight.popleft())
         except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
@@ -371,7 +468,6 @@ class Trainer:
         self.epoch += 1
         self._epoch_state = result
         return epoch
-
     def _replace_lost_shards(self) -> None:
         """Re-send shards whose data was lost with a worker; move replicas off dead workers."""
         timeout = dask.config.get("daskdist.driver.worker-timeout")
@@ -437,8 +533,15 @@ class Trainer:
         Returns ``None`` when no round of this run finished (or none can be
         read back any more).
         """
-        finished = [f for f in reversed([self._last_done, *self._inflight])
-                    if f is not None and f.status == "finished"]
+        return self._newest_state()
+
+    def _held(self) -> list:
+        """``(state round, future)`` of the round outputs the driver holds, oldest first."""
+        return [item for item in (self._last_done, *self._inflight) if item is not None]
+
+    def _newest_state(self) -> TrainingState | None:
+        """Stop the rounds in flight; read back the newest finished round's state."""
+        finished = [f for _, f in reversed(self._held()) if f.status == "finished"]
         self.cancel()  # frees the workers; ``finished`` keeps those results alive
         for future in finished:
             # A round result may keep its state on the worker that made it
@@ -451,7 +554,7 @@ class Trainer:
             for reader in readers:
                 try:
                     state = reader.result(timeout=_READ_BACK_TIMEOUT)
-                except TimeoutError:  # its worker went away meanwhile
+                except (TimeoutError, FutureCancelledError):  # its worker went away meanwhile
                     state = None
                 if state is not None:
                     _release(readers)
@@ -521,3 +624,6 @@ _READ_BACK_TIMEOUT = 10
 
 #: Future states that mean the data is gone rather than still coming.
 _LOST = ("cancelled", "lost")
+
+#: Keys of the tasks that belong to one shard (its build, its rounds); group 1: the shard.
+_SHARD_TASK = re.compile(r"daskdist-(?:shard|round)-[0-9a-f]+-\d+(?:-\d+)?-(\d+)$")

@@ -34,7 +34,7 @@ from . import interrupt
 from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
-from .engine import ROUND_COLUMNS, Trainer
+from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .predict import predict_blocks
 from .shards import apply_preprocessor
 from .spec import ModelSpec, seed_for
@@ -445,7 +445,8 @@ class DaskNet:
                     rows.extend(r for r in trainer.round_rows(state) if r["epoch"] == trainer.epoch)
                 raise
             finally:
-                self._append_rounds(rows)
+                self._append_log("rounds_", rows, ROUND_COLUMNS)
+                self._append_log("recoveries_", trainer.recoveries, RECOVERY_COLUMNS)
                 trainer.close()
         return self
 
@@ -481,13 +482,17 @@ class DaskNet:
         history.record("rounds", len(result.rounds))
         history.record("samples_per_sec", result.samples_per_sec)
 
-    def _append_rounds(self, rows) -> None:
-        frame = pd.DataFrame(rows, columns=list(ROUND_COLUMNS))
-        previous = getattr(self, "rounds_", None)
+    def _append_log(self, name: str, rows, columns) -> None:
+        """Set the fitted table ``name`` (``rounds_``, ``recoveries_``) from this fit's rows.
+
+        ``partial_fit`` and ``warm_start`` fits extend the previous table.
+        """
+        frame = pd.DataFrame(rows, columns=list(columns))
+        previous = getattr(self, name, None)
         keep = self._in_partial_fit_ or self.warm_start
         if previous is not None and keep and len(previous):
             frame = pd.concat([previous, frame], ignore_index=True)
-        self.rounds_ = frame
+        setattr(self, name, frame)
 
     # -- predict ------------------------------------------------------------------------------
     def _predict_input(self, X):

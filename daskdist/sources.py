@@ -18,12 +18,15 @@ xarray, Zarr and dataframe inputs are sources of the same shape.
 from __future__ import annotations
 
 import abc
+import logging
 
 import dask
 import dask.array as da
 import numpy as np
 
 from .shards import RawShard, make_shard
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Source", "NumpySource", "DaskArraySource", "as_source"]
 
@@ -73,6 +76,10 @@ class Source(abc.ABC):
         )
 
 
+#: Seconds to wait for the chosen worker before sending a shard to another one.
+_SCATTER_WAIT = 5
+
+
 class NumpySource(Source):
     """Features and targets held in client memory (numpy arrays)."""
 
@@ -86,7 +93,14 @@ class NumpySource(Source):
 
     def _raw(self, client, index, rows, worker, valid_positions):
         raw = RawShard(self.X[rows], None if self.y is None else self.y[rows], valid_positions)
-        return client.scatter(raw, workers=[worker], direct=self.direct, hash=False)
+        try:
+            return client.scatter(raw, workers=[worker], direct=self.direct, hash=False,
+                                  timeout=_SCATTER_WAIT)
+        except (TimeoutError, OSError):
+            # The worker died since it was chosen: any live worker will do; the
+            # shard task follows its data.
+            logger.info("worker %s is gone; sending shard %d to another worker", worker, index)
+            return client.scatter(raw, direct=self.direct, hash=False)
 
 
 class DaskArraySource(Source):

@@ -61,6 +61,13 @@ class Strategy:
         """The future whose completion marks the end of a submitted round."""
         return round_output
 
+    def state_round(self, plan_round: int) -> int:
+        """The ``round`` counter of the state held by round ``plan_round``'s tracked output.
+
+        By default the output is the state after the round.
+        """
+        return plan_round + 1
+
     def finish_epoch(self, trainer, round_output, plans):
         """Turn the last round's output into the future of the epoch's final state."""
         return round_output

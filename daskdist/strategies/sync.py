@@ -159,6 +159,10 @@ class Sync(Strategy):
     def tracked(self, round_output):
         return round_output[0]
 
+    def state_round(self, plan_round: int) -> int:
+        # a step result carries the state its step started from
+        return plan_round
+
     def finish_epoch(self, trainer, round_output, plans):
         last = plans[0]
         plan = replace(last, round=last.round + 1, first_step=last.first_step + 1)
