@@ -6,6 +6,7 @@ from .clients import cluster_client, embedded_cluster
 from .engine import EpochResult, ShardFailedError, Trainer
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from .models import MLP, SmallCNN
+from .replica import NonFiniteError
 from .sharding import holdout_split, plan_shards
 from .spec import ModelSpec
 from .state import TrainingState
@@ -19,6 +20,7 @@ __all__ = [
     "Trainer",
     "EpochResult",
     "ShardFailedError",
+    "NonFiniteError",
     "ModelSpec",
     "TrainingState",
     "Checkpoint",

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .replica import Contribution, _worker_address
+from .replica import Contribution, NonFiniteError, _worker_address
 from .state import tree_nbytes, tree_scale, tree_weighted_sum
 
-__all__ = ["WeightedSum", "combine", "log_round", "submit_tree"]
+__all__ = ["WeightedSum", "combine", "count_skipped", "log_round", "submit_tree"]
 
 
 @dataclass
@@ -25,7 +25,8 @@ class WeightedSum:
 
     ``payload`` is ``sum(weight_i * payload_i)`` (``None`` when every weight is
     zero), ``weight`` the total number of samples; the rest are statistics of
-    the round carried to the round log.
+    the round carried to the round log (``skipped``: replicas whose update was
+    not finite).
     """
 
     payload: dict | None
@@ -37,6 +38,7 @@ class WeightedSum:
     samples: dict
     bytes_moved: int
     worker: str | None
+    skipped: tuple = ()
 
     def mean(self) -> dict | None:
         """The weighted mean of the payloads."""
@@ -53,6 +55,7 @@ def _as_sum(part) -> WeightedSum:
         payload=None if not c.weight else c.payload, weight=c.weight, loss_sum=c.loss_sum,
         steps=c.steps, compute_s=c.compute_s, t_start=c.t_start,
         samples={c.replica: c.weight}, bytes_moved=0, worker=c.worker,
+        skipped=(c.replica,) if c.non_finite else (),
     )
 
 
@@ -81,6 +84,7 @@ def combine(*parts, payload: bool = True) -> WeightedSum:
         loss_sum=sum(s.loss_sum for s in sums), steps=max(s.steps for s in sums),
         compute_s=max(s.compute_s for s in sums), t_start=min(s.t_start for s in sums),
         samples=samples, bytes_moved=moved, worker=here,
+        skipped=tuple(sorted(r for s in sums for r in s.skipped)),
     )
 
 
@@ -95,6 +99,7 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
         "round": plan.round,
         "epoch": plan.epoch,
         "replicas": tuple(sorted(r for r, w in total.samples.items() if w)),
+        "skipped": total.skipped,
         "samples": int(total.weight),
         "steps": total.steps,
         "loss_sum": total.loss_sum,
@@ -104,6 +109,24 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
         "t_end": time.time(),
     }
     return (log if plan.first_step else ()) + (record,)
+
+
+def count_skipped(state, total: WeightedSum, plan) -> int:
+    """The fit's count of skipped (non-finite) updates after this round.
+
+    Raises :class:`~daskdist.replica.NonFiniteError` once it exceeds
+    ``plan.max_non_finite``.
+    """
+    skipped = state.skipped + len(total.skipped)
+    limit = plan.max_non_finite
+    if total.skipped and limit is not None and skipped > limit:
+        raise NonFiniteError(
+            f"Replica(s) {list(total.skipped)} produced a non-finite loss or update in round "
+            f"{plan.round} (epoch {plan.epoch}): {skipped} non-finite updates in this fit, more "
+            f"than daskdist.driver.max-non-finite={limit}. The parameters are those of the last "
+            "finite round; lower the learning rate, clip gradients or check the data."
+        )
+    return skipped
 
 
 def submit_tree(submit, parts, workers, finalize, *args, run_id: str, round_index: int,

@@ -86,7 +86,8 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
         "tensors": name,
         "sha256": digest,
         "state": {"step": int(state.step), "round": int(state.round),
-                  "epoch": int(state.epoch), "buffers": buffers, "optimizer": optimizer},
+                  "epoch": int(state.epoch), "skipped": int(state.skipped),
+                  "buffers": buffers, "optimizer": optimizer},
         "meta": meta or {},
     }
     text = json.dumps(sidecar, indent=1, default=_json_default)
@@ -159,6 +160,7 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         buffers=_from_json(saved["buffers"], tensors),
         optimizer=_from_json(saved["optimizer"], tensors),
         step=saved["step"], round=saved["round"], epoch=saved["epoch"],
+        skipped=saved.get("skipped", 0),
     )
     return state, sidecar.get("meta", {})
 

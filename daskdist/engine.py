@@ -44,7 +44,8 @@ __all__ = ["Trainer", "EpochResult", "ShardFailedError", "ROUND_COLUMNS", "RECOV
 logger = logging.getLogger(__name__)
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
-ROUND_COLUMNS = ("round", "epoch", "replicas", "samples", "loss", "bytes", "sync_s", "compute_s")
+ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
+                 "compute_s")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -343,11 +344,13 @@ class Trainer:
         # larger graphs cost the client and the scheduler less per task.
         per_flush = max(1, self.lookahead // 2)
         sizes = self.strategy.round_sizes(self.steps_per_epoch)
+        max_non_finite = dask.config.get("daskdist.driver.max-non-finite")
         done = self.round - epoch_round
         first, plans = sum(sizes[:done]), None
         for steps in sizes[done:]:
             plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
-                               self.replica_batch[i], lr, self.random_state, self.shuffle)
+                               self.replica_batch[i], lr, self.random_state, self.shuffle,
+                               max_non_finite)
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
             tracked.append((self.strategy.state_round(self.round),
@@ -462,6 +465,10 @@ class Trainer:
             train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
             samples=samples, rounds=self.round_rows(result), duration=duration,
         )
+        skipped = [(r["round"], r["skipped"]) for r in epoch.rounds if r["skipped"]]
+        if skipped:
+            logger.warning("daskdist run %s, epoch %d: non-finite updates left out of the "
+                           "average (round, replicas): %s", self.run_id, self.epoch, skipped)
         if self.holdout:
             epoch.valid = self.evaluate()
         self.rounds_.extend(epoch.rounds)
@@ -496,6 +503,7 @@ class Trainer:
             span = max(r["t_end"] - start, 0.0)
             rows.append({
                 "round": r["round"], "epoch": r["epoch"], "replicas": r["replicas"],
+                "skipped": r.get("skipped", ()),
                 "samples": r["samples"],
                 "loss": r["loss_sum"] / r["samples"] if r["samples"] else float("nan"),
                 "bytes": r["bytes"],

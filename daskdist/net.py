@@ -373,7 +373,8 @@ class DaskNet:
     def _current_state(self) -> TrainingState:
         prev = getattr(self, "_training_state_", None)
         counters = ({} if prev is None
-                    else {"step": prev.step, "round": prev.round, "epoch": prev.epoch})
+                    else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
+                          "skipped": prev.skipped})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:
@@ -468,10 +469,13 @@ class DaskNet:
 
     def _record_epoch(self, result) -> None:
         history = self.history
-        for r in result.rounds:  # one history "batch" per synchronisation round
+        trained = [r for r in result.rounds if r["samples"]]  # not every update skipped
+        for r in trained:  # one history "batch" per synchronisation round
             history.new_batch()
             history.record_batch("train_loss", r["loss"])
             history.record_batch("train_batch_size", r["samples"])
+        if not trained:  # no finite update in the whole epoch
+            history.record("train_loss", float("nan"))
         if result.valid:
             history.new_batch()
             history.record_batch("valid_loss", result.valid["loss"])

@@ -32,8 +32,8 @@ from .state import (
     tree_nbytes,
 )
 
-__all__ = ["RoundPlan", "Contribution", "StateLost", "local_steps", "gradient", "evaluate",
-           "drop_run"]
+__all__ = ["RoundPlan", "Contribution", "StateLost", "NonFiniteError", "local_steps", "gradient",
+           "evaluate", "drop_run"]
 
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
@@ -45,6 +45,17 @@ class StateLost(RuntimeError):
 
     The driver treats it like a lost worker: the epoch is run again from its
     starting state.
+    """
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many replica updates were not finite.
+
+    A replica whose loss, parameters or gradient become NaN or infinite in a
+    round contributes nothing to that round (its update is skipped and the
+    round log names it); the fit fails with this error once more than
+    ``daskdist.driver.max-non-finite`` updates were skipped. The global
+    parameters stay those of the last finite round.
     """
 
 
@@ -74,6 +85,9 @@ class RoundPlan:
         Seed of the fit; shuffles and torch seeds derive from it.
     shuffle : bool
         Reshuffle the shard every epoch.
+    max_non_finite : int or None
+        Non-finite replica updates the fit tolerates before it fails with
+        :class:`NonFiniteError` (``None``: any number).
     """
 
     run_id: str
@@ -86,6 +100,7 @@ class RoundPlan:
     lr: float | tuple
     random_state: int
     shuffle: bool = False
+    max_non_finite: int | None = None
 
     def positions(self, n_samples: int) -> list[np.ndarray]:
         """Shard positions of each step's batch (empty once the shard is exhausted)."""
@@ -101,7 +116,8 @@ class Contribution:
 
     ``payload`` holds the arrays to average (``grad``, or ``params`` and
     ``optimizer``, plus ``buffers``); ``weight`` is the number of samples
-    behind them.
+    behind them. A replica whose update is not finite sends weight zero and
+    ``non_finite=True``: the average leaves it out.
     """
 
     replica: int
@@ -113,6 +129,7 @@ class Contribution:
     t_start: float
     t_end: float
     worker: str | None
+    non_finite: bool = False
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)
@@ -245,6 +262,8 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
         loss_sum += _train_batch(rep, X.to(device), y.to(device)) * len(pos)
         n += len(pos)
         steps += 1
+        if not np.isfinite(loss_sum):
+            break  # the round's update will be skipped: stop spending time on it
     compute_s = time.perf_counter() - t0
     payload = {
         "params": params_vector(rep.module),
@@ -252,8 +271,25 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
         "optimizer": optimizer_state_to_numpy(rep.optimizer),
     }
     rep.moved_on()
+    if not (np.isfinite(loss_sum) and _all_finite(payload)):
+        return _skipped(plan, steps, compute_s, t_start)
     return Contribution(plan.replica, float(n), payload, loss_sum, steps, compute_s,
                         t_start, time.time(), _worker_address())
+
+
+def _all_finite(tree) -> bool:
+    """Whether every floating-point array in a (nested dict of) arrays is finite."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, np.ndarray) and tree.dtype.kind in "fc":
+        return bool(np.isfinite(tree).all())
+    return True
+
+
+def _skipped(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
+    """The contribution of a replica whose update was not finite: weight zero, flagged."""
+    return Contribution(plan.replica, 0.0, {}, 0.0, steps, compute_s, t_start, time.time(),
+                        _worker_address(), non_finite=True)
 
 
 def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
@@ -284,6 +320,8 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     compute_s = time.perf_counter() - t0
     rep.ran_forward()
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
+    if not (torch.isfinite(loss).item() and _all_finite(payload)):
+        return _skipped(plan, 1, compute_s, t_start)
     return Contribution(plan.replica, float(len(pos)), payload, float(loss.item()) * len(pos), 1,
                         compute_s, t_start, time.time(), _worker_address())
 

@@ -53,6 +53,9 @@ class TrainingState:
         Synchronisation rounds completed so far in the whole fit.
     epoch : int
         Epochs completed so far (set at each epoch boundary).
+    skipped : int
+        Replica updates skipped so far in the whole fit because they were
+        not finite (see :class:`daskdist.replica.NonFiniteError`).
     log : tuple of dict
         One record per round completed in the current epoch (losses, samples,
         timings); reset at each epoch boundary.
@@ -64,6 +67,7 @@ class TrainingState:
     step: int = 0
     round: int = 0
     epoch: int = 0
+    skipped: int = 0
     log: tuple = ()
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..aggregation import combine, log_round
+from ..aggregation import combine, count_skipped, log_round
 from ..replica import local_steps
 from ..state import TrainingState
 from .base import Strategy
@@ -19,14 +19,15 @@ def average_parameters(spec, state: TrainingState, *parts, plan, replica_workers
     weighted by the samples each replica trained on in the round.
     """
     total = combine(*parts)
+    skipped = count_skipped(state, total, plan)
     mean = total.mean()
-    if mean is None:
-        new = replace(state, round=state.round + 1)
+    if mean is None:  # no replica trained (shards exhausted, or no finite update)
+        new = replace(state, round=state.round + 1, skipped=skipped)
     else:
         new = TrainingState(
             params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
             step=state.step + total.steps, round=state.round + 1, epoch=state.epoch,
-            log=state.log,
+            skipped=skipped, log=state.log,
         )
     return replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
 

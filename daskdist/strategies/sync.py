@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..aggregation import combine, log_round
+from ..aggregation import combine, count_skipped, log_round
 from ..replica import Contribution, StateLost, _replica, gradient
 from ..state import (
     TrainingState,
@@ -70,6 +70,8 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     # every replica fetches every other replica's gradient from another worker
     total.bytes_moved = sum(r.nbytes for w in replica_workers
                             for r, rw in zip(previous, replica_workers) if rw != w)
+    step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)
+    skipped = count_skipped(state, total, step_plan)
     rep = _replica(spec, plan.run_id, plan.replica)
     rep.load(state)
     if total.weight:
@@ -87,10 +89,10 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
         load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
                                                    weights))
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
-                              round=state.round + 1, epoch=state.epoch, log=state.log)
-    else:
-        new = replace(state, round=state.round + 1)
-    step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)
+                              round=state.round + 1, epoch=state.epoch, skipped=skipped,
+                              log=state.log)
+    else:  # no replica contributed a finite gradient: no step
+        new = replace(state, round=state.round + 1, skipped=skipped)
     new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers))
     rep.adopt(new)
     return new
