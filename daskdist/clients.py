@@ -49,7 +49,7 @@ def embedded_cluster_config() -> dict:
     }
 
 
-def embedded_cluster(n_workers: int | None = None, **kwargs) -> LocalCluster:
+def embedded_cluster(n_workers: int | None = None, *, security=None, **kwargs) -> LocalCluster:
     """Start the local cluster daskdist uses when given no other.
 
     Parameters
@@ -57,6 +57,13 @@ def embedded_cluster(n_workers: int | None = None, **kwargs) -> LocalCluster:
     n_workers : int, optional
         Worker processes; default config ``daskdist.cluster.n-workers``, else
         one per core.
+    security : distributed.Security or bool, optional
+        TLS for the cluster's connections. ``True`` makes throw-away
+        certificates (``Security.temporary()``, which needs the
+        ``cryptography`` package: ``pip install 'daskdist[tls]'``) that only
+        this process holds: clients connect through the returned cluster
+        (``Client(cluster)``) and a client without them is refused. Default:
+        config ``daskdist.cluster.tls``.
     **kwargs
         Passed to :class:`distributed.LocalCluster` (``host`` and
         ``dashboard_address`` override config ``daskdist.cluster.host``, by
@@ -64,12 +71,17 @@ def embedded_cluster(n_workers: int | None = None, **kwargs) -> LocalCluster:
     """
     n_workers = n_workers or dask.config.get("daskdist.cluster.n-workers") or os.cpu_count() or 1
     host = dask.config.get("daskdist.cluster.host")
+    if security is None:
+        security = bool(dask.config.get("daskdist.cluster.tls"))
+    if security is True:
+        security = _temporary_security()
     options = {
         "n_workers": n_workers,
         "threads_per_worker": dask.config.get("daskdist.cluster.threads-per-worker"),
         "processes": True,
         "host": host,
         "dashboard_address": f"{host}:0",
+        "security": security or None,
     }
     options.update(kwargs)
     # A default nanny started earlier in this process leaves Dask's value in
@@ -83,6 +95,18 @@ def embedded_cluster(n_workers: int | None = None, **kwargs) -> LocalCluster:
         finally:
             if inherited == _NANNY_DEFAULT_TRIM:
                 os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
+
+
+def _temporary_security():
+    from distributed import Security
+
+    try:
+        return Security.temporary()
+    except ImportError as error:
+        raise ImportError(
+            "TLS for clusters daskdist starts needs the 'cryptography' package: "
+            "pip install 'daskdist[tls]'."
+        ) from error
 
 
 @contextlib.contextmanager

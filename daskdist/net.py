@@ -266,6 +266,25 @@ class DaskNet:
         self._resume_from_ = checkpoint
         return self._train(X, y, **fit_params)
 
+    def load_params(self, f_params=None, f_optimizer=None, f_criterion=None, f_history=None,
+                    checkpoint=None, use_safetensors=False, **kwargs):
+        """Load parameters saved with ``save_params(..., use_safetensors=True)``.
+
+        skorch's ``load_params`` reads ``torch.save`` files through pickle by
+        default; daskdist refuses that and reads safetensors (and the JSON
+        history) only. For a whole training state, optimizer included, use
+        :meth:`save_checkpoint` and ``fit(X, y, resume=path)``.
+        """
+        if not use_safetensors or checkpoint is not None:
+            raise ValueError(
+                "daskdist loads parameters from safetensors files only "
+                "(load_params(..., use_safetensors=True)): torch.load unpickles. For the whole "
+                "training state use net.save_checkpoint(path) and fit(X, y, resume=path)."
+            )
+        return super().load_params(f_params=f_params, f_optimizer=f_optimizer,
+                                   f_criterion=f_criterion, f_history=f_history,
+                                   use_safetensors=True, **kwargs)
+
     def save_checkpoint(self, path) -> None:
         """Write the current training state as a safetensors checkpoint, atomically.
 

@@ -15,7 +15,7 @@ from skorch.callbacks import BatchScoring, EarlyStopping, EpochScoring, LRSchedu
 
 from daskdist import MLP, DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from daskdist.state import params_vector
-from daskdist.testing import TinyNet
+from daskdist.testing import TinyNet, make_classification
 
 
 def _clf(**kwargs):
@@ -229,3 +229,15 @@ def test_dask_predict_works_after_the_training_cluster_is_gone(tiny_data):
     # No cluster now: the dask array is computed by the local scheduler.
     out = net.predict(da.from_array(X, chunks=80)).compute(scheduler="threads")
     np.testing.assert_array_equal(out, net.predict(X))
+
+
+def test_a_class_missing_from_one_shard_is_still_a_global_class(client):
+    X, y = make_classification(300, n_classes=3)
+    order = np.argsort(y, kind="stable")  # sequential shards: class 0 only in the first
+    X, y = X[order], y[order]
+    assert 0 not in set(y[150:])
+    net = _clf(n_replicas=2, sharding="sequential", max_epochs=3, train_split=None).fit(X, y)
+    np.testing.assert_array_equal(net.classes_, [0, 1, 2])
+    proba = net.predict_proba(X)
+    assert proba.shape == (300, 3)
+    assert (net.predict(X[y == 0]) == 0).mean() > 0.5  # class 0 was learned all the same

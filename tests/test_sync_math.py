@@ -85,3 +85,14 @@ def test_local_sgd_averages_every_sync_every_steps(client, tiny_data):
     assert net.history[:, "rounds"] == [3, 3]
     assert net.rounds_["samples"].tolist() == [96, 96, 48] * 2
     assert (net.rounds_["bytes"] > 0).all()
+
+
+def test_sync_with_uneven_shards_weights_by_sample_count(client, tiny_data):
+    X, y = tiny_data[0][:230], tiny_data[1][:230]  # shards of 77, 77 and 76 samples
+    expected, n_steps = _combined_batch_sgd(X, y, 3, 30, 3, 0.1, 0.9)
+    torch.manual_seed(0)
+    net = _dask_net(strategy="sync", n_replicas=3, batch_size=30).fit(X, y)
+    assert net.rounds_["round"].size == n_steps
+    # the last step of an epoch has 7 + 7 + 6 samples: unequal weights
+    assert net.rounds_["samples"].iloc[n_steps // 3 - 1] == 20
+    np.testing.assert_allclose(params_vector(net.module_), expected, atol=1e-5, rtol=0)
