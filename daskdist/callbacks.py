@@ -8,7 +8,7 @@ __all__ = ["Checkpoint"]
 
 
 class Checkpoint(Callback):
-    """Save a safetensors checkpoint every ``every`` epochs and when training ends.
+    """Save a safetensors checkpoint every ``every`` epochs (or rounds) and at the end.
 
     The pickle-free counterpart of skorch's ``Checkpoint``: parameters,
     buffers and optimizer state go to a safetensors file, counters, history
@@ -22,21 +22,34 @@ class Checkpoint(Callback):
         The checkpoint directory.
     every : int
         Save after every ``every``-th epoch (counted over the whole run).
+    every_rounds : int or None
+        Also save, during an epoch, the state of every ``every_rounds``-th
+        synchronisation round (counted over the whole run) as soon as the
+        driver sees it finish; a fit resumed from it continues with the next
+        round. Each save fetches the state from a worker (its size in bytes)
+        and writes it while the workers go on with the following rounds.
     at_train_end : bool
-        Also save when training ends. After Ctrl-C the last epoch-end
-        checkpoint is kept: a fit resumes at an epoch boundary.
+        Also save when training ends. After Ctrl-C the last checkpoint is
+        kept.
     """
 
-    def __init__(self, dirname="checkpoint", every: int = 1, at_train_end: bool = True):
+    def __init__(self, dirname="checkpoint", every: int = 1, every_rounds: int | None = None,
+                 at_train_end: bool = True):
         self.dirname = dirname
         self.every = every
+        self.every_rounds = every_rounds
         self.at_train_end = at_train_end
 
     def initialize(self):
-        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
-            raise ValueError(f"every must be a positive integer, got {self.every!r}.")
+        _check_positive("every", self.every)
+        if self.every_rounds is not None:
+            _check_positive("every_rounds", self.every_rounds)
         self._saved_epoch = None
         return self
+
+    def save_round(self, net, state) -> None:
+        """Save the state of a round finished during an epoch (see ``every_rounds``)."""
+        net.save_checkpoint(self.dirname, state=state)
 
     def on_epoch_end(self, net, **kwargs):
         epochs = len(net.history)
@@ -50,3 +63,8 @@ class Checkpoint(Callback):
         if len(net.history) and "train_loss" not in net.history[-1]:
             return  # interrupted mid-epoch: keep the last epoch-end checkpoint
         net.save_checkpoint(self.dirname)
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -5,10 +5,11 @@ A checkpoint is a directory::
     checkpoint.json                       the sidecar; names the tensor file
     state-<round>-<token>.safetensors     parameters, buffers, optimizer tensors
 
-The sidecar holds the counters (step, round, epoch), the optimizer state's
-non-tensor parts (hyper-parameters, parameter groups) and whatever JSON the
-caller adds (the estimators store their history, random state, strategy and
-JSON-representable parameters).
+The sidecar holds the counters (step, round, epoch, skipped updates), the
+current epoch's round log (so that a fit resumes mid-epoch at the exact
+round), the optimizer state's non-tensor parts (hyper-parameters, parameter
+groups) and whatever JSON the caller adds (the estimators store their
+history, random state, strategy and JSON-representable parameters).
 
 Writing is atomic: the tensor file is written under a temporary name, flushed
 to disk and renamed, and only then is the sidecar replaced the same way; the
@@ -87,7 +88,8 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
         "sha256": digest,
         "state": {"step": int(state.step), "round": int(state.round),
                   "epoch": int(state.epoch), "skipped": int(state.skipped),
-                  "buffers": buffers, "optimizer": optimizer},
+                  "buffers": buffers, "optimizer": optimizer,
+                  "log": [dict(r) for r in state.log]},
         "meta": meta or {},
     }
     text = json.dumps(sidecar, indent=1, default=_json_default)
@@ -160,9 +162,14 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         buffers=_from_json(saved["buffers"], tensors),
         optimizer=_from_json(saved["optimizer"], tensors),
         step=saved["step"], round=saved["round"], epoch=saved["epoch"],
-        skipped=saved.get("skipped", 0),
+        skipped=saved.get("skipped", 0), log=tuple(_log_record(r) for r in saved.get("log", ())),
     )
     return state, sidecar.get("meta", {})
+
+
+def _log_record(record: dict) -> dict:
+    """A round-log record read from JSON (its replica lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
 
 # -- trees of arrays <-> JSON skeleton + flat tensor dict --------------------------------------

@@ -156,7 +156,11 @@ class Trainer:
         self._state = None
         self._last_done = None  # (round, future) of the newest settled round output
         self._generation = 0
+        self._epoch_round = 0  # the round the current epoch started at
         self._shard_losses: list[int] = []
+        #: ``(every, fn)`` pairs: ``fn(state)`` gets the state of every
+        #: ``every``-th round as the driver sees it finish (round checkpoints).
+        self.round_hooks: list = []
         self.shards = []
         #: One record per recovery from a lost worker (see :meth:`run_epoch`).
         self.recoveries: list[dict] = []
@@ -204,7 +208,9 @@ class Trainer:
                                    for s, b in zip(self.shard_sizes, self.replica_batch))
         # Counters continue from the state, so that shuffles and per-round
         # seeds of a continued (or resumed) fit are those of an uninterrupted one.
+        # A state saved mid-epoch logs the rounds its epoch has done so far.
         self.epoch, self.round = state.epoch, state.round
+        self._epoch_round = state.round - sum(1 for r in state.log if r["epoch"] == state.epoch)
         self.set_state(state)
         self._epoch_state = state
         logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
@@ -350,7 +356,7 @@ class Trainer:
         for steps in sizes[done:]:
             plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
                                self.replica_batch[i], lr, self.random_state, self.shuffle,
-                               max_non_finite)
+                               max_non_finite, self.steps_per_epoch)
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
             tracked.append((self.strategy.state_round(self.round),
@@ -397,6 +403,20 @@ class Trainer:
         if error is not None:
             raise error
         self._last_done = item
+        if self.round_hooks:
+            self._call_round_hook(item)
+
+    def _call_round_hook(self, item) -> None:
+        """Hand the state of a settled round to the :attr:`round_hooks` that want it."""
+        state_round, future = item
+        wanted = [fn for every, fn in self.round_hooks if state_round % every == 0]
+        if not wanted or state_round == self._epoch_state.round:
+            return  # (the epoch's starting state was handed over at the epoch's end)
+        state = self._read_state(future)
+        if state is None or state.round != state_round:
+            return  # gone with a worker: the next one will do
+        for fn in wanted:
+            fn(state)
 
     def run_epoch(self, lr) -> EpochResult:
         """Train one epoch and return its result (state and statistics).
@@ -416,7 +436,7 @@ class Trainer:
             Learning rate of every round in the epoch (one per parameter group).
         """
         limit = dask.config.get("daskdist.driver.recoveries")
-        epoch_round, epoch_state = self.round, self._epoch_state
+        epoch_round, epoch_state = self._epoch_round, self._epoch_state
         t0 = time.perf_counter()
         for attempt in range(limit + 1):
             try:
@@ -473,7 +493,7 @@ class Trainer:
             epoch.valid = self.evaluate()
         self.rounds_.extend(epoch.rounds)
         self.epoch += 1
-        self._epoch_state = result
+        self._epoch_state, self._epoch_round = result, self.round
         return epoch
     def _replace_lost_shards(self) -> None:
         """Re-send shards whose data was lost with a worker; move replicas off dead workers."""
@@ -552,23 +572,31 @@ class Trainer:
         finished = [f for _, f in reversed(self._held()) if f.status == "finished"]
         self.cancel()  # frees the workers; ``finished`` keeps those results alive
         for future in finished:
-            # A round result may keep its state on the worker that made it
-            # (daskdist.strategies.sync.StepResult), while the copies on the
-            # workers that fetched it have none: ask every holder.
-            holders = sorted(self.client.who_has(future).get(future.key, ()))
-            readers = [self.client.submit(_state_of, future, pure=False, workers=[holder],
-                                          key=f"daskdist-state-of-{future.key}-{i}")
-                       for i, holder in enumerate(holders)]
+            state = self._read_state(future)
+            if state is not None:
+                return state
+        return None
+
+    def _read_state(self, future) -> TrainingState | None:
+        """The training state in a finished round output, or ``None`` if none can be read."""
+        # A round result may keep its state on the worker that made it
+        # (daskdist.strategies.sync.StepResult), while the copies on the
+        # workers that fetched it have none: ask every holder.
+        holders = sorted(self.client.who_has(future).get(future.key, ()))
+        readers = [self.client.submit(_state_of, future, pure=False, workers=[holder],
+                                      key=f"daskdist-state-of-{future.key}-{i}")
+                   for i, holder in enumerate(holders)]
+        try:
             for reader in readers:
                 try:
                     state = reader.result(timeout=_READ_BACK_TIMEOUT)
                 except (TimeoutError, FutureCancelledError):  # its worker went away meanwhile
                     state = None
                 if state is not None:
-                    _release(readers)
                     return state
+            return None
+        finally:
             _release(readers)
-        return None
 
     def cancel(self) -> None:
         """Stop every round in flight, and drop rounds queued but not yet sent.

@@ -9,6 +9,7 @@ before anything is sent to the cluster.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -285,7 +286,7 @@ class DaskNet:
                                    f_criterion=f_criterion, f_history=f_history,
                                    use_safetensors=True, **kwargs)
 
-    def save_checkpoint(self, path) -> None:
+    def save_checkpoint(self, path, state: TrainingState | None = None) -> None:
         """Write the current training state as a safetensors checkpoint, atomically.
 
         Parameters and buffers of ``module_``, the optimizer state, the
@@ -295,14 +296,18 @@ class DaskNet:
         internals and parameters that are neither JSON nor importable are
         not (their names are listed in the sidecar under ``not_stored``).
 
-        A fit resumed from it (``fit(X, y, resume=path)``) starts at the
-        epoch after the last completed one; saved mid-epoch (after Ctrl-C),
-        it restarts that epoch from the parameters of its last finished round.
+        A fit resumed from it (``fit(X, y, resume=path)``) continues at the
+        exact round it was saved at: after the last completed epoch, or —
+        saved mid-epoch (after Ctrl-C, or by ``Checkpoint(every_rounds=...)``)
+        — with the next round of that epoch.
 
         Parameters
         ----------
         path : str or os.PathLike
             The checkpoint directory.
+        state : TrainingState, optional
+            The state to save instead of ``module_`` and ``optimizer_`` (a
+            round's state during a fit).
         """
         if not self.initialized_:
             raise ValueError(f"This {type(self).__name__} has not been initialized; fit it "
@@ -317,7 +322,7 @@ class DaskNet:
             "classes": (np.asarray(self.classes_).tolist()
                         if getattr(self, "classes_", None) is not None else None),
         }
-        save_checkpoint(path, self._current_state(), meta)
+        save_checkpoint(path, state if state is not None else self._current_state(), meta)
 
     def _resume(self, checkpoint) -> int:
         """Load a checkpoint into the initialized estimator; return the epochs it covered."""
@@ -333,7 +338,10 @@ class DaskNet:
             raise CheckpointError(f"The checkpoint's buffers differ from the module's: "
                                   f"{sorted(missing)}.")
         self._load_state(state)
-        self.history_ = History(meta.get("history", []))
+        history = meta.get("history", [])
+        while history and "train_loss" not in history[-1]:
+            history = history[:-1]  # the epoch in progress: the resumed fit runs it again
+        self.history_ = History(history)
         if meta.get("random_state") is not None:
             self.random_state_ = int(meta["random_state"])
         return state.epoch
@@ -393,7 +401,7 @@ class DaskNet:
         prev = getattr(self, "_training_state_", None)
         counters = ({} if prev is None
                     else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
-                          "skipped": prev.skipped})
+                          "skipped": prev.skipped, "log": prev.log})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:
@@ -442,6 +450,11 @@ class DaskNet:
                 holdout=holdout, stratify=stratified and self._classifier,
                 shard_kwargs=self._shard_kwargs(),
             )
+            trainer.round_hooks = [
+                (cb.every_rounds, functools.partial(cb.save_round, self))
+                for _, cb in self.callbacks_
+                if isinstance(cb, SafetensorsCheckpoint) and cb.every_rounds
+            ]
             try:
                 trainer.start(X, y, self._current_state())
                 datasets = self._client_datasets(X, y, trainer)

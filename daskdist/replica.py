@@ -88,6 +88,9 @@ class RoundPlan:
     max_non_finite : int or None
         Non-finite replica updates the fit tolerates before it fails with
         :class:`NonFiniteError` (``None``: any number).
+    epoch_steps : int or None
+        Steps in a whole epoch, so that the round that ends an epoch can count
+        it as completed (``None``: not known).
     """
 
     run_id: str
@@ -101,6 +104,13 @@ class RoundPlan:
     random_state: int
     shuffle: bool = False
     max_non_finite: int | None = None
+    epoch_steps: int | None = None
+
+    def epochs_completed(self) -> int:
+        """Epochs completed once this round is done (``epoch``, or one more at its end)."""
+        ends_epoch = (self.epoch_steps is not None
+                      and self.first_step + self.n_steps >= self.epoch_steps)
+        return self.epoch + int(ends_epoch)
 
     def positions(self, n_samples: int) -> list[np.ndarray]:
         """Shard positions of each step's batch (empty once the shard is exhausted)."""

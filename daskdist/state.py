@@ -52,7 +52,8 @@ class TrainingState:
     round : int
         Synchronisation rounds completed so far in the whole fit.
     epoch : int
-        Epochs completed so far (set at each epoch boundary).
+        Epochs completed so far (a state from the middle of an epoch does
+        not count that epoch).
     skipped : int
         Replica updates skipped so far in the whole fit because they were
         not finite (see :class:`daskdist.replica.NonFiniteError`).

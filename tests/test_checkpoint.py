@@ -110,6 +110,61 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, t
         resumed.rounds_):]
 
 
+_DYING_CLIENT = textwrap.dedent("""
+    import os, signal, sys
+    from daskdist import DaskNeuralNetClassifier
+    from daskdist.callbacks import Checkpoint
+    from daskdist.testing import TinyNet, make_classification
+
+    class CheckpointThenDie(Checkpoint):
+        def save_round(self, net, state):
+            super().save_round(net, state)
+            if any(r["epoch"] == 1 for r in state.log):  # saved in the middle of epoch 1
+                os.kill(os.getpid(), signal.SIGKILL)  # the client process dies
+
+    address, path, strategy = sys.argv[1:]
+    X, y = make_classification()
+    DaskNeuralNetClassifier(
+        TinyNet, lr=0.1, batch_size=32, verbose=0, random_state=0, train_split=None,
+        optimizer__momentum=0.9, iterator_train__shuffle=True, max_epochs=4,
+        strategy=strategy, sync_every=3, scheduler_address=address,
+        callbacks=[("checkpoint", CheckpointThenDie(path, every_rounds=2))],
+    ).fit(X, y)
+""")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
+def test_a_client_killed_mid_epoch_resumes_at_the_exact_round(client, tiny_data, tmp_path,
+                                                             strategy):
+    X, y = tiny_data
+    whole = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y)
+
+    ck = tmp_path / "ck"
+    proc = subprocess.run([sys.executable, "-c", _DYING_CLIENT, client.scheduler.address,
+                           str(ck), strategy], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    state, meta = load_checkpoint(ck)
+    done_in_epoch = sum(1 for r in state.log if r["epoch"] == 1)
+    assert state.epoch == 1 and done_in_epoch >= 1 and state.round % 2 == 0
+    assert len(meta["history"]) == 2  # one finished epoch, one in progress
+
+    resumed = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y, resume=ck)
+    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
+                               atol=1e-6, rtol=0)
+    assert len(resumed.history) == 4
+    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
+                               rtol=1e-5)
+    # the resumed epoch's rounds: those before the kill (from the checkpoint) and the rest
+    rounds_per_epoch = len(whole.rounds_) // 4
+    assert resumed.rounds_["round"].tolist() == list(range(rounds_per_epoch, 4 * rounds_per_epoch))
+
+
+def test_round_checkpoints_are_validated():
+    with pytest.raises(ValueError, match="every_rounds must be a positive integer"):
+        Checkpoint("ck", every_rounds=0).initialize()
+
+
 def test_the_sidecar_names_what_it_could_not_store(client, tiny_data, tmp_path):
     X, y = tiny_data
     net = _net(max_epochs=1, criterion=torch.nn.NLLLoss,

@@ -22,11 +22,12 @@ def average_parameters(spec, state: TrainingState, *parts, plan, replica_workers
     skipped = count_skipped(state, total, plan)
     mean = total.mean()
     if mean is None:  # no replica trained (shards exhausted, or no finite update)
-        new = replace(state, round=state.round + 1, skipped=skipped)
+        new = replace(state, round=state.round + 1, epoch=plan.epochs_completed(),
+                      skipped=skipped)
     else:
         new = TrainingState(
             params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
-            step=state.step + total.steps, round=state.round + 1, epoch=state.epoch,
+            step=state.step + total.steps, round=state.round + 1, epoch=plan.epochs_completed(),
             skipped=skipped, log=state.log,
         )
     return replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))

@@ -89,10 +89,12 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
         load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
                                                    weights))
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
-                              round=state.round + 1, epoch=state.epoch, skipped=skipped,
+                              round=state.round + 1, epoch=step_plan.epochs_completed(),
+                              skipped=skipped,
                               log=state.log)
     else:  # no replica contributed a finite gradient: no step
-        new = replace(state, round=state.round + 1, skipped=skipped)
+        new = replace(state, round=state.round + 1, epoch=step_plan.epochs_completed(),
+                      skipped=skipped)
     new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers))
     rep.adopt(new)
     return new
