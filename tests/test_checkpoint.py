@@ -88,6 +88,15 @@ def _net(**kwargs):
     return DaskNeuralNetClassifier(TinyNet, **{**params, **kwargs})
 
 
+def _assert_same_end(resumed, whole):
+    """The resumed fit ends at the uninterrupted fit's parameters and losses."""
+    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
+                               atol=1e-6, rtol=0)
+    assert len(resumed.history) == len(whole.history)
+    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
 def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, tmp_path,
                                                             strategy):
@@ -101,11 +110,7 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, t
     resumed = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y, resume=ck)
 
     assert not np.allclose(params_vector(resumed.module_), params_vector(first.module_))
-    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
-                               atol=1e-6, rtol=0)
-    assert len(resumed.history) == 4
-    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
-                               rtol=1e-5)
+    _assert_same_end(resumed, whole)
     assert resumed.rounds_["round"].tolist() == whole.rounds_["round"].tolist()[-len(
         resumed.rounds_):]
 
@@ -150,11 +155,7 @@ def test_a_client_killed_mid_epoch_resumes_at_the_exact_round(client, tiny_data,
     assert len(meta["history"]) == 2  # one finished epoch, one in progress
 
     resumed = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y, resume=ck)
-    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
-                               atol=1e-6, rtol=0)
-    assert len(resumed.history) == 4
-    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
-                               rtol=1e-5)
+    _assert_same_end(resumed, whole)
     # the resumed epoch's rounds: those before the kill (from the checkpoint) and the rest
     rounds_per_epoch = len(whole.rounds_) // 4
     assert resumed.rounds_["round"].tolist() == list(range(rounds_per_epoch, 4 * rounds_per_epoch))
