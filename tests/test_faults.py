@@ -22,8 +22,7 @@ from daskdist.testing import TinyNet, make_classification
 ALLOWED_FAILURES = 1
 
 
-@pytest.fixture(scope="module")
-def fault_client():
+def _fault_cluster():
     """A cluster of its own: these tests kill its workers (the nanny restarts them)."""
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         cluster = embedded_cluster(n_workers=2)
@@ -31,6 +30,11 @@ def fault_client():
     yield client
     client.close()
     cluster.close()
+
+
+fault_client = pytest.fixture(scope="module")(_fault_cluster)
+#: The poison-shard tests start from a cluster whose workers were never killed.
+poison_client = pytest.fixture(scope="module")(_fault_cluster)
 
 
 def _kill_a_worker(client):
@@ -175,7 +179,8 @@ def test_hung_worker_is_removed_and_the_fit_goes_on(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind, task", [("numpy", "round"), ("dask", "round"),
                                         ("numpy", "shard")])
-def test_poison_shard_stops_the_fit_with_an_error_naming_it(fault_client, tmp_path, kind, task):
+def test_poison_shard_stops_the_fit_with_an_error_naming_it(poison_client, tmp_path, kind,
+                                                           task):
     from distributed import KilledWorker
 
     from daskdist import ShardFailedError
@@ -183,21 +188,22 @@ def test_poison_shard_stops_the_fit_with_an_error_naming_it(fault_client, tmp_pa
 
     X, y = make_classification(1200)
     Xin = da.from_array(X, chunks=200) if kind == "dask" else X
+    poison_client.wait_for_workers(2, timeout=60)  # workers killed earlier are back
     # every worker that starts a task of shard 1 dies
     plugin = KillWorkerOnTask(rf"^daskdist-{task}-.*-1$", tmp_path, times=20)
-    fault_client.register_plugin(plugin)
+    poison_client.register_plugin(plugin)
     t0 = time.perf_counter()
     try:
         with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
             with pytest.raises(ShardFailedError, match="shard 1") as info:
-                _net(fault_client, sync_every=1).fit(Xin, y)
+                _net(poison_client, sync_every=1, n_replicas=2).fit(Xin, y)
     finally:
-        fault_client.unregister_worker_plugin(plugin.name)
+        poison_client.unregister_worker_plugin(plugin.name)
     assert time.perf_counter() - t0 < 90
     assert info.value.replica == 1
     assert len(plugin.kills()) == ALLOWED_FAILURES + 1
     if kind == "dask":  # Dask's own verdict is the cause
         assert isinstance(info.value.__cause__, KilledWorker)
     # the client and the cluster stay usable
-    fault_client.wait_for_workers(2, timeout=30)
-    assert fault_client.submit(sum, [1, 2]).result(timeout=30) == 3
+    poison_client.wait_for_workers(2, timeout=30)
+    assert poison_client.submit(sum, [1, 2]).result(timeout=30) == 3
