@@ -228,7 +228,7 @@ class Trainer:
             except KilledWorker as error:
                 raise self._shard_failed(error) from error
             except FutureCancelledError:
-                if not any(f.status in _LOST for f in self.shards):
+                if not self._lost_shards():
                     raise
                 self._count_shard_losses("while the shards were built")
                 self._replace_lost_shards()

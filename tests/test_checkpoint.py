@@ -88,6 +88,19 @@ def _net(**kwargs):
     return DaskNeuralNetClassifier(TinyNet, **{**params, **kwargs})
 
 
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """``uninterrupted(strategy, X, y)``: the 4-epoch reference fit, made once per strategy."""
+    fits = {}
+
+    def fit(strategy, X, y):
+        if strategy not in fits:
+            fits[strategy] = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y)
+        return fits[strategy]
+
+    return fit
+
+
 def _assert_same_end(resumed, whole):
     """The resumed fit ends at the uninterrupted fit's parameters and losses."""
     np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
@@ -99,9 +112,9 @@ def _assert_same_end(resumed, whole):
 
 @pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
 def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, tmp_path,
-                                                            strategy):
+                                                            strategy, uninterrupted):
     X, y = tiny_data
-    whole = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y)
+    whole = uninterrupted(strategy, X, y)
 
     ck = tmp_path / "ck"
     first = _net(max_epochs=2, strategy=strategy, sync_every=3,
@@ -141,9 +154,9 @@ _DYING_CLIENT = textwrap.dedent("""
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
 def test_a_client_killed_mid_epoch_resumes_at_the_exact_round(client, tiny_data, tmp_path,
-                                                             strategy):
+                                                             strategy, uninterrupted):
     X, y = tiny_data
-    whole = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y)
+    whole = uninterrupted(strategy, X, y)
 
     ck = tmp_path / "ck"
     proc = subprocess.run([sys.executable, "-c", _DYING_CLIENT, client.scheduler.address,
