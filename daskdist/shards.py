@@ -63,9 +63,16 @@ class Shard:
 
 
 def apply_preprocessor(preprocessor, X):
-    """Apply a fitted transformer (``.transform``) or a callable to ``X``."""
+    """Apply a fitted transformer (``.transform``) or a callable to ``X``.
+
+    In-memory ``X`` is copied first: some transformers (dask-ml's scalers
+    among them) work in place on numpy input, which would change the
+    caller's array and preprocess it twice when it is used again.
+    """
     if preprocessor is None:
         return X
+    if isinstance(X, np.ndarray):
+        X = X.copy()
     if hasattr(preprocessor, "transform"):
         return preprocessor.transform(X)
     return preprocessor(X)

@@ -217,6 +217,19 @@ def test_preprocessor_runs_on_workers_and_before_predict(client, tiny_data):
     np.testing.assert_array_equal(net.predict(shifted).compute(), net.predict(X * 100 + 7))
 
 
+def test_an_in_place_preprocessor_leaves_the_callers_array_alone(client, tiny_data):
+    from dask_ml.preprocessing import StandardScaler as DaskMLScaler
+
+    X, y = tiny_data
+    X = (X * 100 + 7).astype(np.float32)
+    original = X.copy()
+    scaler = DaskMLScaler().fit(X)  # its transform works in place on numpy input
+    net = _clf(max_epochs=2, preprocessor=scaler).fit(X, y)
+    first = net.predict_proba(X)
+    np.testing.assert_array_equal(net.predict_proba(X), first)
+    np.testing.assert_array_equal(X, original)
+
+
 def test_dask_predict_works_after_the_training_cluster_is_gone(tiny_data):
     from daskdist.clients import embedded_cluster
 
