@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 
 setup: $(STAMP)
 
+PIPELINE ?= pipelines/digits-mlp.yaml
+CLUSTER ?= local
+
 run: setup
-	$(BIN)/daskdist run
+	$(BIN)/daskdist run $(PIPELINE) --cluster $(CLUSTER) --overwrite
 
 test: setup
 	$(BIN)/ruff check daskdist tests benchmarks

@@ -1,8 +1,15 @@
-"""The ``daskdist`` command.
+"""The ``daskdist`` command: run and validate pipelines, render and start clusters.
 
-``daskdist run`` trains the default job — a small network on scikit-learn's
-bundled digits — on an embedded local cluster (or ``--scheduler``), then prints
-test accuracy, throughput and where the dashboard was.
+::
+
+    daskdist run PIPELINE [--cluster SPEC] [--set KEY=VALUE ...] [--output DIR]
+                          [--overwrite | --resume] [--workers N] [--quiet]
+    daskdist validate PIPELINE...
+    daskdist cluster SPEC [--dry-run]
+
+Exit codes: 0 success, 2 invalid input (a pipeline, a cluster spec, an
+argument, a run folder in the way, a missing optional package), 1 a failure
+during the run. Errors go to stderr as one line that says what to fix.
 """
 
 from __future__ import annotations
@@ -12,89 +19,120 @@ import logging
 import sys
 import time
 
-__all__ = ["main", "run_digits"]
+__all__ = ["EXIT_FAILURE", "EXIT_INVALID", "EXIT_OK", "main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
+DEFAULT_PIPELINE = "pipelines/digits-mlp.yaml"
 
 
-def run_digits(*, strategy: str = "local_sgd", sync_every: int = 4, epochs: int = 30,
-               n_workers: int | None = None, scheduler: str | None = None,
-               seed: int = 0, out=sys.stdout) -> dict:
-    """Train an MLP on digits with daskdist and report how it went.
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daskdist", description="Train PyTorch models on a Dask cluster from pipeline files.")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    Returns
-    -------
-    dict
-        ``accuracy``, ``samples_per_sec``, ``dashboard`` and ``seconds``.
-    """
-    import numpy as np
-    import torch
-    from distributed import Client
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
+    run = sub.add_parser("run", help="train, evaluate and write a run folder for a pipeline")
+    run.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE,
+                     help=f"pipeline file (default {DEFAULT_PIPELINE})")
+    run.add_argument("--cluster", default="local",
+                     help="cluster spec: a name in cluster_specs/ or a .yaml path (default local)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a pipeline field, e.g. "
+                     "train.max_epochs=5 (value read as YAML; repeatable)")
+    run.add_argument("--output", default=None, help="run folder (default outputs.dir)")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", default=None,
+                      help="replace the outputs of an earlier run in the folder")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from the run folder's checkpoint")
+    run.add_argument("--workers", type=int, default=None,
+                     help="workers to start (overrides the spec's 'workers')")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    from .clients import embedded_cluster
-    from .estimators import DaskNeuralNetClassifier
-    from .models import MLP
+    validate = sub.add_parser("validate", help="check pipeline files without running them")
+    validate.add_argument("pipelines", nargs="+", help="pipeline files")
 
-    t0 = time.perf_counter()
-    X, y = load_digits(return_X_y=True)
-    X = X.astype(np.float32)
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.2, stratify=y, random_state=seed)
-    scaler = StandardScaler().fit(X_train)
-    cluster = None if scheduler else embedded_cluster(n_workers=n_workers)
-    with Client(scheduler or cluster) as client:
-        dashboard = client.dashboard_link
-        print(f"daskdist: {len(client.scheduler_info(n_workers=-1)['workers'])} workers, "
-              f"dashboard at {dashboard}", file=out)
-        torch.manual_seed(seed)
-        net = DaskNeuralNetClassifier(
-            MLP, module__hidden=(128,), max_epochs=epochs, lr=0.05, batch_size=64,
-            optimizer=torch.optim.SGD, optimizer__momentum=0.9,
-            strategy=strategy, sync_every=sync_every, sharding="stratified",
-            iterator_train__shuffle=True, preprocessor=scaler, random_state=seed,
-            verbose=0,
-        )
-        net.fit(X_train, y_train)
-        accuracy = float((net.predict(X_test) == y_test).mean())
-    if cluster is not None:
-        cluster.close()
-    history = net.history
-    result = {
-        "accuracy": accuracy,
-        "samples_per_sec": float(np.mean(history[:, "samples_per_sec"])),
-        "valid_acc": float(history[-1, "valid_acc"]),
-        "rounds": int(sum(history[:, "rounds"])),
-        "dashboard": dashboard,
-        "seconds": time.perf_counter() - t0,
-    }
-    print(f"digits: {epochs} epochs, strategy={strategy}, {result['rounds']} rounds", file=out)
-    print(f"test accuracy: {accuracy:.4f}  (hold-out during training: "
-          f"{result['valid_acc']:.4f})", file=out)
-    print(f"throughput: {result['samples_per_sec']:.0f} samples/s", file=out)
-    print(f"dashboard was at: {dashboard}", file=out)
-    print(f"total time: {result['seconds']:.1f} s", file=out)
-    return result
+    cluster = sub.add_parser("cluster", help="start a cluster from a spec, or show what it "
+                             "would start")
+    cluster.add_argument("spec", help="a name in cluster_specs/ or a .yaml path")
+    cluster.add_argument("--dry-run", action="store_true",
+                         help="print what would be started (job script, resource, options) "
+                         "and start nothing")
+    cluster.add_argument("--workers", type=int, default=None,
+                         help="workers to start (overrides the spec's 'workers')")
+    return parser
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``daskdist`` console script."""
-    parser = argparse.ArgumentParser(prog="daskdist", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train the default job (digits) on a Dask cluster")
-    run.add_argument("--strategy", default="local_sgd", help="sync or local_sgd")
-    run.add_argument("--sync-every", type=int, default=4, help="local steps per round")
-    run.add_argument("--epochs", type=int, default=30)
-    run.add_argument("--workers", type=int, default=None,
-                     help="workers of the embedded cluster (default: one per core)")
-    run.add_argument("--scheduler", default=None, help="address of a running scheduler")
-    run.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.command == "run":
-        run_digits(strategy=args.strategy, sync_every=args.sync_every, epochs=args.epochs,
-                   n_workers=args.workers, scheduler=args.scheduler, seed=args.seed)
-    return 0
+    """Entry point of the ``daskdist`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    from .cluster_spec import ClusterSpecError
+    from .pipeline import PipelineError
+
+    command = {"run": _run, "validate": _validate, "cluster": _cluster}[args.command]
+    try:
+        return command(args)
+    except (PipelineError, ClusterSpecError) as error:
+        return _fail(error, EXIT_INVALID)
+    except ImportError as error:  # an optional back end that is not installed
+        return _fail(error, EXIT_INVALID)
+    except KeyboardInterrupt:
+        print("daskdist: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line on stderr, not a traceback
+        logging.getLogger("daskdist").debug("run failed", exc_info=True)
+        return _fail(f"{type(error).__name__}: {error}", EXIT_FAILURE)
+
+
+def _fail(error, code: int) -> int:
+    text = " ".join(str(error).split())
+    print(f"daskdist: error: {text}", file=sys.stderr)
+    return code
+
+
+def _spec_overrides(args) -> dict:
+    return {"workers": args.workers} if args.workers is not None else {}
+
+
+def _run(args) -> int:
+    from .cluster_spec import load_cluster_spec
+    from .pipeline import load_pipeline, parse_overrides, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides))
+    spec = load_cluster_spec(args.cluster, overrides=_spec_overrides(args))
+    with spec.connect() as client, client.as_current():
+        run_pipeline(pipeline, output=args.output, overwrite=args.overwrite, resume=args.resume,
+                     cluster_name=spec.name, progress=not args.quiet)
+    return EXIT_OK
+
+
+def _validate(args) -> int:
+    from .pipeline import PipelineError, load_pipeline
+
+    failed = 0
+    for path in args.pipelines:
+        try:
+            pipeline = load_pipeline(path)
+        except PipelineError as error:
+            _fail(error, EXIT_INVALID)
+            failed += 1
+        else:
+            print(f"ok: {path} ({pipeline.name})")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _cluster(args) -> int:
+    from .cluster_spec import load_cluster_spec
+
+    spec = load_cluster_spec(args.spec, overrides=_spec_overrides(args))
+    if args.dry_run:
+        print(spec.dry_run())
+        return EXIT_OK
+    with spec.connect() as client:
+        print(f"daskdist: cluster {spec.name!r} at {client.scheduler.address}; dashboard at "
+              f"{client.dashboard_link}; Ctrl-C stops it", flush=True)
+        while True:
+            time.sleep(3600)
 
 
 if __name__ == "__main__":

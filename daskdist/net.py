@@ -286,7 +286,8 @@ class DaskNet:
                                    f_criterion=f_criterion, f_history=f_history,
                                    use_safetensors=True, **kwargs)
 
-    def save_checkpoint(self, path, state: TrainingState | None = None) -> None:
+    def save_checkpoint(self, path, state: TrainingState | None = None,
+                        extra: dict | None = None) -> None:
         """Write the current training state as a safetensors checkpoint, atomically.
 
         Parameters and buffers of ``module_``, the optimizer state, the
@@ -308,6 +309,9 @@ class DaskNet:
         state : TrainingState, optional
             The state to save instead of ``module_`` and ``optimizer_`` (a
             round's state during a fit).
+        extra : dict, optional
+            More JSON-representable entries for the sidecar's ``meta`` (a
+            pipeline stores its configuration and metrics there).
         """
         if not self.initialized_:
             raise ValueError(f"This {type(self).__name__} has not been initialized; fit it "
@@ -321,6 +325,7 @@ class DaskNet:
             "random_state": getattr(self, "random_state_", None),
             "classes": (np.asarray(self.classes_).tolist()
                         if getattr(self, "classes_", None) is not None else None),
+            **(extra or {}),
         }
         save_checkpoint(path, state if state is not None else self._current_state(), meta)
 
