@@ -29,8 +29,9 @@ class Checkpoint(Callback):
         round. Each save fetches the state from a worker (its size in bytes)
         and writes it while the workers go on with the following rounds.
     at_train_end : bool
-        Also save when training ends. After Ctrl-C the last checkpoint is
-        kept.
+        Also save when training ends. After Ctrl-C in the middle of an epoch
+        this saves the last finished round, and a fit resumed from it goes on
+        with the next round.
     """
 
     def __init__(self, dirname="checkpoint", every: int = 1, every_rounds: int | None = None,
@@ -60,8 +61,8 @@ class Checkpoint(Callback):
     def on_train_end(self, net, **kwargs):
         if not self.at_train_end or self._saved_epoch == len(net.history):
             return
-        if len(net.history) and "train_loss" not in net.history[-1]:
-            return  # interrupted mid-epoch: keep the last epoch-end checkpoint
+        # After Ctrl-C mid-epoch the net holds the last finished round's state, and
+        # its checkpoint resumes with the round after it.
         net.save_checkpoint(self.dirname)
 
 

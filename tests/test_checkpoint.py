@@ -174,6 +174,34 @@ def test_a_client_killed_mid_epoch_resumes_at_the_exact_round(client, tiny_data,
     assert resumed.rounds_["round"].tolist() == list(range(rounds_per_epoch, 4 * rounds_per_epoch))
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
+def test_ctrl_c_mid_epoch_saves_the_last_round_and_resumes_exactly(client, tiny_data, tmp_path,
+                                                                   strategy, uninterrupted):
+    X, y = tiny_data
+    whole = uninterrupted(strategy, X, y)
+
+    class CtrlCInEpoch2(Checkpoint):
+        def save_round(self, net, state):
+            super().save_round(net, state)
+            if any(r["epoch"] == 1 for r in state.log):
+                signal.raise_signal(signal.SIGINT)
+
+    ck = tmp_path / "ck"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupted = _net(max_epochs=4, strategy=strategy, sync_every=3, callbacks=[
+            ("checkpoint", CtrlCInEpoch2(ck, every=10, every_rounds=2))]).fit(X, y)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(interrupted.history) == 2 and "train_loss" not in interrupted.history[-1]
+    state, _ = load_checkpoint(ck)
+    # saved at train end: the net's state after Ctrl-C, not the round that raised it
+    assert state.epoch == 1 and state.round == interrupted._training_state_.round
+    resumed = _net(max_epochs=4, strategy=strategy, sync_every=3).fit(X, y, resume=ck)
+    _assert_same_end(resumed, whole)
+
+
 def test_round_checkpoints_are_validated():
     with pytest.raises(ValueError, match="every_rounds must be a positive integer"):
         Checkpoint("ck", every_rounds=0).initialize()

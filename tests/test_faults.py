@@ -207,3 +207,47 @@ def test_poison_shard_stops_the_fit_with_an_error_naming_it(poison_client, tmp_p
     # the client and the cluster stay usable
     poison_client.wait_for_workers(2, timeout=30)
     assert poison_client.submit(sum, [1, 2]).result(timeout=30) == 3
+
+
+class RetireDuringEpoch(Callback):
+    """Retire one worker gracefully while the epoch after ``epoch`` runs."""
+
+    def __init__(self, client, epoch=1, delay=0.2):
+        self.client, self.epoch, self.delay = client, epoch, delay
+        self.retired = None
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == self.epoch:
+            address = sorted(self.client.scheduler_info(n_workers=-1)["workers"])[-1]
+            self.timer = threading.Timer(self.delay, self._retire, [address])
+            self.timer.start()
+
+    def _retire(self, address):
+        self.retired = self.client.retire_workers([address], close_workers=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+def test_a_gracefully_retired_worker_is_a_planned_departure(digits, kind):
+    """A scale-down moves the worker's data first: no recovery, no lost round, same result."""
+    X, y = digits
+    Xin = da.from_array(X, chunks=450) if kind == "dask" else X
+    cluster = embedded_cluster(n_workers=3)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            params = dict(max_epochs=4, batch_size=96, lr=0.2, strategy="local_sgd",
+                          sync_every=2, train_split=None, verbose=0, random_state=0,
+                          scheduler_address=client.scheduler.address,
+                          module__n_features=64, module__hidden=32, module__n_outputs=10)
+            baseline = DaskNeuralNetClassifier(TinyNet, **params).fit(Xin, y)
+            retire = RetireDuringEpoch(client)
+            net = DaskNeuralNetClassifier(TinyNet, callbacks=[retire], **params).fit(Xin, y)
+            retire.timer.join()
+            assert retire.retired  # the worker left ...
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+    finally:
+        cluster.close()
+    assert net.recoveries_.empty  # ... as planned: nothing to recover
+    assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
+    assert set(net.rounds_["replicas"]) == set(baseline.rounds_["replicas"])
+    np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))

@@ -291,3 +291,26 @@ def test_wrong_variables_in_a_store_are_invalid_input_before_training(client, tm
                       outputs={"dir": str(tmp_path / "run")})
     with pytest.raises(PipelineError, match=r"data\.features\[1\]: no variable 'rain'"):
         run_pipeline(load_pipeline(_write(tmp_path, config)), progress=False)
+
+
+def test_a_netcdf_source_and_netcdf_predictions(client, tmp_path):
+    import xarray as xr
+
+    from daskdist.datasets import make_weather
+
+    path = tmp_path / "weather.nc"
+    make_weather(n_days=60, n_stations=8).to_netcdf(path)
+    config = _minimal(
+        data={"source": "netcdf", "path": str(path), "features": ["t2m", "pressure", "lat"],
+              "target": "t2m_next", "sample_dim": ["time", "station"], "chunks": 120},
+        model={"module": "MLP", "params": {"hidden": [16], "n_outputs": 1,
+                                           "output": "linear"}},
+        train={"estimator": "regressor", "max_epochs": 2, "lr": 0.01, "batch_size": 32,
+               "optimizer": "Adam"},
+        evaluate={"split": "last", "test_size": 0.25, "metrics": ["r2"]},
+        outputs={"dir": str(tmp_path / "run"), "predictions": "netcdf"})
+    result = run_pipeline(load_pipeline(_write(tmp_path, config)), progress=False)
+    assert np.isfinite(result.metrics["r2"])
+    with xr.open_dataset(result.run_dir / "predictions.nc") as predictions:
+        assert predictions.sizes == {"time": 15, "station": 8}
+        assert predictions["t2m_next_predicted"].notnull().all()
