@@ -18,8 +18,8 @@ from .net import DaskNet
 __all__ = ["DaskNeuralNetClassifier", "DaskNeuralNetRegressor"]
 
 _DASK_PARAMS_DOC = """
-    Distributed training parameters
-    -------------------------------
+    Other Parameters
+    ----------------
     strategy : str or daskdist.strategies.Strategy (default="sync")
         How replicas synchronise: ``"sync"`` (average gradients every step;
         equals single-process training on the global batch) or

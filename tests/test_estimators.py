@@ -254,3 +254,12 @@ def test_a_class_missing_from_one_shard_is_still_a_global_class(client):
     proba = net.predict_proba(X)
     assert proba.shape == (300, 3)
     assert (net.predict(X[y == 0]) == 0).mean() > 0.5  # class 0 was learned all the same
+
+
+def test_the_estimators_render_in_notebooks_without_docstring_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cls in (DaskNeuralNetClassifier, DaskNeuralNetRegressor):
+            assert "strategy" in cls(MLP)._repr_html_()
