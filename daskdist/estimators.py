@@ -40,6 +40,12 @@ _DASK_PARAMS_DOC = """
     preprocessor : fitted transformer or callable or None (default=None)
         Applied to each shard's features on its worker, and to ``X`` before
         prediction.
+    sample_dim : str or None (default=None)
+        For xarray inputs: the dimension that indexes samples; default the
+        first dimension. See :mod:`daskdist.inputs`.
+    features : list of str or None (default=None)
+        For Dataset and DataFrame inputs: the feature variables or columns;
+        default all but the target (``y`` may name the target).
 
     ``batch_size`` is the global batch per step, split across replicas.
 """
@@ -60,15 +66,18 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
                  train_split=ValidSplit(5, stratified=True),  # noqa: B008 - skorch's default
                  classes=None, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
-                 random_state=None, preprocessor=None, use_caching=False, **kwargs):
+                 random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,
                          classes=classes, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
-                               random_state, preprocessor)
+                               random_state, preprocessor, sample_dim, features)
 
-    def _set_target_info(self, y, classes) -> None:
+    def _set_target_info(self, y, classes, found=None) -> None:
         if classes is not None and not self._in_partial_fit_:
             found = np.unique(np.asarray(classes))
+        elif found is not None:
+            found = np.unique(found)
         elif isinstance(y, da.Array):
             found = np.unique(np.asarray(da.unique(y).compute()))
         else:
@@ -94,17 +103,21 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
         numpy in → numpy out, computed here; dask array in → dask array out,
         computed block-wise by whatever scheduler is current.
         """
-        X = self._predict_input(X)
+        X, labels = self._predict_input(X)
         if isinstance(X, da.Array):
-            return self._blockwise(X, "predict_proba", (len(self.classes_),), np.float32)
-        return self._local_proba(X)
+            out = self._blockwise(X, "predict_proba", (len(self.classes_),), np.float32)
+        else:
+            out = self._local_proba(X)
+        return labels.wrap(out, columns=self.classes_, column_dim="class")
 
     def predict(self, X):
         """Predicted class labels (the original labels, not indices)."""
-        X = self._predict_input(X)
+        X, labels = self._predict_input(X)
         if isinstance(X, da.Array):
-            return self._blockwise(X, "predict", (), np.asarray(self.classes_).dtype)
-        return np.asarray(self.classes_)[self._local_proba(X).argmax(axis=1)]
+            out = self._blockwise(X, "predict", (), np.asarray(self.classes_).dtype)
+        else:
+            out = np.asarray(self.classes_)[self._local_proba(X).argmax(axis=1)]
+        return labels.wrap(out)
 
 
 class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
@@ -118,17 +131,18 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
 
     def __init__(self, module, *args, criterion=torch.nn.MSELoss, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
-                 random_state=None, preprocessor=None, use_caching=False, **kwargs):
+                 random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
-                               random_state, preprocessor)
+                               random_state, preprocessor, sample_dim, features)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
 
-    def _set_target_info(self, y, classes) -> None:
+    def _set_target_info(self, y, classes, found=None) -> None:
         if self.sharding == "stratified":
             raise ValueError("sharding='stratified' needs class labels; use it with a classifier.")
         n_out = 1 if y.ndim == 1 else int(y.shape[1])
@@ -145,19 +159,22 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
         """Predicted targets; 1-d when the model was fitted on a 1-d ``y``.
 
         numpy in → numpy out; dask array in → dask array out, computed
-        block-wise by whatever scheduler is current.
+        block-wise by whatever scheduler is current; xarray and dataframes
+        in → the same, labelled like the input (:mod:`daskdist.inputs`).
         """
-        X = self._predict_input(X)
+        X, labels = self._predict_input(X)
         flat = getattr(self, "y_ndim_", 2) == 1
         if isinstance(X, da.Array):
             shape = () if flat else (self._n_outputs_,)
-            return self._blockwise(X, "predict", shape, np.float32)
+            return labels.wrap(self._blockwise(X, "predict", shape, np.float32))
         out = self._local_proba(X)
-        return out.reshape(-1) if flat and out.ndim == 2 and out.shape[1] == 1 else out
+        return labels.wrap(out.reshape(-1) if flat and out.ndim == 2 and out.shape[1] == 1
+                           else out)
 
     def predict_proba(self, X):
         """The module's output (as skorch's ``NeuralNetRegressor``)."""
-        X = self._predict_input(X)
+        X, labels = self._predict_input(X)
         if isinstance(X, da.Array):
-            return self._blockwise(X, "predict_proba", (self._n_outputs_,), np.float32)
-        return self._local_proba(X)
+            return labels.wrap(self._blockwise(X, "predict_proba", (self._n_outputs_,),
+                                               np.float32))
+        return labels.wrap(self._local_proba(X))

@@ -9,10 +9,12 @@ before anything is sent to the cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
@@ -36,6 +38,7 @@ from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
 from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
+from .inputs import to_arrays
 from .predict import predict_blocks
 from .shards import apply_preprocessor
 from .spec import ModelSpec, seed_for
@@ -47,7 +50,7 @@ from .state import (
     params_vector,
 )
 from .strategies import resolve_strategy
-from .validation import check_features, check_targets
+from .validation import check_features, check_targets, scan_dask_values
 
 __all__ = ["DaskNet"]
 
@@ -98,8 +101,8 @@ class DaskNet:
     """Mixin: distributed training for a skorch ``NeuralNet`` subclass.
 
     Adds the parameters ``strategy``, ``sync_every``, ``sharding``,
-    ``n_replicas``, ``scheduler_address``, ``random_state`` and
-    ``preprocessor``, plus ``strategy__<option>`` routing.
+    ``n_replicas``, ``scheduler_address``, ``random_state``, ``preprocessor``,
+    ``sample_dim`` and ``features``, plus ``strategy__<option>`` routing.
     """
 
     prefixes_ = [*NeuralNet.prefixes_, "strategy"]
@@ -109,7 +112,7 @@ class DaskNet:
 
     # -- parameters ---------------------------------------------------------------------------
     def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
-                          random_state, preprocessor):
+                          random_state, preprocessor, sample_dim=None, features=None):
         self.strategy = strategy
         self.sync_every = sync_every
         self.sharding = sharding
@@ -117,6 +120,8 @@ class DaskNet:
         self.scheduler_address = scheduler_address
         self.random_state = random_state
         self.preprocessor = preprocessor
+        self.sample_dim = sample_dim
+        self.features = features
 
     @property
     def _default_callbacks(self):
@@ -192,12 +197,22 @@ class DaskNet:
 
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
+        X, y, labels = to_arrays(X, y, sample_dim=self.sample_dim, features=self.features)
+        if classes is None and labels.classes is not None:
+            classes = labels.classes  # a categorical target's categories
+        self.input_features_ = labels.features
+        self.target_name_ = labels.name
         X = check_features(X, n_features=self.n_features_in_ if self._fitted_before() else None,
                            estimator=type(self).__name__)
         y = check_targets(y, classifier=self._classifier, n_samples=X.shape[0])
         if X.shape[0] < 1:
             raise ValueError("Found array with 0 sample(s); at least 1 is needed to fit.")
-        self._set_target_info(y, classes)
+        found = None
+        if isinstance(X, da.Array):
+            if isinstance(y, da.Array) and y.chunks[0] != X.chunks[0]:
+                y = y.rechunk({0: X.chunks[0]})
+            found = scan_dask_values(X, y, classifier=self._classifier)
+        self._set_target_info(y, classes, found)
         self.n_features_in_ = X.shape[1] if X.ndim == 2 else None
         return X, y
 
@@ -205,8 +220,8 @@ class DaskNet:
         return (self.warm_start or getattr(self, "_in_partial_fit_", False)) and hasattr(
             self, "n_features_in_")
 
-    def _set_target_info(self, y, classes) -> None:
-        pass
+    def _set_target_info(self, y, classes, found=None) -> None:
+        """Record target facts; ``found`` are the classes of a scanned dask ``y``."""
 
     def _shard_kwargs(self) -> dict:
         return {"preprocessor": self.preprocessor, "x_dtype": np.float32}
@@ -537,15 +552,23 @@ class DaskNet:
 
     # -- predict ------------------------------------------------------------------------------
     def _predict_input(self, X):
+        """``(X as an array, labels for the output)``; see :mod:`daskdist.inputs`."""
         if not hasattr(self, "n_features_in_"):
             from sklearn.exceptions import NotFittedError
 
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
-        return check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
+        features = self.features or getattr(self, "input_features_", None)
+        X, _, labels = to_arrays(X, sample_dim=self.sample_dim, features=features)
+        labels = dataclasses.replace(labels, name=labels.name or getattr(self, "target_name_",
+                                                                         None))
+        X = check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
+        return X, labels
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""
         X = np.asarray(apply_preprocessor(self.preprocessor, X), dtype=np.float32)
+        if not X.flags.writeable:  # pandas and xarray hand out read-only views
+            X = X.copy()
         return self._skorch_base.predict_proba(self, X)
 
     def _blockwise(self, X, method, out_shape, dtype):

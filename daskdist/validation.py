@@ -1,18 +1,21 @@
 """Input checks, made on the client before any work reaches the cluster.
 
 In-memory inputs are checked in full (finite values, shapes, label types).
-Dask inputs are checked from their metadata only, so the client never computes
-them; their values are checked where the shards are built.
+Dask inputs are checked from their metadata first, then by one pass over the
+data on the workers (:func:`scan_dask_values`) that finds non-finite values —
+naming the chunk that holds them — and the global classes at once; the client
+never computes the features.
 """
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_array, column_or_1d
 
-__all__ = ["check_features", "check_targets"]
+__all__ = ["check_features", "check_targets", "scan_dask_values"]
 
 
 def _is_dask(a) -> bool:
@@ -91,3 +94,57 @@ def check_targets(y, *, classifier: bool, n_samples: int):
     y = check_array(y, ensure_2d=False, dtype="numeric", ensure_all_finite=True,
                     input_name="y")
     return y.astype(np.float32, copy=False)
+
+
+def scan_dask_values(X, y=None, *, classifier: bool = False):
+    """One pass over dask inputs: non-finite values per chunk, and the classes.
+
+    Parameters
+    ----------
+    X : dask.array.Array
+        Features, chunked along samples.
+    y : dask.array.Array, optional
+        Targets: their classes are found (classifiers) or their values
+        checked (regressors) in the same pass.
+    classifier : bool
+        Whether ``y`` holds class labels.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The sorted classes of ``y`` for classifiers, else None.
+
+    Raises
+    ------
+    ValueError
+        Naming the first chunk (and its sample range) with NaN or infinity.
+    """
+    checks = {"X": _chunk_flags(X)}
+    if isinstance(y, da.Array) and not classifier and y.dtype.kind in "fc":
+        checks["y"] = _chunk_flags(y)
+    classes = da.unique(y) if isinstance(y, da.Array) and classifier else None
+    flags, classes = dask.compute(checks, classes)
+    for what, bad in flags.items():
+        if bad.any():
+            chunk = int(np.flatnonzero(bad)[0])
+            starts = np.concatenate([[0], np.cumsum((X if what == "X" else y).chunks[0])])
+            raise ValueError(
+                f"{what} contains NaN or infinity in chunk {chunk} of {len(bad)} along the "
+                f"samples (samples {starts[chunk]} to {starts[chunk + 1] - 1}); drop or fill "
+                "those values before training.")
+    return None if classes is None else np.asarray(classes)
+
+
+def _chunk_flags(a: da.Array) -> da.Array:
+    """One bool per chunk along axis 0: does it hold a non-finite value?"""
+    a = a.rechunk({i: -1 for i in range(1, a.ndim)})
+    return a.map_blocks(_nonfinite, drop_axis=list(range(1, a.ndim)) or None,
+                        chunks=((1,) * a.numblocks[0],), dtype=bool,
+                        meta=np.empty((0,), dtype=bool), token="daskdist-check-finite")
+
+
+def _nonfinite(block: np.ndarray) -> np.ndarray:
+    block = np.asarray(block)
+    if block.dtype.kind not in "fc":
+        return np.zeros(1, dtype=bool)
+    return np.array([not np.isfinite(block).all()])
