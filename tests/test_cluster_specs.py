@@ -149,7 +149,8 @@ SLURM = "backend: slurm\nworkers: 2\njobqueue:\n  cores: 4\n  memory: 16GB\n"
 
 BROKEN = {
     "unknown key": (SLURM + "  cors: 2\n",
-                    "jobqueue.cors: unknown key (did you mean 'cores'?); expected one of account,"),
+                    "jobqueue.cors: unknown key (did you mean 'cores'?); "
+                    "expected one of: account,"),
     "unknown top-level key": ("backend: local\nwrokers: 2\n",
                               "wrokers: unknown key for backend 'local' (did you mean 'workers'?)"),
     "key of another backend": ("backend: local\njobqueue: {cores: 4}\n",
@@ -167,15 +168,16 @@ BROKEN = {
                      "timeout: expected a duration such as 90, '90s' or '10 minutes' or null, "
                      "got 'soon'"),
     "missing field": (SLURM.replace("  memory: 16GB\n", ""),
-                      "jobqueue.memory: missing; expected a size such as '16GB'"),
+                      "jobqueue.memory: missing required field; expected a size such as '16GB'"),
     "missing section": ("backend: kubernetes\nworkers: 2\n",
-                        "kubernetes: missing; expected a mapping"),
-    "missing backend": ("workers: 2\n", "backend: missing; expected one of 'address',"),
+                        "kubernetes: missing required field; expected a mapping"),
+    "missing backend": ("workers: 2\n",
+                        "backend: missing required field; expected one of: address, "),
     "unknown backend": ("backend: slurmm\n",
-                        "backend: expected one of 'address', 'kubernetes', 'local', "
-                        "'local-cuda', 'pbs', 'slurm', 'ssh', got 'slurmm'"),
+                        "backend: expected one of: address, kubernetes, local, local-cuda, "
+                        "pbs, slurm, ssh; got 'slurmm' (did you mean 'slurm'?)"),
     "no workers": (SLURM.replace("workers: 2\n", ""),
-                   "workers: missing; expected an integer >= 1, or adapt"),
+                   "workers: missing required field; expected an integer >= 1, or adapt"),
     "workers and adapt": (SLURM + "adapt: {minimum: 1, maximum: 2}\n",
                           "workers: give either workers (a fixed number) or adapt"),
     "adapt backwards": ("backend: local\nadapt: {minimum: 3, maximum: 2}\n",
@@ -188,7 +190,8 @@ BROKEN = {
                                      "tls: expected a mapping with ca_file, cert and key, "
                                      "got true"),
     "tls without cert": ("backend: local\ntls: {ca_file: ca.pem}\n",
-                         "tls.cert: missing; expected the path of the certificate (PEM)"),
+                         "tls.cert: missing required field; "
+                         "expected the path of the certificate (PEM)"),
     "one ssh host": ("backend: ssh\nssh: {hosts: [a]}\n",
                      "ssh.hosts: expected a list of at least two host names"),
     "list item": ("backend: ssh\nssh: {hosts: [a, 2]}\n",
@@ -197,7 +200,8 @@ BROKEN = {
              "kubernetes: {image: x, scheduler_service_type: Public}\n",
              "kubernetes.scheduler_service_type: expected 'ClusterIP', 'NodePort' or "
              "'LoadBalancer' or null, got 'Public'"),
-    "not a mapping": ("- backend: local\n", "expected a mapping of keys"),
+    "not a mapping": ("- backend: local\n", "-: expected a mapping of keys such as "
+                                            "'backend: local', got ["),
     "not yaml": ("backend: [local\n", "not valid YAML: "),
 }
 

@@ -65,7 +65,7 @@ BROKEN = {
         "train.max_epochs", "expected an integer, got 'ten'"),
     "out_of_range": (
         lambda c: c["train"].update(batch_size=0),
-        "train.batch_size", "expected >= 1, got 0"),
+        "train.batch_size", "expected an integer >= 1, got 0"),
     "missing_section": (
         lambda c: c.pop("model"),
         "model", "missing required field"),

@@ -14,7 +14,6 @@ field and what was expected:
 from __future__ import annotations
 
 import copy
-import difflib
 import glob
 import importlib
 import inspect
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ..schema_errors import best_error, describe, did_you_mean
 
 __all__ = ["Pipeline", "PipelineError", "load_pipeline", "parse_overrides", "resolve_import"]
 
@@ -194,55 +195,9 @@ def _schema() -> dict:
 
 
 def _check_schema(config: dict, path: Path) -> None:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
-    if not errors:
-        return
-    error = _deepest(errors[0])
-    raise PipelineError(path, *_describe(error))
-
-
-def _deepest(error):
-    """The most specific error inside an ``if/then``, ``allOf`` or ``oneOf``."""
-    while error.context:
-        error = max(error.context, key=lambda e: len(e.absolute_path))
-    return error
-
-
-def _describe(error) -> tuple[str, str]:
-    where = _dotted(error.absolute_path)
-    kind = error.validator
-    if kind == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        key = unknown[0] if unknown else "?"
-        hint = _did_you_mean(key, allowed)
-        return _join(where, key), f"unknown key{hint}; expected one of: {', '.join(allowed)}"
-    if kind == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        what = error.schema.get("properties", {}).get(missing, {}).get("description")
-        return _join(where, missing), "missing required field" + (f" ({what})" if what else "")
-    if kind == "type":
-        expected = error.validator_value
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return where or "-", f"expected {_article(expected)}, got {error.instance!r}"
-    if kind in ("enum", "const"):
-        options = error.validator_value if kind == "enum" else [error.validator_value]
-        hint = _did_you_mean(str(error.instance), [str(o) for o in options])
-        return where or "-", (f"expected one of: {', '.join(map(str, options))}; "
-                              f"got {error.instance!r}{hint}")
-    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems"):
-        bound = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
-                 "exclusiveMaximum": "<", "minItems": "at least"}[kind]
-        noun = " item(s)" if kind == "minItems" else ""
-        return where or "-", (f"expected {bound} {error.validator_value}{noun}, "
-                              f"got {error.instance!r}")
-    if kind == "oneOf":
-        return where or "-", ("expected a string or a list of strings, "
-                              f"got {error.instance!r}")
-    return where or "-", _one_line(error.message)
+    error = best_error(_schema(), config)
+    if error is not None:
+        raise PipelineError(path, *describe(error))
 
 
 # -- defaults -------------------------------------------------------------------
@@ -323,7 +278,7 @@ def _check_train(train: dict, path: Path) -> None:
     for key in train:
         if key in _PIPELINE_TRAIN_KEYS or key in known or key.startswith(prefixes):
             continue
-        hint = _did_you_mean(key, sorted(known | set(_PIPELINE_TRAIN_KEYS)))
+        hint = did_you_mean(key, sorted(known | set(_PIPELINE_TRAIN_KEYS)))
         raise PipelineError(path, f"train.{key}", f"unknown estimator parameter{hint} "
                             f"(expected a {cls.__name__} parameter or a routed one such as "
                             "optimizer__momentum)")
@@ -346,7 +301,7 @@ def _check_metrics(metrics, path: Path) -> None:
         if name not in names:
             raise PipelineError(path, f"evaluate.metrics[{i}]",
                                 f"unknown scikit-learn scorer {name!r}"
-                                f"{_did_you_mean(name, names)}")
+                                f"{did_you_mean(name, names)}")
 
 
 def _import_field(name: str, where: str, path: Path, *, short_in: str | None = None):
@@ -380,26 +335,6 @@ def _set_dotted(config: dict, key: str, value, path: Path) -> None:
             raise PipelineError(path, ".".join(parts[:i + 1]),
                                 f"--set {key}: this field is not a section")
     node[parts[-1]] = value
-
-
-def _dotted(parts) -> str:
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def _article(word: str) -> str:
-    return ("an " if word[:1] in "aeiou" else "a ") + word
-
-
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _one_line(error) -> str:
