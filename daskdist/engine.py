@@ -34,7 +34,7 @@ from distributed.client import FutureCancelledError
 
 from . import interrupt
 from .replica import RoundPlan, StateLost, drop_run, evaluate
-from .sharding import holdout_split, plan_shards
+from .sharding import holdout_split
 from .sources import as_source
 from .spec import ModelSpec
 from .state import TrainingState
@@ -190,12 +190,13 @@ class Trainer:
                 f"batch_size={self.batch_size} is smaller than the number of replicas ({n}); "
                 "every replica needs at least one sample per step."
             )
-        labels = self.source.labels() if self.sharding == "stratified" else None
-        plan = plan_shards(self.source.n_samples, n, self.sharding, labels=labels,
-                           random_state=self.random_state)
+        plan = self.source.plan(n, self.sharding, random_state=self.random_state)
         self.plan = plan
         self.valid_positions = self._client_holdout(plan)
-        self.source.prepare(self.client, plan, run_id=self.run_id)
+        preferred = self.source.prepare(self.client, plan, run_id=self.run_id,
+                                        workers=self.replica_workers)
+        if preferred:  # the data is already on workers: train each shard where it is
+            self.replica_workers = preferred
         self.spec_future = self._submit_spec()
         self.shards = [self._submit_shard(i) for i in range(n)]
         self._shard_losses = [0] * n

@@ -7,12 +7,15 @@ how to put each planned shard on the worker that will train it:
 - :class:`NumpySource` sends each shard's rows once, straight to its worker.
   Dask cannot recompute scattered data, so the source keeps what it needs to
   send a shard again (:meth:`Source.submit_shard` with another worker).
-- :class:`DaskArraySource` selects each shard's rows from the chunks where
-  they are (``daskdist-take`` tasks, one per chunk and shard) and assembles the
-  shard on its worker. The client never computes the array, and a lost shard
-  is recomputed from lineage.
+- :class:`DaskArraySource` plans shards of whole chunks
+  (:func:`~daskdist.sharding.plan_chunks`) and computes each chunk on the
+  worker of the shard it belongs to (``daskdist-take`` tasks pinned there),
+  where the shard is assembled: a worker reads its own chunks (from a Zarr
+  store, say) and no chunk travels between workers. The client never computes
+  the array, and a lost shard is recomputed from lineage. Chunks already in
+  worker memory (a persisted array) decide which worker trains which shard.
 
-xarray, Zarr and dataframe inputs are sources of the same shape.
+xarray, Zarr and dataframe inputs become dask arrays first (:mod:`daskdist.inputs`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
 
 logger = logging.getLogger(__name__)
@@ -54,8 +58,21 @@ class Source(abc.ABC):
     def labels(self) -> np.ndarray | None:
         """The targets as a numpy array (computed for lazy sources)."""
 
-    def prepare(self, client, plan, *, run_id: str) -> None:  # noqa: B027 - optional hook
-        """Submit whatever the shards of ``plan`` share (lazy sources)."""
+    def plan(self, n_shards: int, sharding: str, *, random_state=None) -> list[np.ndarray]:
+        """Rows of each shard (per-sample plans; chunked sources plan whole chunks)."""
+        labels = self.labels() if sharding == "stratified" else None
+        return plan_shards(self.n_samples, n_shards, sharding, labels=labels,
+                           random_state=random_state)
+
+    def prepare(self, client, plan, *, run_id: str, workers=None):  # noqa: B027 - optional
+        """Submit whatever the shards of ``plan`` share (lazy sources).
+
+        Returns
+        -------
+        list of str or None
+            The worker each shard should train on, where the data says so
+            (chunks already held by workers); None to keep ``workers``.
+        """
 
     @abc.abstractmethod
     def _raw(self, client, index: int, rows: np.ndarray, worker: str, valid_positions):
@@ -129,23 +146,55 @@ class DaskArraySource(Source):
             self._labels = self.y.compute()
         return self._labels
 
-    def prepare(self, client, plan, *, run_id):
-        bounds = np.concatenate([[0], np.cumsum(self.X.chunks[0])]).astype(np.int64)
+    def plan(self, n_shards, sharding, *, random_state=None):
+        """Shards of whole chunks; rechunks along the samples first when it must."""
+        self._even_chunks(n_shards)
+        sizes = self.X.chunks[0]
+        counts = None
+        if sharding == "stratified":
+            labels = self.labels()
+            classes, codes = np.unique(labels, return_inverse=True)
+            chunk_of = np.repeat(np.arange(len(sizes)), sizes)
+            counts = np.zeros((len(sizes), len(classes)), dtype=np.int64)
+            np.add.at(counts, (chunk_of, codes), 1)
+        self.chunk_plan = plan_chunks(sizes, n_shards, sharding, class_counts=counts,
+                                      random_state=random_state)
+        return [chunk_rows(sizes, chunks) for chunks in self.chunk_plan]
+
+    def _even_chunks(self, n_shards: int) -> None:
+        """Rechunk along samples when there are too few chunks or they are far from equal."""
+        sizes = np.asarray(self.X.chunks[0])
+        body = sizes[:-1] if len(sizes) > 1 else sizes  # a short last chunk is normal
+        if len(sizes) >= n_shards and body.max() <= 2 * max(body.min(), 1):
+            return
+        n_chunks = max(len(sizes), n_shards)
+        n_chunks += -n_chunks % n_shards  # as many chunks on every shard
+        size = int(np.ceil(self.n_samples / n_chunks))
+        logger.info("rechunking the input along the samples from %d chunks (%d to %d samples) "
+                    "to chunks of %d samples, so that %d shards are made of whole, similar "
+                    "chunks", len(sizes), sizes.min(), sizes.max(), size, n_shards)
+        self.X = self.X.rechunk({0: size})
+        if self.y is not None:
+            self.y = self.y.rechunk({0: size})
+        self._labels = None
+
+    def prepare(self, client, plan, *, run_id, workers=None):
         x_chunks = self.X.to_delayed().ravel()
         y_chunks = (self.y.to_delayed().ravel() if self.y is not None
                     else [None] * len(x_chunks))
-        pieces, owners = [], []
-        for index, rows in enumerate(plan):
-            for c in range(len(x_chunks)):
-                lo, hi = np.searchsorted(rows, [bounds[c], bounds[c + 1]])
-                if hi > lo:
-                    local = rows[lo:hi] - bounds[c]
-                    pieces.append(dask.delayed(_take_rows)(
-                        x_chunks[c], y_chunks[c], local,
-                        dask_key_name=f"daskdist-take-{run_id}-{index}-{c}"))
-                    owners.append(index)
-        futures = client.compute(pieces)
-        self._pieces = {i: [f for f, o in zip(futures, owners) if o == i] for i in range(len(plan))}
+        chunk_plan = getattr(self, "chunk_plan", None) or _chunks_of(plan, self.X.chunks[0])
+        preferred = _held_by(client, self.X, chunk_plan, workers) if workers else None
+        targets = preferred or workers
+        self._pieces = {}
+        for index, chunks in enumerate(chunk_plan):
+            pieces = [dask.delayed(_take_rows)(
+                x_chunks[c], y_chunks[c], None,
+                dask_key_name=f"daskdist-take-{run_id}-{index}-{c}") for c in chunks]
+            # One graph per shard, restricted to its worker: the chunks are read there.
+            self._pieces[index] = client.compute(
+                pieces, workers=[targets[index]] if targets else None,
+                allow_other_workers=True)
+        return preferred
 
     def _raw(self, client, index, rows, worker, valid_positions):
         if not np.all(rows[:-1] <= rows[1:]):
@@ -154,8 +203,66 @@ class DaskArraySource(Source):
 
 
 def _take_rows(x_chunk, y_chunk, local):
-    y = None if y_chunk is None else np.asarray(y_chunk)[local]
-    return RawShard(np.asarray(x_chunk)[local], y)
+    """A chunk's rows (all of them when ``local`` is None) as a raw shard piece."""
+    x = np.asarray(x_chunk)
+    y = None if y_chunk is None else np.asarray(y_chunk)
+    if local is not None:
+        x, y = x[local], None if y is None else y[local]
+    return RawShard(x, y)
+
+
+def _chunks_of(plan, chunk_sizes) -> list[np.ndarray]:
+    """The chunks of each shard of a plan made of whole chunks."""
+    starts = np.concatenate([[0], np.cumsum(chunk_sizes)]).astype(np.int64)
+    out = []
+    for rows in plan:
+        chunks = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+        if len(chunk_rows(chunk_sizes, chunks)) != len(rows):
+            raise ValueError("A plan for a chunked source must hold whole chunks.")
+        out.append(chunks)
+    return out
+
+
+def _held_by(client, X, chunk_plan, workers) -> list[str] | None:
+    """Workers already holding most of each shard's chunks (a persisted ``X``), if any.
+
+    Each worker gets at most as many shards as in ``workers``; shards whose
+    chunks are held nowhere keep their worker.
+    """
+    keys = list(dask.core.flatten(X.__dask_keys__()))
+    holders = client.run_on_scheduler(_who_has, keys)
+    if not any(holders):
+        return None
+    capacity = {w: workers.count(w) for w in set(workers)}
+    order = sorted(range(len(chunk_plan)), key=lambda i: -len(chunk_plan[i]))
+    chosen = list(workers)
+    taken = dict.fromkeys(capacity, 0)
+    for i in order:
+        votes = {}
+        for c in chunk_plan[i]:
+            for w in holders[c]:
+                if w in capacity:
+                    votes[w] = votes.get(w, 0) + X.chunks[0][c]
+        for w in sorted(votes, key=lambda w: -votes[w]):
+            if taken[w] < capacity[w]:
+                chosen[i] = w
+                taken[w] += 1
+                break
+        else:
+            chosen[i] = None
+    for i, w in enumerate(chosen):
+        if w is None:  # held nowhere, or its holders are full: any worker with room
+            w = next(x for x in workers if taken[x] < capacity[x])
+            chosen[i] = w
+            taken[w] += 1
+    return chosen
+
+
+def _who_has(keys, dask_scheduler=None) -> list[list[str]]:
+    """For each key, the workers holding it in memory (run on the scheduler)."""
+    tasks = dask_scheduler.tasks
+    return [sorted(ws.address for ws in tasks[k].who_has) if k in tasks and tasks[k].who_has
+            else [] for k in keys]
 
 
 def _along_samples(a, sample_chunks) -> da.Array:

@@ -30,13 +30,15 @@ def test_fit_on_dask_never_computes_the_features_on_the_client(client):
     assert np.isfinite(net.history[:, "valid_loss"]).all()
 
 
-def test_dask_and_numpy_inputs_train_on_the_same_shards(client):
+def test_dask_and_numpy_inputs_with_the_same_shards_train_alike(client):
+    """Sequential shards of whole chunks are the numpy plan's blocks when chunks align."""
     X, y = make_classification(400)
     params = dict(max_epochs=2, lr=0.2, batch_size=32, verbose=0, strategy="sync",
-                  sharding="random", random_state=3, train_split=None)
+                  sharding="sequential", random_state=3, train_split=None,
+                  iterator_train__shuffle=True)
     from_numpy = DaskNeuralNetClassifier(TinyNet, **params).fit(X, y)
     from_dask = DaskNeuralNetClassifier(TinyNet, **params).fit(
-        da.from_array(X, chunks=(70, -1)), y)
+        da.from_array(X, chunks=(100, -1)), y)
     np.testing.assert_allclose(from_dask.predict_proba(X), from_numpy.predict_proba(X),
                                atol=1e-5)
 
@@ -63,3 +65,62 @@ def test_shards_are_tasks_named_after_what_they_do(client):
     for name in ("daskdist-take", "daskdist-shard", "daskdist-round", "daskdist-average",
                  "daskdist-valid"):
         assert name in seen, (name, seen)
+
+
+def _transfers(client) -> dict:
+    """Keys each worker fetched from another worker so far, by worker."""
+    def log(dask_worker):
+        return [key for entry in dask_worker.transfer_incoming_log for key in entry["keys"]]
+    return client.run(log)
+
+
+def _chunk_keys_moved(before: dict, after: dict, names) -> list:
+    moved = []
+    for worker, keys in after.items():
+        new = keys[len(before.get(worker, [])):]
+        moved += [k for k in new if str(k[0] if isinstance(k, tuple) else k).startswith(names)]
+    return moved
+
+
+def test_shards_are_whole_chunks_read_and_trained_on_their_workers(client, tmp_path):
+    """No chunk or shard travels between workers: each worker reads its own from the store."""
+    X, y = make_classification(1200)
+    da.from_array(X, chunks=(100, -1)).to_zarr(str(tmp_path / "X.zarr"))
+    da.from_array(y, chunks=100).to_zarr(str(tmp_path / "y.zarr"))
+    Xd = da.from_zarr(str(tmp_path / "X.zarr"))
+    yd = da.from_zarr(str(tmp_path / "y.zarr"))
+    before = _transfers(client)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=3, lr=0.3, batch_size=32, verbose=0,
+                                  strategy="local_sgd", sync_every=4, random_state=0,
+                                  sharding="random", iterator_train__shuffle=True)
+    net.fit(Xd, yd)
+    after = _transfers(client)
+    names = (Xd.name, yd.name, "daskdist-take", "daskdist-shard")
+    assert _chunk_keys_moved(before, after, names) == []
+    assert net.score(X, y) > 0.6
+
+
+def test_a_persisted_input_trains_where_its_chunks_are_held(client):
+    X, y = make_classification(1200)
+    Xd, yd = client.persist([da.from_array(X, chunks=(100, -1)), da.from_array(y, chunks=100)])
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=2, lr=0.3, batch_size=32, verbose=0,
+                                  strategy="local_sgd", sync_every=4, random_state=0)
+    net.fit(Xd, yd)
+    assert net.score(X, y) > 0.6
+
+
+def test_too_few_or_uneven_chunks_are_rechunked_with_a_log_line(client, caplog):
+    X, y = make_classification(300)
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
+                                  random_state=0, train_split=None)
+    with caplog.at_level("INFO", logger="daskdist.sources"):
+        net.fit(da.from_array(X, chunks=(300, -1)), y)  # one chunk, two replicas
+    assert "rechunking the input along the samples from 1 chunks" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="daskdist.sources"):
+        net.fit(da.from_array(X, chunks=((20, 260, 20), (X.shape[1],))), y)
+    assert "rechunking the input" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="daskdist.sources"):
+        net.fit(da.from_array(X, chunks=(60, -1)), y)  # five even chunks: left alone
+    assert "rechunking" not in caplog.text

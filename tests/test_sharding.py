@@ -58,3 +58,50 @@ def test_holdout_split_is_stratified_and_disjoint():
     assert len(np.intersect1d(train, valid)) == 0
     assert len(train) + len(valid) == len(labels)
     assert [np.sum(labels[valid] == c) for c in range(3)] == [8, 8, 4]
+
+
+# -- whole chunks --------------------------------------------------------------------------------
+
+from daskdist.sharding import chunk_rows, plan_chunks  # noqa: E402
+
+
+@pytest.mark.parametrize("sharding", ["random", "sequential"])
+def test_chunk_plans_use_every_chunk_once_and_balance_samples(sharding):
+    sizes = [100] * 11 + [37]
+    plan = plan_chunks(sizes, 4, sharding, random_state=0)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(12))
+    loads = [sum(sizes[c] for c in chunks) for chunks in plan]
+    assert max(loads) - min(loads) <= 100
+    if sharding == "sequential":
+        assert all(np.array_equal(c, np.arange(c[0], c[-1] + 1)) for c in plan)
+        assert [c[0] for c in plan] == sorted(c[0] for c in plan)
+    assert [c.tolist() for c in plan] == [
+        c.tolist() for c in plan_chunks(sizes, 4, sharding, random_state=0)]
+
+
+def test_random_chunk_plans_depend_on_the_seed():
+    a = plan_chunks([10] * 20, 2, "random", random_state=0)
+    b = plan_chunks([10] * 20, 2, "random", random_state=1)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_stratified_chunk_plans_keep_class_counts_within_one_chunk_of_their_share():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 60, size=(40, 4))  # chunks with very different class mixes
+    for n_shards in (2, 3, 5):
+        plan = plan_chunks(counts.sum(1), n_shards, "stratified", class_counts=counts,
+                           random_state=0)
+        held = np.array([counts[c].sum(0) for c in plan])
+        share = counts.sum(0) / n_shards
+        assert (np.abs(held - share) <= counts.max(0)).all(), (n_shards, held, share)
+
+
+def test_chunk_plans_need_enough_chunks_and_labels_for_stratified():
+    with pytest.raises(ValueError, match="Cannot make 3 shards of whole chunks from 2"):
+        plan_chunks([5, 5], 3)
+    with pytest.raises(ValueError, match="needs class labels"):
+        plan_chunks([5, 5], 2, "stratified")
+
+
+def test_chunk_rows_are_the_samples_of_the_chunks():
+    np.testing.assert_array_equal(chunk_rows([3, 3, 4], [0, 2]), [0, 1, 2, 6, 7, 8, 9])
