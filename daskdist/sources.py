@@ -162,11 +162,20 @@ class DaskArraySource(Source):
         return [chunk_rows(sizes, chunks) for chunks in self.chunk_plan]
 
     def _even_chunks(self, n_shards: int) -> None:
-        """Rechunk along samples when there are too few chunks or they are far from equal."""
+        """Rechunk along samples when whole chunks cannot make shards of similar size.
+
+        That is: fewer chunks than shards, chunks more than 2x apart in size
+        (a short last chunk aside), or shards of whole chunks more than 25%
+        apart (5 equal chunks over 3 replicas, say).
+        """
         sizes = np.asarray(self.X.chunks[0])
         body = sizes[:-1] if len(sizes) > 1 else sizes  # a short last chunk is normal
         if len(sizes) >= n_shards and body.max() <= 2 * max(body.min(), 1):
-            return
+            loads = np.zeros(n_shards)
+            for size in np.sort(sizes)[::-1]:  # the most even split whole chunks allow, about
+                loads[np.argmin(loads)] += size
+            if loads.max() <= 1.25 * loads.min():
+                return
         n_chunks = max(len(sizes), n_shards)
         n_chunks += -n_chunks % n_shards  # as many chunks on every shard
         size = int(np.ceil(self.n_samples / n_chunks))

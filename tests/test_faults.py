@@ -116,7 +116,8 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
     X, y = digits
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
-    Xin = da.from_array(X_train, chunks=300) if kind == "dask" else X_train
+    # 3 chunks of 449: shards of equal size, as the numpy plan's (1347 / 3)
+    Xin = da.from_array(X_train, chunks=449) if kind == "dask" else X_train
     params = dict(max_epochs=6, batch_size=96, lr=0.2, strategy=strategy, sync_every=2,
                   train_split=None, verbose=0, random_state=0,
                   scheduler_address=three_workers.scheduler.address)
@@ -132,9 +133,11 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
     finally:
         three_workers.unregister_worker_plugin(plugin.name)
     assert len(plugin.kills()) == 1  # a worker died while it ran replica 1's round
-    # every round was applied once, by all three replicas
+    # every round was applied once, by the replicas of the fault-free run (all three, but
+    # where whole chunks make one shard a few samples short and it runs out a step early)
     assert net.rounds_["round"].tolist() == list(range(rounds))
-    assert set(net.rounds_["replicas"]) == {(0, 1, 2)}
+    assert net.rounds_["replicas"].tolist() == baseline.rounds_["replicas"].tolist()
+    assert (0, 1, 2) in set(net.rounds_["replicas"])
     # the driver recovered (numpy shards cannot be recomputed) losing at most one round
     if kind == "numpy":
         assert len(net.recoveries_) == 1
@@ -249,5 +252,5 @@ def test_a_gracefully_retired_worker_is_a_planned_departure(digits, kind):
         cluster.close()
     assert net.recoveries_.empty  # ... as planned: nothing to recover
     assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
-    assert set(net.rounds_["replicas"]) == set(baseline.rounds_["replicas"])
+    assert net.rounds_["replicas"].tolist() == baseline.rounds_["replicas"].tolist()
     np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))
