@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_throughput import PER_REPLICA, REPLICAS, BenchMLP, make_data
 
 
