@@ -122,5 +122,12 @@ def test_too_few_or_uneven_chunks_are_rechunked_with_a_log_line(client, caplog):
     assert "rechunking the input" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="daskdist.sources"):
-        net.fit(da.from_array(X, chunks=(60, -1)), y)  # five even chunks: left alone
+        net.fit(da.from_array(X, chunks=(50, -1)), y)  # six even chunks, 3 a shard: left alone
+    assert "rechunking" not in caplog.text
+    with caplog.at_level("INFO", logger="daskdist.sources"):
+        net.fit(da.from_array(X, chunks=(60, -1)), y)  # five: shards of 3 and 2 chunks
+    assert "rechunking the input along the samples from 5 chunks" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="daskdist.sources"):
+        net.fit(da.from_array(X, chunks=(30, -1)), y)  # ten: 5 and 5
     assert "rechunking" not in caplog.text
