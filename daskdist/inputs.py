@@ -182,14 +182,7 @@ def _from_xarray(X, y, sample_dim, features):
 
     if isinstance(X, xr.Dataset):
         target, y = _target_variable(X, y)
-        names = list(features) if features is not None else [
-            v for v in X.data_vars if v != target]
-        missing = [v for v in names if v not in X.data_vars]
-        if missing:
-            raise ValueError(f"X has no variable {missing[0]!r}; its variables are "
-                             f"{sorted(map(str, X.data_vars))}.")
-        if not names:
-            raise ValueError("X has no feature variables left besides the target.")
+        names = _feature_names(list(X.data_vars), features, target, "variable")
         sample_dim = _sample_dim(X[names[0]], sample_dim)
         for name in names:
             _check_numeric(X[name].dtype, f"variable {name!r}")
@@ -277,13 +270,7 @@ def _from_frame(X, y, features):
             raise ValueError(f"The target column {y!r} is not in X; its columns are "
                              f"{list(map(str, X.columns))}.")
         name, y = y, X[y]
-    columns = list(features) if features is not None else [c for c in X.columns if c != name]
-    missing = [c for c in columns if c not in X.columns]
-    if missing:
-        raise ValueError(f"X has no column {missing[0]!r}; its columns are "
-                         f"{list(map(str, X.columns))}.")
-    if not columns:
-        raise ValueError("X has no feature columns left besides the target.")
+    columns = _feature_names(list(X.columns), features, name, "column")
     for column in columns:
         _check_numeric(X[column].dtype, f"column {column!r}")
     frame = X[columns]
@@ -332,6 +319,18 @@ def _series_name(y):
 
 
 # -- shared ----------------------------------------------------------------------------------
+
+def _feature_names(available: list, features, target, noun: str) -> list:
+    """The requested features (default: all but the target), each checked to exist."""
+    names = list(features) if features is not None else [v for v in available if v != target]
+    missing = [v for v in names if v not in available]
+    if missing:
+        raise ValueError(f"X has no {noun} {missing[0]!r}; its {noun}s are "
+                         f"{sorted(map(str, available))}.")
+    if not names:
+        raise ValueError(f"X has no feature {noun}s left besides the target.")
+    return names
+
 
 def _check_numeric(dtype, what: str) -> None:
     dtype = np.dtype(dtype) if not hasattr(dtype, "kind") else dtype
