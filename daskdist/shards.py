@@ -4,6 +4,11 @@
 the optional preprocessing step, converts dtypes for torch and splits off the
 hold-out used for validation. The result is a :class:`Shard` that stays in the
 worker's memory for the rest of the fit.
+
+A shard's arrays start on a 64-byte boundary, also after the shard was sent to
+another worker: torch's CPU kernels round differently depending on how their
+inputs are aligned, and a shard rebuilt or moved after a worker was lost must
+train exactly as the original did.
 """
 
 from __future__ import annotations
@@ -15,7 +20,24 @@ import torch
 
 from .sharding import holdout_split
 
-__all__ = ["Shard", "RawShard", "make_shard", "apply_preprocessor"]
+__all__ = ["Shard", "RawShard", "make_shard", "apply_preprocessor", "aligned"]
+
+#: Byte boundary every shard array starts on.
+ALIGNMENT = 64
+
+
+def aligned(a: np.ndarray | None) -> np.ndarray | None:
+    """``a`` as a C-contiguous array starting on an :data:`ALIGNMENT`-byte boundary.
+
+    Returned as it is when it already is one; otherwise copied once.
+    """
+    if a is None or (a.flags.c_contiguous and a.ctypes.data % ALIGNMENT == 0):
+        return a
+    buffer = np.empty(a.nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-buffer.ctypes.data) % ALIGNMENT
+    out = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 @dataclass
@@ -36,6 +58,15 @@ class Shard:
     X_valid: np.ndarray
     y_valid: np.ndarray | None
     replica: int
+
+    def __post_init__(self):
+        for name in ("X", "y", "X_valid", "y_valid"):
+            setattr(self, name, aligned(getattr(self, name)))
+
+    def __setstate__(self, state: dict) -> None:
+        # Arrays unpickled from a message sit wherever the message put them.
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def __len__(self) -> int:
         return len(self.X)

@@ -116,8 +116,9 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
     X, y = digits
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
-    # 3 chunks of 449: shards of equal size, as the numpy plan's (1347 / 3)
-    Xin = da.from_array(X_train, chunks=449) if kind == "dask" else X_train
+    # chunks of 300: whole-chunk shards of 450, 450 and 447 samples, so one replica runs out
+    # a step early in each epoch's last round
+    Xin = da.from_array(X_train, chunks=300) if kind == "dask" else X_train
     params = dict(max_epochs=6, batch_size=96, lr=0.2, strategy=strategy, sync_every=2,
                   train_split=None, verbose=0, random_state=0,
                   scheduler_address=three_workers.scheduler.address)
