@@ -155,13 +155,8 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
         _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
     if valid is None or len(valid) == 0:
         empty = X[:0]
-        return Shard(np.ascontiguousarray(X), y, empty, None if y is None else y[:0], replica)
+        return Shard(X, y, empty, None if y is None else y[:0], replica)  # Shard aligns them
     mask = np.ones(len(X), dtype=bool)
     mask[valid] = False
-    return Shard(
-        X=np.ascontiguousarray(X[mask]),
-        y=None if y is None else np.ascontiguousarray(y[mask]),
-        X_valid=np.ascontiguousarray(X[valid]),
-        y_valid=None if y is None else np.ascontiguousarray(y[valid]),
-        replica=replica,
-    )
+    return Shard(X=X[mask], y=None if y is None else y[mask], X_valid=X[valid],
+                 y_valid=None if y is None else y[valid], replica=replica)
