@@ -123,13 +123,19 @@ class Trainer:
     direct_scatter : bool, optional
         Send numpy shards straight to workers (config
         ``daskdist.shards.direct-scatter``).
+    streaming : {"auto", True, False}
+        Stream dask shards chunk by chunk instead of keeping them in worker
+        memory (:mod:`daskdist.streaming`); ``"auto"`` streams when they
+        would not fit.
+    buffer_chunks : int
+        Chunks a streaming replica shuffles together.
     """
 
     def __init__(self, client, spec: ModelSpec, strategy, *, batch_size: int,
                  n_replicas: int | None = None, sharding: str = "random", random_state: int = 0,
                  shuffle: bool = False, holdout: float | None = None, stratify: bool = False,
                  shard_kwargs: dict | None = None, lookahead: int | None = None,
-                 direct_scatter: bool | None = None):
+                 direct_scatter: bool | None = None, streaming="auto", buffer_chunks: int = 4):
         self.client = client
         self.spec = spec
         self.strategy = strategy
@@ -145,6 +151,8 @@ class Trainer:
                              else dask.config.get("daskdist.driver.lookahead"))
         self.direct_scatter = (direct_scatter if direct_scatter is not None
                                else dask.config.get("daskdist.shards.direct-scatter"))
+        self.streaming = streaming
+        self.buffer_chunks = buffer_chunks
         self.run_id = uuid.uuid4().hex[:10]
         self.epoch = 0
         self.round = 0
@@ -177,7 +185,8 @@ class Trainer:
         state : TrainingState
             Where training starts.
         """
-        self.source = as_source(X, y, direct=self.direct_scatter)
+        self.source = as_source(X, y, direct=self.direct_scatter, streaming=self.streaming,
+                                buffer_chunks=self.buffer_chunks)
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
         if not workers:
             raise RuntimeError("The Dask cluster has no workers to train on.")
@@ -214,8 +223,10 @@ class Trainer:
         self._epoch_round = state.round - sum(1 for r in state.log if r["epoch"] == state.epoch)
         self.set_state(state)
         self._epoch_state = state
-        logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples",
-                    self.run_id, n, len(set(self.replica_workers)), self.shard_sizes)
+        logger.info("daskdist run %s: %d replicas on %d workers, shards of %s samples%s",
+                    self.run_id, n, len(set(self.replica_workers)), self.shard_sizes,
+                    f", streamed with a buffer of {self.buffer_chunks} chunks"
+                    if getattr(self.source, "streaming", False) else "")
         return self
 
     def _gather_shard_sizes(self) -> list:

@@ -46,6 +46,16 @@ _DASK_PARAMS_DOC = """
     features : list of str or None (default=None)
         For Dataset and DataFrame inputs: the feature variables or columns;
         default all but the target (``y`` may name the target).
+    streaming : {"auto", True, False} (default="auto")
+        For dask, xarray and Zarr inputs: stream each shard chunk by chunk on
+        its worker instead of keeping it in worker memory, for data larger
+        than the workers' memory. ``"auto"`` streams when a worker's shards
+        would take more than half its memory limit (config
+        ``daskdist.shards.stream-above``). See :mod:`daskdist.streaming`.
+    buffer_chunks : int (default=4)
+        Streaming only: chunks whose rows are shuffled together (with
+        ``iterator_train__shuffle=True``); a worker holds about
+        ``buffer_chunks + 1`` chunks per replica.
 
     ``batch_size`` is the global batch per step, split across replicas.
 """
@@ -67,11 +77,13 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
                  classes=None, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 streaming="auto", buffer_chunks=4,
                  use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,
                          classes=classes, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
-                               random_state, preprocessor, sample_dim, features)
+                               random_state, preprocessor, sample_dim, features, streaming,
+                               buffer_chunks)
 
     def _set_target_info(self, y, classes, found=None) -> None:
         if classes is not None and not self._in_partial_fit_:
@@ -132,10 +144,12 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
     def __init__(self, module, *args, criterion=torch.nn.MSELoss, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 streaming="auto", buffer_chunks=4,
                  use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
-                               random_state, preprocessor, sample_dim, features)
+                               random_state, preprocessor, sample_dim, features, streaming,
+                               buffer_chunks)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

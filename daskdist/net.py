@@ -41,6 +41,7 @@ from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .inputs import to_arrays
 from .predict import predict_blocks
 from .shards import apply_preprocessor
+from .sources import check_streaming
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
@@ -102,7 +103,8 @@ class DaskNet:
 
     Adds the parameters ``strategy``, ``sync_every``, ``sharding``,
     ``n_replicas``, ``scheduler_address``, ``random_state``, ``preprocessor``,
-    ``sample_dim`` and ``features``, plus ``strategy__<option>`` routing.
+    ``sample_dim``, ``features``, ``streaming`` and ``buffer_chunks``, plus
+    ``strategy__<option>`` routing.
     """
 
     prefixes_ = [*NeuralNet.prefixes_, "strategy"]
@@ -112,7 +114,8 @@ class DaskNet:
 
     # -- parameters ---------------------------------------------------------------------------
     def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
-                          random_state, preprocessor, sample_dim=None, features=None):
+                          random_state, preprocessor, sample_dim=None, features=None,
+                          streaming="auto", buffer_chunks=4):
         self.strategy = strategy
         self.sync_every = sync_every
         self.sharding = sharding
@@ -122,6 +125,8 @@ class DaskNet:
         self.preprocessor = preprocessor
         self.sample_dim = sample_dim
         self.features = features
+        self.streaming = streaming
+        self.buffer_chunks = buffer_chunks
 
     @property
     def _default_callbacks(self):
@@ -189,6 +194,7 @@ class DaskNet:
         if reduction != "mean":
             problems.append(f"criterion with reduction={reduction!r} (averaging needs 'mean')")
         self._holdout()
+        check_streaming(self.streaming, self.buffer_chunks)
         if problems:
             raise ValueError(
                 f"{type(self).__name__} cannot train with: " + "; ".join(problems) + ". "
@@ -468,7 +474,8 @@ class DaskNet:
                 n_replicas=n_replicas, sharding=self.sharding, random_state=self.random_state_,
                 shuffle=bool(self.get_params_for("iterator_train").get("shuffle", False)),
                 holdout=holdout, stratify=stratified and self._classifier,
-                shard_kwargs=self._shard_kwargs(),
+                shard_kwargs=self._shard_kwargs(), streaming=self.streaming,
+                buffer_chunks=self.buffer_chunks,
             )
             trainer.round_hooks = [
                 (cb.every_rounds, functools.partial(cb.save_round, self))

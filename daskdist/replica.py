@@ -31,6 +31,7 @@ from .state import (
     params_vector,
     tree_nbytes,
 )
+from .streaming import drop_streams
 
 __all__ = ["RoundPlan", "Contribution", "StateLost", "NonFiniteError", "local_steps", "gradient",
            "evaluate", "drop_run"]
@@ -203,7 +204,11 @@ def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
 
 
 def drop_run(run_id: str) -> int:
-    """Free the cached replicas of a finished fit; return how many were dropped."""
+    """Free the cached replicas (and chunk streams) of a finished fit.
+
+    Returns how many replicas were dropped.
+    """
+    drop_streams(run_id)
     with _cache_lock:
         keys = [k for k in _cache if k[0] == run_id]
         for k in keys:
@@ -265,12 +270,9 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
     device = spec.device
     loss_sum, n, steps = 0.0, 0, 0
     t0 = time.perf_counter()
-    for pos in plan.positions(len(shard)):
-        if len(pos) == 0:
-            break
-        X, y = shard.batch(pos)
-        loss_sum += _train_batch(rep, X.to(device), y.to(device)) * len(pos)
-        n += len(pos)
+    for X, y in shard.batches(plan):
+        loss_sum += _train_batch(rep, X.to(device), y.to(device)) * len(X)
+        n += len(X)
         steps += 1
         if not np.isfinite(loss_sum):
             break  # the round's update will be skipped: stop spending time on it
@@ -314,12 +316,12 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     rep.load(state, with_optimizer=False)
     rep.module.train()
     _seed_round(plan, spec.device)
-    (pos,) = plan.positions(len(shard))
-    if len(pos) == 0:  # shard exhausted: weight zero
+    t0 = time.perf_counter()
+    batch = next(iter(shard.batches(plan)), None)
+    if batch is None:  # shard exhausted: weight zero
         return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, 0, 0.0,
                             t_start, time.time(), _worker_address())
-    t0 = time.perf_counter()
-    X, y = shard.batch(pos)
+    X, y = batch
     module = rep.module
     module.zero_grad()
     loss = spec.loss(module(X.to(spec.device)), y.to(spec.device))
@@ -332,7 +334,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
     if not (torch.isfinite(loss).item() and _all_finite(payload)):
         return _skipped(plan, 1, compute_s, t_start)
-    return Contribution(plan.replica, float(len(pos)), payload, float(loss.item()) * len(pos), 1,
+    return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
                         compute_s, t_start, time.time(), _worker_address())
 
 

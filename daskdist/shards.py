@@ -20,10 +20,20 @@ import torch
 
 from .sharding import holdout_split
 
-__all__ = ["Shard", "RawShard", "make_shard", "apply_preprocessor", "aligned"]
+__all__ = ["Shard", "RawShard", "make_shard", "convert_rows", "apply_preprocessor", "aligned",
+           "aligned_empty"]
 
 #: Byte boundary every shard array starts on.
 ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on an :data:`ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-buffer.ctypes.data) % ALIGNMENT
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def aligned(a: np.ndarray | None) -> np.ndarray | None:
@@ -33,9 +43,7 @@ def aligned(a: np.ndarray | None) -> np.ndarray | None:
     """
     if a is None or (a.flags.c_contiguous and a.ctypes.data % ALIGNMENT == 0):
         return a
-    buffer = np.empty(a.nbytes + ALIGNMENT, dtype=np.uint8)
-    start = (-buffer.ctypes.data) % ALIGNMENT
-    out = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = aligned_empty(a.shape, a.dtype)
     out[...] = a
     return out
 
@@ -80,6 +88,16 @@ class Shard:
         # what Dask's memory accounting and task placement see (dask.sizeof)
         arrays = (self.X, self.y, self.X_valid, self.y_valid)
         return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
+
+    def batches(self, plan):
+        """``(X, y)`` tensors of each step of a round (:class:`~daskdist.replica.RoundPlan`).
+
+        Stops early once the epoch has used up the shard.
+        """
+        for positions in plan.positions(len(self)):
+            if len(positions) == 0:
+                return
+            yield self.batch(positions)
 
     def batch(self, positions: np.ndarray):
         """Return ``(X, y)`` tensors for the given training positions.
@@ -139,17 +157,8 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
     if isinstance(raw, list):
         raw = RawShard(np.concatenate([p.X for p in raw]),
                        None if raw[0].y is None else np.concatenate([p.y for p in raw]))
-    X = np.asarray(apply_preprocessor(preprocessor, raw.X))
-    if np.issubdtype(X.dtype, np.floating) and x_dtype is not None:
-        X = X.astype(x_dtype, copy=False)
-    y = raw.y
-    if y is not None:
-        if classes is not None:
-            y = np.searchsorted(classes, y)
-        if y_dtype is not None:
-            y = np.asarray(y).astype(y_dtype, copy=False)
-        if y_2d and y.ndim == 1:
-            y = y.reshape(-1, 1)
+    X, y = convert_rows(raw.X, raw.y, preprocessor=preprocessor, x_dtype=x_dtype,
+                        classes=classes, y_dtype=y_dtype, y_2d=y_2d)
     valid = raw.valid_positions
     if valid is None and holdout:
         _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
@@ -160,3 +169,33 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
     mask[valid] = False
     return Shard(X=X[mask], y=None if y is None else y[mask], X_valid=X[valid],
                  y_valid=None if y is None else y[valid], replica=replica)
+
+
+def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, classes=None, y_dtype=None,
+                 y_2d: bool = False):
+    """Preprocess features and convert features and targets to what the module expects.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Raw feature rows.
+    y : numpy.ndarray or None
+        Raw targets of the same rows.
+    preprocessor, x_dtype, classes, y_dtype, y_2d
+        As in :func:`make_shard`.
+
+    Returns
+    -------
+    X, y : numpy.ndarray
+    """
+    X = np.asarray(apply_preprocessor(preprocessor, X))
+    if np.issubdtype(X.dtype, np.floating) and x_dtype is not None:
+        X = X.astype(x_dtype, copy=False)
+    if y is not None:
+        if classes is not None:
+            y = np.searchsorted(classes, y)
+        if y_dtype is not None:
+            y = np.asarray(y).astype(y_dtype, copy=False)
+        if y_2d and y.ndim == 1:
+            y = y.reshape(-1, 1)
+    return X, y

@@ -14,6 +14,9 @@ how to put each planned shard on the worker that will train it:
   store, say) and no chunk travels between workers. The client never computes
   the array, and a lost shard is recomputed from lineage. Chunks already in
   worker memory (a persisted array) decide which worker trains which shard.
+  When a worker's shards would not fit in its memory, the shards are streamed
+  instead (:mod:`daskdist.streaming`): each replica reads its chunks, on its
+  worker, while it trains.
 
 xarray, Zarr and dataframe inputs become dask arrays first (:mod:`daskdist.inputs`).
 """
@@ -29,10 +32,15 @@ import numpy as np
 
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
+from .streaming import chunk_readers, make_stream_shard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Source", "NumpySource", "DaskArraySource", "as_source"]
+__all__ = ["Source", "NumpySource", "DaskArraySource", "as_source", "check_streaming",
+           "STREAMING"]
+
+#: Values of the ``streaming`` parameter.
+STREAMING = (True, False, "auto")
 
 
 class Source(abc.ABC):
@@ -121,11 +129,24 @@ class NumpySource(Source):
 
 
 class DaskArraySource(Source):
-    """Features (and optionally targets) in dask arrays chunked along samples."""
+    """Features (and optionally targets) in dask arrays chunked along samples.
+
+    Parameters
+    ----------
+    X, y : dask.array.Array
+        Features and targets (``y`` may be any array of the same length).
+    streaming : {"auto", True, False}
+        Stream the shards chunk by chunk rather than keep them in worker
+        memory; ``"auto"`` streams when a worker's shards would take more
+        than ``daskdist.shards.stream-above`` of its memory limit (and the
+        input is not already held in cluster memory).
+    buffer_chunks : int
+        Chunks a streaming replica shuffles together (and keeps in memory).
+    """
 
     lazy = True
 
-    def __init__(self, X, y=None):
+    def __init__(self, X, y=None, *, streaming="auto", buffer_chunks: int = 4):
         if any(np.isnan(c) for c in X.chunks[0]):
             raise ValueError(
                 "X has unknown chunk sizes along the sample axis; call "
@@ -135,8 +156,13 @@ class DaskArraySource(Source):
         if y is not None:
             y = _along_samples(y, X.chunks[0])
         super().__init__(X, y)
+        self.requested_streaming = streaming
+        self.buffer_chunks = buffer_chunks
+        #: Whether the shards are streamed (decided by :meth:`prepare`).
+        self.streaming = streaming is True
         self._labels = None
         self._pieces = None
+        self._readers = None
 
     def labels(self):
         # Only the targets travel to the client (stratified plans need them).
@@ -188,12 +214,17 @@ class DaskArraySource(Source):
         self._labels = None
 
     def prepare(self, client, plan, *, run_id, workers=None):
-        x_chunks = self.X.to_delayed().ravel()
-        y_chunks = (self.y.to_delayed().ravel() if self.y is not None
-                    else [None] * len(x_chunks))
         chunk_plan = getattr(self, "chunk_plan", None) or _chunks_of(plan, self.X.chunks[0])
         preferred = _held_by(client, self.X, chunk_plan, workers) if workers else None
         targets = preferred or workers
+        if self.requested_streaming == "auto":
+            self.streaming = preferred is None and self._too_big(client, plan, targets)
+        if self.streaming:
+            self._readers = chunk_readers(self.X, self.y, chunk_plan)
+            return None
+        x_chunks = self.X.to_delayed().ravel()
+        y_chunks = (self.y.to_delayed().ravel() if self.y is not None
+                    else [None] * len(x_chunks))
         self._pieces = {}
         for index, chunks in enumerate(chunk_plan):
             pieces = [dask.delayed(_take_rows)(
@@ -204,6 +235,40 @@ class DaskArraySource(Source):
                 pieces, workers=[targets[index]] if targets else None,
                 allow_other_workers=True)
         return preferred
+
+    def _too_big(self, client, plan, workers) -> bool:
+        """Whether some worker's shards would take more than its share of memory for them."""
+        if not workers:
+            return False
+        share = dask.config.get("daskdist.shards.stream-above")
+        limits = {w: info.get("memory_limit") or 0
+                  for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+        row = self.X.dtype.itemsize * int(np.prod(self.X.shape[1:]))
+        if self.y is not None:
+            row += self.y.dtype.itemsize * int(np.prod(self.y.shape[1:]))
+        load = {}
+        for rows, worker in zip(plan, workers):
+            load[worker] = load.get(worker, 0) + len(rows) * row
+        over = {w: b for w, b in load.items() if limits.get(w) and b > share * limits[w]}
+        if over:
+            worker = max(over, key=over.get)
+            logger.info("streaming the shards from their chunks: the shards of worker %s "
+                        "would take %.0f MB of its %.0f MB memory limit (more than %.0f%%, "
+                        "daskdist.shards.stream-above)", worker, over[worker] / 1e6,
+                        limits[worker] / 1e6, 100 * share)
+        return bool(over)
+
+    def submit_shard(self, client, index, rows, worker, *, run_id, valid_positions=None,
+                     **shard_kwargs):
+        if not self.streaming:
+            return super().submit_shard(client, index, rows, worker, run_id=run_id,
+                                        valid_positions=valid_positions, **shard_kwargs)
+        return client.submit(
+            make_stream_shard, self._readers[index], replica=index,
+            buffer_chunks=self.buffer_chunks, **shard_kwargs,
+            key=f"daskdist-shard-{run_id}-{index}",
+            workers=[worker], allow_other_workers=True, pure=False,
+        )
 
     def _raw(self, client, index, rows, worker, valid_positions):
         if not np.all(rows[:-1] <= rows[1:]):
@@ -282,7 +347,18 @@ def _along_samples(a, sample_chunks) -> da.Array:
     return da.from_array(np.asarray(a), chunks=chunks)
 
 
-def as_source(X, y=None, *, direct: bool = True) -> Source:
+def check_streaming(streaming, buffer_chunks) -> None:
+    """Raise ``ValueError`` for a ``streaming`` or ``buffer_chunks`` value that is not allowed."""
+    if not any(streaming is v or (isinstance(streaming, str) and streaming == v)
+               for v in STREAMING):
+        raise ValueError(f"streaming must be one of {STREAMING}, got {streaming!r}.")
+    if isinstance(buffer_chunks, bool) or not isinstance(buffer_chunks, (int, np.integer)) \
+            or buffer_chunks < 1:
+        raise ValueError(f"buffer_chunks must be a positive integer, got {buffer_chunks!r}.")
+
+
+def as_source(X, y=None, *, direct: bool = True, streaming="auto",
+              buffer_chunks: int = 4) -> Source:
     """Wrap ``X`` (and ``y``) in the matching :class:`Source`.
 
     Parameters
@@ -293,13 +369,24 @@ def as_source(X, y=None, *, direct: bool = True) -> Source:
         Targets.
     direct : bool
         Send numpy shards straight from the client to their workers.
+    streaming : {"auto", True, False}
+        Stream dask shards chunk by chunk (see :class:`DaskArraySource`).
+    buffer_chunks : int
+        Chunks a streaming replica shuffles together.
     """
+    check_streaming(streaming, buffer_chunks)
     if isinstance(X, Source):
         return X
     if isinstance(X, da.Array):
-        return DaskArraySource(X, y)
+        return DaskArraySource(X, y, streaming=streaming, buffer_chunks=buffer_chunks)
     if isinstance(y, da.Array):
-        return DaskArraySource(_along_samples(X, y.chunks[0]), y)
+        return DaskArraySource(_along_samples(X, y.chunks[0]), y, streaming=streaming,
+                               buffer_chunks=buffer_chunks)
+    if streaming is True:
+        raise ValueError(
+            "streaming=True reads shards chunk by chunk from a dask array, an xarray object "
+            "or a Zarr store; this X is already in memory (a numpy array), so its shards are "
+            "sent to the workers. Use streaming='auto' or False.")
     if hasattr(X, "shape") and hasattr(X, "__getitem__"):
         return NumpySource(X, y, direct=direct)
     raise TypeError(
