@@ -11,8 +11,9 @@ weighted by the number of samples behind each contribution.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .dashboard.events import emit_from_worker, round_event
 from .replica import Contribution, NonFiniteError, _worker_address
 from .state import tree_nbytes, tree_scale, tree_weighted_sum
 
@@ -39,6 +40,7 @@ class WeightedSum:
     bytes_moved: int
     worker: str | None
     skipped: tuple = ()
+    per_replica: dict = field(default_factory=dict)
 
     def mean(self) -> dict | None:
         """The weighted mean of the payloads."""
@@ -56,6 +58,7 @@ def _as_sum(part) -> WeightedSum:
         steps=c.steps, compute_s=c.compute_s, t_start=c.t_start,
         samples={c.replica: c.weight}, bytes_moved=0, worker=c.worker,
         skipped=(c.replica,) if c.non_finite else (),
+        per_replica={c.replica: (c.loss_sum, c.weight, c.compute_s)},
     )
 
 
@@ -76,22 +79,27 @@ def combine(*parts, payload: bool = True) -> WeightedSum:
     weights = [(s.weight if isinstance(p, Contribution) else 1.0) if s.weight else 0.0
                for s, p in zip(sums, parts)]
     total = tree_weighted_sum(trees, weights) if payload and any(weights) else None
-    samples = {}
+    samples, per_replica = {}, {}
     for s in sums:
         samples.update(s.samples)
+        per_replica.update(s.per_replica)
     return WeightedSum(
         payload=total, weight=sum(s.weight for s in sums),
         loss_sum=sum(s.loss_sum for s in sums), steps=max(s.steps for s in sums),
         compute_s=max(s.compute_s for s in sums), t_start=min(s.t_start for s in sums),
         samples=samples, bytes_moved=moved, worker=here,
         skipped=tuple(sorted(r for s in sums for r in s.skipped)),
+        per_replica=per_replica,
     )
 
 
-def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_workers) -> tuple:
+def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_workers, *,
+              emit: bool = True) -> tuple:
     """Append the record of a finished round to the epoch's round log.
 
     The log restarts with the first round of each epoch (see ``rounds_``).
+    With ``emit``, the record is also sent to the scheduler as a ``"round"``
+    event (:mod:`daskdist.dashboard.events`).
     """
     here = _worker_address()
     broadcast = state_nbytes * sum(1 for w in set(replica_workers) if w != here)
@@ -107,7 +115,10 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
         "compute_s": total.compute_s,
         "t_start": total.t_start,
         "t_end": time.time(),
+        "per_replica": tuple((r, *stats) for r, stats in sorted(total.per_replica.items())),
     }
+    if emit:
+        emit_from_worker(round_event(plan.run_id, record))
     return (log if plan.first_step else ()) + (record,)
 
 
@@ -129,7 +140,7 @@ def count_skipped(state, total: WeightedSum, plan) -> int:
     return skipped
 
 
-def submit_tree(submit, parts, workers, finalize, *args, run_id: str, round_index: int,
+def submit_tree(submit, parts, workers, finalize, *args, key, round_index: int,
                 fan_in: int = 2, **kwargs):
     """Reduce contribution futures to one future with a tree of tasks.
 
@@ -147,8 +158,11 @@ def submit_tree(submit, parts, workers, finalize, *args, run_id: str, round_inde
     finalize : callable
         ``finalize(*args, *partials, **kwargs)``: the root task, given at most
         ``fan_in`` partial sums.
-    run_id, round_index : str, int
-        Used in task keys.
+    key : callable
+        ``key(round_index, *position)`` gives the key of a tree node (the
+        root's position is empty).
+    round_index : int
+        The round (also rotates the root over the workers).
     fan_in : int
         Inputs per tree node.
 
@@ -171,9 +185,9 @@ def submit_tree(submit, parts, workers, finalize, *args, run_id: str, round_inde
                 next_parts.append(group[0])
             else:
                 next_parts.append(submit(
-                    combine, *group, key=f"daskdist-average-{run_id}-{round_index}-{level}-{j}",
+                    combine, *group, key=key(round_index, level, j),
                     worker=workers[j]))
             next_workers.append(workers[j])
         parts, workers, level = next_parts, next_workers, level + 1
     return submit(finalize, *args, *parts, **kwargs,
-                  key=f"daskdist-average-{run_id}-{round_index}", worker=workers[0])
+                  key=key(round_index), worker=workers[0])

@@ -3,7 +3,7 @@
 ::
 
     daskdist run PIPELINE [--cluster SPEC] [--set KEY=VALUE ...] [--output DIR]
-                          [--overwrite | --resume] [--workers N] [--quiet]
+                          [--overwrite | --resume] [--workers N] [--quiet] [--keep-open]
     daskdist validate PIPELINE...
     daskdist cluster SPEC [--dry-run]
 
@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None,
                      help="workers to start (overrides the spec's 'workers')")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--keep-open", action="store_true",
+                     help="keep the cluster and its /daskdist page up after the run, until "
+                     "Ctrl-C")
 
     validate = sub.add_parser("validate", help="check pipeline files without running them")
     validate.add_argument("pipelines", nargs="+", help="pipeline files")
@@ -101,8 +104,17 @@ def _run(args) -> int:
     pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides))
     spec = load_cluster_spec(args.cluster, overrides=_spec_overrides(args))
     with spec.connect() as client, client.as_current():
-        run_pipeline(pipeline, output=args.output, overwrite=args.overwrite, resume=args.resume,
-                     cluster_name=spec.name, progress=not args.quiet)
+        result = run_pipeline(pipeline, output=args.output, overwrite=args.overwrite,
+                              resume=args.resume, cluster_name=spec.name,
+                              progress=not args.quiet)
+        if args.keep_open:
+            print(f"daskdist: the cluster stays up, its run page at "
+                  f"{result.estimator.dashboard_link_}; Ctrl-C stops it", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
     return EXIT_OK
 
 
@@ -128,9 +140,13 @@ def _cluster(args) -> int:
     if args.dry_run:
         print(spec.dry_run())
         return EXIT_OK
+    from . import dashboard
+
     with spec.connect() as client:
+        page = dashboard.install(client)
         print(f"daskdist: cluster {spec.name!r} at {client.scheduler.address}; dashboard at "
-              f"{client.dashboard_link}; Ctrl-C stops it", flush=True)
+              f"{client.dashboard_link}" + (f", training page at {page}" if page else "")
+              + "; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
 

@@ -29,6 +29,8 @@ import os
 import dask.config
 from distributed import Client, LocalCluster
 
+from .dashboard import ROUTES_MODULE
+
 __all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config"]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ def embedded_cluster_config() -> dict:
         "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
         "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads,
         "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": threads,
+        # the scheduler serves daskdist's training page from the start
+        "distributed.scheduler.http.routes": [
+            *(r for r in dask.config.get("distributed.scheduler.http.routes")
+              if r != ROUTES_MODULE), ROUTES_MODULE],
     }
 
 

@@ -233,7 +233,7 @@ class Trainer:
         """Wait for the shards to be built; re-send those lost with a worker."""
         while True:
             sizes = [self.client.submit(_shard_sizes, shard, pure=False,
-                                        key=f"daskdist-size-{self.key_prefix}-{i}")
+                                        key=self.task_key("size", i))
                      for i, shard in enumerate(self.shards)]
             try:
                 return self.client.gather(sizes)
@@ -280,6 +280,17 @@ class Trainer:
     def key_prefix(self) -> str:
         """Run id and recovery generation, shared by this run's task keys."""
         return f"{self.run_id}-{self._generation}"
+
+    def task_key(self, kind: str, *index: int, epoch: int | None = None) -> tuple:
+        """The key of a task of this run.
+
+        That is ``("daskdist-<kind>-<run>-<generation>[-e<epoch>]", *index)``.
+        Tuple keys put each run's (and each epoch's) tasks of one kind in a
+        task group of their own, which the dashboard's spans are made of; the
+        task prefix, ``daskdist-<kind>``, names the kind of work.
+        """
+        name = f"daskdist-{kind}-{self.key_prefix}" + ("" if epoch is None else f"-e{epoch}")
+        return (name, *(int(i) for i in index))
 
     def _submit_spec(self):
         return self.client.submit(_identity, self.spec, pure=False,
@@ -344,7 +355,7 @@ class Trainer:
         """Queue ``task(spec, shard, state, plan)`` on every replica's worker."""
         return [
             self.submit(task, self.spec_future, self.shards[p.replica], state, p,
-                        key=f"daskdist-round-{self.key_prefix}-{p.round}-{p.replica}",
+                        key=self.task_key("round", p.round, p.replica, epoch=p.epoch),
                         worker=self.replica_workers[p.replica])
             for p in plans
         ]
@@ -403,7 +414,7 @@ class Trainer:
         interrupt.raise_if_interrupted()
         _, future = item
         try:
-            error = future.exception()  # waits without fetching the state
+            error = self._wait(future)
         except FutureCancelledError:
             error = None
         if future.status in _LOST:
@@ -417,6 +428,25 @@ class Trainer:
         self._last_done = item
         if self.round_hooks:
             self._call_round_hook(item)
+
+    def _wait(self, future):
+        """``future.exception()``, which also returns once the scheduler has given the key up.
+
+        A future whose data went with a worker is "lost" until the scheduler
+        computes it again, and waiting on it blocks until then; when its
+        inputs were let go too, the scheduler forgets it and that is never.
+        """
+        while True:
+            try:
+                return future.exception(timeout=_POLL_S)  # waits without fetching the state
+            except TimeoutError:
+                interrupt.raise_if_interrupted()
+                if future.status in _LOST and not self._coming(future.key):
+                    return None
+
+    def _coming(self, key) -> bool:
+        """Whether the scheduler is computing ``key`` (again)."""
+        return self.client.run_on_scheduler(_task_state, key) in _COMING
 
     def _call_round_hook(self, item) -> None:
         """Hand the state of a settled round to the :attr:`round_hooks` that want it."""
@@ -549,7 +579,7 @@ class Trainer:
         futures = [
             self.client.submit(
                 evaluate, self.spec_future, shard, self._state, self.run_id,
-                max(self.batch_size, 1), key=f"daskdist-valid-{self.key_prefix}-{self.epoch}-{i}",
+                max(self.batch_size, 1), key=self.task_key("valid", i, epoch=self.epoch),
                 workers=[self.replica_workers[i]], allow_other_workers=True, pure=False)
             for i, shard in enumerate(self.shards)
         ]
@@ -639,6 +669,12 @@ def _identity(x):
     return x
 
 
+def _task_state(key, dask_scheduler=None) -> str | None:
+    """The scheduler's state of ``key`` (run on the scheduler); ``None`` if it forgot it."""
+    task = dask_scheduler.tasks.get(key)
+    return None if task is None else task.state
+
+
 def _release(outputs) -> None:
     """Release the unfinished futures in (nested lists of) round outputs."""
     if isinstance(outputs, Future):
@@ -672,6 +708,10 @@ _READ_BACK_TIMEOUT = 10
 
 #: Future states that mean the data is gone rather than still coming.
 _LOST = ("cancelled", "lost")
+#: Scheduler task states of a key on its way (again).
+_COMING = ("waiting", "queued", "processing", "no-worker", "memory")
+#: Seconds between checks on a round output that takes long.
+_POLL_S = 2
 
 #: Keys of the tasks that belong to one shard (its build, its rounds); group 1: the shard.
-_SHARD_TASK = re.compile(r"daskdist-(?:shard|round)-[0-9a-f]+-\d+(?:-\d+)?-(\d+)$")
+_SHARD_TASK = re.compile(r"\('daskdist-(?:shard|round)-[^']*', (?:\d+, )?(\d+)\)$")

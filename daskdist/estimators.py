@@ -58,6 +58,12 @@ _DASK_PARAMS_DOC = """
         ``buffer_chunks + 1`` chunks per replica.
 
     ``batch_size`` is the global batch per step, split across replicas.
+
+    Fitted attributes added to skorch's: ``rounds_`` (a DataFrame, one row per
+    synchronisation round: replicas, samples, loss, bytes, synchronisation and
+    compute seconds), ``recoveries_`` (one row per recovery from a lost
+    worker) and ``dashboard_link_`` (the address of the run's ``/daskdist``
+    page on the scheduler's dashboard, or None).
 """
 
 

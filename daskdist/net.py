@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import torch
+from distributed import span
 from skorch.callbacks import (
     Callback,
     Checkpoint,
@@ -37,6 +38,7 @@ from . import interrupt
 from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
+from .dashboard.reporter import FitReporter
 from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .inputs import to_arrays
 from .predict import predict_blocks
@@ -482,22 +484,19 @@ class DaskNet:
                 for _, cb in self.callbacks_
                 if isinstance(cb, SafetensorsCheckpoint) and cb.every_rounds
             ]
+            reporter = FitReporter(client, name=type(self).__name__, progress=bool(self.verbose))
+            self.dashboard_link_ = reporter.link
+            status = "failed"
             try:
-                trainer.start(X, y, self._current_state())
-                datasets = self._client_datasets(X, y, trainer)
-                for _ in range(epochs):
-                    self.notify("on_epoch_begin", **datasets)
-                    result = trainer.run_epoch(self._lrs())
-                    rows.extend(result.rounds)
-                    self._load_state(result.state)
-                    self._record_epoch(result)
-                    with warnings.catch_warnings():
-                        # Schedulers step between epochs; the optimizer steps on the workers.
-                        warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
-                        self.notify("on_epoch_end", **datasets)
-                    if not np.array_equal(params_vector(self.module_), result.state.params):
-                        trainer.set_state(self._current_state())  # a callback changed them
+                with span("daskdist-fit", trainer.run_id):
+                    with span("data"):
+                        trainer.start(X, y, self._current_state())
+                    reporter.started(trainer, epochs)
+                    self._train_epochs(trainer, reporter, epochs, rows,
+                                       self._client_datasets(X, y, trainer))
+                status = "finished"
             except KeyboardInterrupt:
+                status = "interrupted"
                 interrupt.clear()
                 state = trainer.stop()
                 if state is not None:
@@ -505,10 +504,28 @@ class DaskNet:
                     rows.extend(r for r in trainer.round_rows(state) if r["epoch"] == trainer.epoch)
                 raise
             finally:
+                reporter.finished(status)
                 self._append_log("rounds_", rows, ROUND_COLUMNS)
                 self._append_log("recoveries_", trainer.recoveries, RECOVERY_COLUMNS)
                 trainer.close()
         return self
+
+    def _train_epochs(self, trainer, reporter, epochs: int, rows: list, datasets: dict) -> None:
+        """Run ``epochs`` epochs: rounds on the cluster, then history and callbacks here."""
+        for _ in range(epochs):
+            self.notify("on_epoch_begin", **datasets)
+            with span(f"epoch-{trainer.epoch + 1}"):
+                result = trainer.run_epoch(self._lrs())
+            rows.extend(result.rounds)
+            self._load_state(result.state)
+            self._record_epoch(result)
+            with warnings.catch_warnings():
+                # Schedulers step between epochs; the optimizer steps on the workers.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
+                self.notify("on_epoch_end", **datasets)
+            reporter.epoch(len(self.history), self.history[-1])
+            if not np.array_equal(params_vector(self.module_), result.state.params):
+                trainer.set_state(self._current_state())  # a callback changed them
 
     def _client_datasets(self, X, y, trainer) -> dict:
         """``dataset_train``/``dataset_valid`` for epoch callbacks that score on the client."""

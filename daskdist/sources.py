@@ -96,7 +96,7 @@ class Source(abc.ABC):
         raw = self._raw(client, index, rows, worker, valid_positions)
         return client.submit(
             make_shard, raw, replica=index, **shard_kwargs,
-            key=f"daskdist-shard-{run_id}-{index}",
+            key=(f"daskdist-shard-{run_id}", int(index)),
             workers=[worker], allow_other_workers=True, pure=False,
         )
 
@@ -229,7 +229,7 @@ class DaskArraySource(Source):
         for index, chunks in enumerate(chunk_plan):
             pieces = [dask.delayed(_take_rows)(
                 x_chunks[c], y_chunks[c], None,
-                dask_key_name=f"daskdist-take-{run_id}-{index}-{c}") for c in chunks]
+                dask_key_name=(f"daskdist-take-{run_id}", int(index), int(c))) for c in chunks]
             # One graph per shard, restricted to its worker: the chunks are read there.
             self._pieces[index] = client.compute(
                 pieces, workers=[targets[index]] if targets else None,
@@ -266,7 +266,7 @@ class DaskArraySource(Source):
         return client.submit(
             make_stream_shard, self._readers[index], replica=index,
             buffer_chunks=self.buffer_chunks, **shard_kwargs,
-            key=f"daskdist-shard-{run_id}-{index}",
+            key=(f"daskdist-shard-{run_id}", int(index)),
             workers=[worker], allow_other_workers=True, pure=False,
         )
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,11 +17,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _daskdist(*args, cwd=ROOT, timeout=120):
-    """Run the installed console script (falling back to ``python -m daskdist.cli``)."""
+def _command():
+    """The installed console script (falling back to ``python -m daskdist.cli``)."""
     exe = shutil.which("daskdist", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "daskdist.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd,
+    return [exe] if exe else [sys.executable, "-m", "daskdist.cli"]
+
+
+def _daskdist(*args, cwd=ROOT, timeout=120):
+    return subprocess.run([*_command(), *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
 
 
@@ -71,3 +78,28 @@ def test_a_failure_during_the_run_exits_1(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("daskdist: error: ")
     assert "127.0.0.1:9" in lines[-1]
+
+
+@pytest.mark.timeout(180)
+def test_run_prints_the_page_to_watch_and_keep_open_keeps_it_up(tmp_path):
+    proc = subprocess.Popen(
+        [*_command(), "run", "pipelines/digits-mlp.yaml", "--workers", "2", "--quiet",
+         "--keep-open", "--output", str(tmp_path / "run"), "--set", "train.max_epochs=3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "stays up" in line:
+                break
+        text = "".join(lines)
+        printed = re.search(r"watch the run at (http://\S+/daskdist)\n", text)
+        assert printed, text
+        assert f"run page at {printed.group(1)};" in lines[-1]
+        with urllib.request.urlopen(printed.group(1) + "/runs.json", timeout=10) as response:
+            runs = json.load(response)["runs"]
+        assert [(r["status"], r["epochs"]) for r in runs] == [("finished", 3)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        proc.kill()

@@ -115,6 +115,7 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
     from daskdist.testing import KillWorkerOnTask
 
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
     X, y = digits
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
     # chunks of 300: whole-chunk shards of 450, 450 and 447 samples, so one replica runs out
@@ -129,7 +130,7 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
                                        module__n_outputs=10, **params).fit(Xin, y_train)
     rounds = len(baseline.rounds_)
     victim = rounds // 2  # halfway through the fit, in the middle of an epoch
-    plugin = KillWorkerOnTask(rf"^daskdist-round-.*-{victim}-1$", tmp_path)
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
     three_workers.register_plugin(plugin)
     try:
         net = DaskNeuralNetClassifier(TinyNet, module__n_features=64, module__hidden=32,
@@ -161,7 +162,7 @@ def test_hung_worker_is_removed_and_the_fit_goes_on(tmp_path):
     # a short heartbeat TTL, so that the scheduler gives up on the hung worker soon
     with dask.config.set({"distributed.scheduler.worker-ttl": "8s"}):
         cluster = embedded_cluster(n_workers=2)
-    plugin = KillWorkerOnTask(r"^daskdist-round-.*-6-1$", tmp_path, hang=True)
+    plugin = KillWorkerOnTask(r"^\('daskdist-round-.*', 6, 1\)$", tmp_path, hang=True)
     try:
         with Client(cluster, set_as_default=False) as client:
             # import torch before the fit: an import in a worker's event loop can
@@ -197,7 +198,7 @@ def test_poison_shard_stops_the_fit_with_an_error_naming_it(poison_client, tmp_p
     Xin = da.from_array(X, chunks=200) if kind == "dask" else X
     poison_client.wait_for_workers(2, timeout=60)  # workers killed earlier are back
     # every worker that starts a task of shard 1 dies
-    plugin = KillWorkerOnTask(rf"^daskdist-{task}-.*-1$", tmp_path, times=20)
+    plugin = KillWorkerOnTask(rf"^\('daskdist-{task}-.*', (\d+, )?1\)$", tmp_path, times=20)
     poison_client.register_plugin(plugin)
     t0 = time.perf_counter()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_the_default_pipeline_runs_from_the_command_line(tmp_path, monkeypatch, 
                  "--output", str(out_dir), "--set", "train.max_epochs=10"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "2 workers, dashboard at http" in captured.out
+    assert re.search(r"2 workers, watch the run at http://\S+/daskdist\n", captured.out)
     assert f"run folder {out_dir}" in captured.out
 
     metrics = json.loads((out_dir / "metrics.json").read_text())

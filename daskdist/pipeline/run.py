@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from skorch.callbacks import Callback
 
+from .. import dashboard
 from .data import load_data, split_data
 from .load import Pipeline, resolve_import
 from .outputs import CHECKPOINT, prepare_run_folder, write_outputs
@@ -187,10 +188,12 @@ def run_pipeline(pipeline: Pipeline, *, output=None, overwrite: bool | None = No
         client = Client.current(allow_global=True)
     except ValueError:
         client = None
+    page = None
     if client is not None:
         n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        print(f"{pipeline.name}: {n_workers} workers, dashboard at {client.dashboard_link}",
-              file=out)
+        page = dashboard.install(client)
+        watch = f"watch the run at {page}" if page else f"dashboard at {client.dashboard_link}"
+        print(f"{pipeline.name}: {n_workers} workers, {watch}", file=out)
     preprocessor = fit_preprocessor(config["preprocess"], train.X)
     callbacks = []
     checkpoint_dir = run_dir / CHECKPOINT
@@ -220,7 +223,7 @@ def run_pipeline(pipeline: Pipeline, *, output=None, overwrite: bool | None = No
         "strategy": _strategy_text(net),
         "cluster": cluster_name,
         "n_workers": n_workers if client is not None else None,
-        "dashboard": client.dashboard_link if client is not None else None,
+        "dashboard": page or (client.dashboard_link if client is not None else None),
         "train_seconds": train_seconds,
         "samples_per_sec": float(np.nanmean(history[:, "samples_per_sec"])),
         "rounds": int(sum(history[:, "rounds"])),

@@ -9,6 +9,7 @@ one strategy are its attributes, set from an estimator with ``strategy__<name>``
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 from ..aggregation import submit_tree
@@ -54,7 +55,8 @@ class Strategy:
         return submit_tree(
             trainer.submit, parts, trainer.replica_workers, type(self).finalize,
             trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
-            run_id=trainer.key_prefix, round_index=plans[0].round,
+            key=functools.partial(trainer.task_key, "average", epoch=plans[0].epoch),
+            round_index=plans[0].round,
         )
 
     def tracked(self, round_output):

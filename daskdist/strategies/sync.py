@@ -95,7 +95,9 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     else:  # no replica contributed a finite gradient: no step
         new = replace(state, round=state.round + 1, epoch=step_plan.epochs_completed(),
                       skipped=skipped)
-    new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers))
+    # every replica logs the round; one of them tells the scheduler
+    new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers,
+                                     emit=plan.replica == 0))
     rep.adopt(new)
     return new
 
@@ -155,7 +157,7 @@ class Sync(Strategy):
             trainer.submit(
                 sync_step, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
                 replica_workers=trainer.replica_workers,
-                key=f"daskdist-round-{trainer.key_prefix}-{p.round}-{p.replica}",
+                key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
                 worker=trainer.replica_workers[p.replica])
             for p in plans
         ]
@@ -173,5 +175,5 @@ class Sync(Strategy):
         return trainer.submit(
             finish_steps, trainer.spec_future, *round_output, plan=plan,
             replica_workers=trainer.replica_workers,
-            key=f"daskdist-average-{trainer.key_prefix}-{last.round}",
+            key=trainer.task_key("average", last.round, epoch=last.epoch),
             worker=trainer.replica_workers[0])
