@@ -199,6 +199,7 @@ class Trainer:
                 f"batch_size={self.batch_size} is smaller than the number of replicas ({n}); "
                 "every replica needs at least one sample per step."
             )
+        self.strategy.check_replicas(self.replica_workers)
         plan = self.source.plan(n, self.sharding, random_state=self.random_state)
         self.plan = plan
         self.valid_positions = self._client_holdout(plan)
@@ -379,7 +380,9 @@ class Trainer:
         for steps in sizes[done:]:
             plans = [RoundPlan(self.run_id, i, self.epoch, self.round, first, steps,
                                self.replica_batch[i], lr, self.random_state, self.shuffle,
-                               max_non_finite, self.steps_per_epoch)
+                               max_non_finite, self.steps_per_epoch,
+                               getattr(self.strategy, "compression", None),
+                               getattr(self.strategy, "density", 0.01))
                      for i in range(len(self.shards))]
             state = self.strategy.submit_round(self, state, plans)
             tracked.append((self.strategy.state_round(self.round),

@@ -22,9 +22,13 @@ _DASK_PARAMS_DOC = """
     ----------------
     strategy : str or daskdist.strategies.Strategy (default="sync")
         How replicas synchronise: ``"sync"`` (average gradients every step;
-        equals single-process training on the global batch) or
-        ``"local_sgd"`` (``sync_every`` local steps, then average parameters).
-        Options of a strategy are set with ``strategy__<option>``.
+        equals single-process training on the global batch), ``"local_sgd"``
+        (``sync_every`` local steps, then average parameters) or
+        ``"hierarchical"`` (``local_sgd`` averaged within groups of replicas,
+        by default per host, then across groups). Options of a strategy are
+        set with ``strategy__<option>`` (``strategy__compression`` and
+        ``strategy__density`` for ``sync``, ``strategy__groups``); see
+        :mod:`daskdist.strategies`.
     sync_every : int (default=8)
         Local steps between averages, for strategies that take it.
     sharding : {"random", "sequential", "stratified"} (default="random")

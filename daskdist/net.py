@@ -560,6 +560,8 @@ class DaskNet:
                 history.record_batch("valid_acc", result.valid["acc"])
         history.record("train_batch_count", len(result.rounds))
         history.record("rounds", len(result.rounds))
+        history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
+        history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
         history.record("samples_per_sec", result.samples_per_sec)
 
     def _append_log(self, name: str, rows, columns) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .compression import pack, residuals
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
@@ -92,6 +93,10 @@ class RoundPlan:
     epoch_steps : int or None
         Steps in a whole epoch, so that the round that ends an epoch can count
         it as completed (``None``: not known).
+    compression : {None, "fp16", "bf16", "topk"}
+        How the replica packs what it sends (:mod:`daskdist.compression`).
+    density : float
+        Share of entries ``"topk"`` sends.
     """
 
     run_id: str
@@ -106,6 +111,8 @@ class RoundPlan:
     shuffle: bool = False
     max_non_finite: int | None = None
     epoch_steps: int | None = None
+    compression: str | None = None
+    density: float = 0.01
 
     def epochs_completed(self) -> int:
         """Epochs completed once this round is done (``epoch``, or one more at its end)."""
@@ -209,6 +216,7 @@ def drop_run(run_id: str) -> int:
     Returns how many replicas were dropped.
     """
     drop_streams(run_id)
+    residuals.drop_run(run_id)
     with _cache_lock:
         keys = [k for k in _cache if k[0] == run_id]
         for k in keys:
@@ -334,8 +342,18 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
     if not (torch.isfinite(loss).item() and _all_finite(payload)):
         return _skipped(plan, 1, compute_s, t_start)
+    if plan.compression:
+        payload["grad"] = _pack(grad, plan)
     return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
                         compute_s, t_start, time.time(), _worker_address())
+
+
+def _pack(update: np.ndarray, plan: RoundPlan):
+    """Compress a replica's update, with its error-feedback memory on this worker."""
+    memory = residuals.take(plan.run_id, plan.replica, update.size)
+    packed, left = pack(update, plan.compression, density=plan.density, residual=memory)
+    residuals.keep(plan.run_id, plan.replica, left)
+    return packed
 
 
 def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_size: int) -> dict:

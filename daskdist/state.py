@@ -207,12 +207,14 @@ def _map_tree(tree, fn):
 
 
 def tree_nbytes(tree) -> int:
-    """Total bytes of the numpy arrays in a tree."""
+    """Total bytes of the numpy arrays (and packed updates) in a tree."""
     if isinstance(tree, dict):
         return sum(tree_nbytes(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return sum(tree_nbytes(v) for v in tree)
-    return tree.nbytes if isinstance(tree, np.ndarray) else 0
+    if isinstance(tree, np.ndarray) or type(tree).__name__ == "Packed":
+        return int(tree.nbytes)
+    return 0
 
 
 def _is_averaged(leaf) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numbers
 
 from .base import Strategy
+from .hierarchical import Hierarchical
 from .local_sgd import LocalSGD
 from .sync import Sync
 
-__all__ = ["Strategy", "Sync", "LocalSGD", "STRATEGIES", "resolve_strategy"]
+__all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "STRATEGIES", "resolve_strategy"]
 
 #: Strategies by name.
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, LocalSGD)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, LocalSGD, Hierarchical)}
 
 
 def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:

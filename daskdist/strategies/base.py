@@ -36,6 +36,12 @@ class Strategy:
         """Steps in each round of an epoch of ``steps_per_epoch`` steps."""
         raise NotImplementedError
 
+    def check_replicas(self, replica_workers: list[str]) -> None:  # noqa: B027 - optional
+        """Raise ``ValueError`` if the strategy cannot run these replicas.
+
+        Called with each replica's worker before any data is sent.
+        """
+
     def submit_round(self, trainer, state, plans):
         """Queue one round; return its output (by default the next state's placeholder).
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..aggregation import combine, count_skipped, log_round
+from ..compression import check_compression, unpacked
 from ..replica import Contribution, StateLost, _replica, gradient
 from ..state import (
     TrainingState,
@@ -84,7 +85,8 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
                 p.grad = torch.zeros_like(p)
         with torch.no_grad():
             # the sample-weighted mean gradient, written straight into .grad
-            mean_flat_into([p.grad for p in params], [c.payload["grad"] for c in live], weights)
+            mean_flat_into([p.grad for p in params],
+                           [unpacked(c.payload["grad"]) for c in live], weights)
         rep.optimizer.step()
         load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
                                                    weights))
@@ -140,13 +142,33 @@ class Sync(Strategy):
     round (all replicas take the identical step), so a step costs one task per
     replica and one hop through the scheduler; each round's output carries the
     state it started from, so the latest state is held on every replica's
-    worker.
+    worker. (Synchronous data-parallel SGD as in Goyal et al. 2017, "Accurate,
+    Large Minibatch SGD".)
+
+    What crosses the network is every replica's gradient, fetched by its
+    peers; ``compression`` packs it before it leaves the worker
+    (:mod:`daskdist.compression`): ``"fp16"`` and ``"bf16"`` halve it,
+    ``"topk"`` sends the ``density`` share of largest entries and keeps the
+    rest in the replica's error-feedback memory for later steps. Every replica
+    still takes the same (decompressed, averaged) step.
+
+    Parameters
+    ----------
+    compression : {None, "fp16", "bf16", "topk"}
+        How gradients are packed for the exchange (None: float32 as it is).
+    density : float
+        Share of gradient entries ``"topk"`` sends per step.
     """
 
     name = "sync"
 
-    def __init__(self):
-        pass
+    def __init__(self, compression: str | None = None, density: float = 0.01):
+        self.compression = compression
+        self.density = density
+        self.validate()
+
+    def validate(self) -> None:
+        check_compression(self.compression, self.density)
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch

@@ -1,0 +1,107 @@
+"""Strategies from the estimators: hierarchical averaging, compressed sync, tuning."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.model_selection import GridSearchCV, train_test_split
+
+from daskdist import DaskNeuralNetClassifier
+from daskdist.models import MLP
+from daskdist.strategies import Hierarchical, resolve_strategy
+from daskdist.strategies.hierarchical import groups_by_host
+from daskdist.testing import TinyNet
+
+N_PARAMS = 64 * 64 + 64 + 64 * 10 + 10  # MLP(hidden=(64,)) on digits
+
+
+@pytest.fixture(scope="module")
+def digits_split(digits):
+    X, y = digits
+    return train_test_split(X, y, test_size=0.25, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def plain_sync(session_client, digits_split):
+    """Uncompressed ``sync`` on digits, the reference of the compressed runs."""
+    X_train, _, y_train, _ = digits_split
+    with session_client.as_current():
+        return _digits_net(strategy="sync").fit(X_train, y_train)
+
+
+def _digits_net(**kwargs):
+    params = dict(module__hidden=(64,), max_epochs=10, lr=0.1, batch_size=64, verbose=0,
+                  random_state=0, train_split=None, iterator_train__shuffle=True)
+    return DaskNeuralNetClassifier(MLP, **{**params, **kwargs})
+
+
+def _params(net):
+    return torch.nn.utils.parameters_to_vector(net.module_.parameters()).detach().numpy()
+
+
+def test_hierarchical_equals_flat_averaging(client, tiny_data):
+    X, y = tiny_data
+    params = dict(max_epochs=3, lr=0.3, batch_size=40, n_replicas=4, sync_every=3,
+                  verbose=0, random_state=0, train_split=None)
+    flat = DaskNeuralNetClassifier(TinyNet, strategy="local_sgd", **params).fit(X, y)
+    grouped = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical",
+                                      strategy__groups=[[0, 1], [2, 3]], **params).fit(X, y)
+    by_host = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical", **params).fit(X, y)
+    np.testing.assert_allclose(_params(grouped), _params(flat), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_params(by_host), _params(flat), rtol=1e-5, atol=1e-6)
+    assert grouped.rounds_["round"].tolist() == flat.rounds_["round"].tolist()
+
+
+def test_hierarchical_groups_by_host_and_checks_explicit_groups(client, tiny_data):
+    workers = ["tcp://10.0.0.1:4001", "tcp://10.0.0.2:4001", "tcp://10.0.0.1:4002",
+               "tls://10.0.0.2:4002"]
+    assert groups_by_host(workers) == [[0, 2], [1, 3]]
+    for groups in ([[0, 1], [1]], [[0], []], [0, 1], [["a"]]):
+        with pytest.raises(ValueError, match="groups"):
+            Hierarchical(groups=groups)
+    X, y = tiny_data
+    net = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical", n_replicas=2,
+                                  strategy__groups=[[0], [1], [2]], verbose=0)
+    with pytest.raises(ValueError, match="every replica 0..1"):
+        net.fit(X, y)
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_half_precision_sync_keeps_accuracy_and_halves_the_bytes(client, digits_split,
+                                                                 plain_sync, compression):
+    X_train, X_test, y_train, y_test = digits_split
+    plain = plain_sync
+    packed = _digits_net(strategy="sync", strategy__compression=compression).fit(
+        X_train, y_train)
+    assert packed.score(X_test, y_test) >= plain.score(X_test, y_test) - 0.01
+    # each of the two replicas fetches the other's gradient every step
+    assert set(plain.rounds_["bytes"]) == {2 * N_PARAMS * 4}
+    assert set(packed.rounds_["bytes"]) == {2 * N_PARAMS * 2}
+    assert packed.history[-1, "bytes_sent"] == 2 * N_PARAMS * 2 * packed.history[-1, "rounds"]
+
+
+def test_topk_sync_with_error_feedback_converges_on_a_fiftieth_of_the_bytes(client,
+                                                                           digits_split):
+    X_train, X_test, y_train, y_test = digits_split
+    net = _digits_net(strategy="sync", strategy__compression="topk", strategy__density=0.01)
+    net.fit(X_train, y_train)
+    assert net.score(X_test, y_test) >= 0.9
+    k = round(0.01 * N_PARAMS)
+    assert set(net.rounds_["bytes"]) == {2 * k * 8}  # int32 index + float32 value each
+    assert (2 * N_PARAMS * 4) / (2 * k * 8) >= 20
+    assert net.history[-1, "sync_time"] > 0
+
+
+def test_strategy_options_are_checked_and_tunable(client, tiny_data):
+    with pytest.raises(ValueError, match="compression must be one of"):
+        resolve_strategy("sync", {"compression": "zip"})
+    with pytest.raises(ValueError, match="has no option 'staleness'"):
+        resolve_strategy("local_sgd", {"staleness": 2})
+    X, y = tiny_data
+    search = GridSearchCV(
+        DaskNeuralNetClassifier(TinyNet, max_epochs=4, lr=0.3, batch_size=32, verbose=0,
+                                random_state=0, train_split=None),
+        {"strategy": ["sync", "local_sgd", "hierarchical"], "sync_every": [1, 4]}, cv=2)
+    search.fit(X, y)
+    assert len(search.cv_results_["params"]) == 6
+    assert search.best_params_["strategy"] in ("sync", "local_sgd", "hierarchical")
+    assert search.best_score_ > 0.5
