@@ -2,12 +2,31 @@
 
 ``tests/test_dashboard.py`` checks each of them against the installed
 version, so that a change in ``distributed`` fails there, loudly, rather than
-somewhere in a fit.
+somewhere in a fit:
+
+- the scheduler's web application (:func:`add_http_routes`), to serve the
+  ``/daskdist`` page on a scheduler that is already running;
+- the scheduler's task states (:func:`who_has`, :func:`task_state`, run on
+  the scheduler with ``Client.run_on_scheduler``), to place shards where their
+  chunks are held and to tell a lost round output from one on its way.
 """
 
 from __future__ import annotations
 
-__all__ = ["add_http_routes", "http_routes_added"]
+__all__ = ["add_http_routes", "http_routes_added", "task_state", "who_has"]
+
+
+def who_has(keys, dask_scheduler=None) -> list[list[str]]:
+    """For each key, the addresses of the workers holding it in memory (on the scheduler)."""
+    tasks = dask_scheduler.tasks
+    return [sorted(ws.address for ws in tasks[k].who_has) if k in tasks and tasks[k].who_has
+            else [] for k in keys]
+
+
+def task_state(key, dask_scheduler=None) -> str | None:
+    """The scheduler's state of ``key`` (on the scheduler); ``None`` if it forgot the key."""
+    task = dask_scheduler.tasks.get(key)
+    return None if task is None else task.state
 
 
 def add_http_routes(scheduler, routes) -> None:

@@ -33,6 +33,7 @@ from distributed import Future, KilledWorker
 from distributed.client import FutureCancelledError
 
 from . import interrupt
+from ._compat import task_state
 from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split
 from .sources import as_source
@@ -449,7 +450,7 @@ class Trainer:
 
     def _coming(self, key) -> bool:
         """Whether the scheduler is computing ``key`` (again)."""
-        return self.client.run_on_scheduler(_task_state, key) in _COMING
+        return self.client.run_on_scheduler(task_state, key) in _COMING
 
     def _call_round_hook(self, item) -> None:
         """Hand the state of a settled round to the :attr:`round_hooks` that want it."""
@@ -670,12 +671,6 @@ class Trainer:
 
 def _identity(x):
     return x
-
-
-def _task_state(key, dask_scheduler=None) -> str | None:
-    """The scheduler's state of ``key`` (run on the scheduler); ``None`` if it forgot it."""
-    task = dask_scheduler.tasks.get(key)
-    return None if task is None else task.state
 
 
 def _release(outputs) -> None:

@@ -30,6 +30,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ._compat import who_has
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
 from .streaming import chunk_readers, make_stream_shard
@@ -304,7 +305,7 @@ def _held_by(client, X, chunk_plan, workers) -> list[str] | None:
     chunks are held nowhere keep their worker.
     """
     keys = list(dask.core.flatten(X.__dask_keys__()))
-    holders = client.run_on_scheduler(_who_has, keys)
+    holders = client.run_on_scheduler(who_has, keys)
     if not any(holders):
         return None
     capacity = {w: workers.count(w) for w in set(workers)}
@@ -330,13 +331,6 @@ def _held_by(client, X, chunk_plan, workers) -> list[str] | None:
             chosen[i] = w
             taken[w] += 1
     return chosen
-
-
-def _who_has(keys, dask_scheduler=None) -> list[list[str]]:
-    """For each key, the workers holding it in memory (run on the scheduler)."""
-    tasks = dask_scheduler.tasks
-    return [sorted(ws.address for ws in tasks[k].who_has) if k in tasks and tasks[k].who_has
-            else [] for k in keys]
 
 
 def _along_samples(a, sample_chunks) -> da.Array:

@@ -243,10 +243,6 @@ class _Layout:
             lengths[p:p + k] += n // self.B + (p < n % self.B)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])
 
-    @property
-    def n_segments(self) -> int:
-        return len(self.starts) - 1
-
     def segment_of(self, position: int) -> int:
         """The segment that holds epoch position ``position``."""
         return int(np.searchsorted(self.starts, position, side="right") - 1)
@@ -321,7 +317,7 @@ class _Stream:
         first, last = layout.segment_of(start), layout.segment_of(stop - 1)
         needed = {s for t in range(first, last + 1) for s in layout.chunks(t)}
         upcoming = layout.next_chunk(last)
-        if upcoming is None and layout.shuffle:  # the next epoch's first chunk
+        if upcoming is None:  # the next epoch's first chunk
             upcoming = self.layout(layout.epoch + 1, layout.seed, layout.shuffle).chunks(0)[0]
         self._hold(needed, upcoming)
         slots, positions = [], []

@@ -16,7 +16,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist._compat import add_http_routes, http_routes_added
+from daskdist._compat import add_http_routes, http_routes_added, task_state, who_has
 from daskdist.dashboard.page import routes
 from daskdist.testing import TinyNet, make_classification
 
@@ -129,6 +129,15 @@ def test_compat_adds_routes_to_a_running_scheduler_once():
         port = scheduler.http_server.port
         runs = _get_json(f"http://127.0.0.1:{port}/daskdist/runs.json")
         assert runs == {"monitor": False, "runs": []}
+
+
+def test_compat_reads_task_states_on_the_scheduler(client):
+    future = client.submit(sum, [1, 2], key="daskdist-compat-check")
+    assert future.result() == 3
+    (holders,) = client.run_on_scheduler(who_has, [future.key])
+    assert holders == sorted(client.who_has(future)[future.key])
+    assert client.run_on_scheduler(task_state, future.key) == "memory"
+    assert client.run_on_scheduler(task_state, "daskdist-no-such-key") is None
 
 
 def test_progress_bar_shows_rounds_and_loss_unless_verbose_is_0(client, capsys):
