@@ -99,7 +99,7 @@ BROKEN = {
         "train.max_epoch", "unknown estimator parameter (did you mean 'max_epochs'?)"),
     "unknown_strategy": (
         lambda c: c["train"].update(strategy="ring"),
-        "train.strategy", "expected one of: local_sgd, sync"),
+        "train.strategy", "expected one of: hierarchical, local_sgd, sync"),
     "bad_optimizer": (
         lambda c: c["train"].update(optimizer="torch.optim.Adamm"),
         "train.optimizer", "has no attribute 'Adamm'"),
