@@ -8,12 +8,21 @@ somewhere in a fit:
   ``/daskdist`` page on a scheduler that is already running;
 - the scheduler's task states (:func:`who_has`, :func:`task_state`, run on
   the scheduler with ``Client.run_on_scheduler``), to place shards where their
-  chunks are held and to tell a lost round output from one on its way.
+  chunks are held and to tell a lost round output from one on its way;
+- the scheduler's ``identity`` call (:func:`workers`), because
+  ``Client.scheduler_info()`` returns a cache that the client's periodic
+  refresh, which carries no per-worker information, can overwrite between
+  the fetch and the read (a fit then sees no workers).
 """
 
 from __future__ import annotations
 
-__all__ = ["add_http_routes", "http_routes_added", "task_state", "who_has"]
+__all__ = ["add_http_routes", "http_routes_added", "task_state", "who_has", "workers"]
+
+
+def workers(client) -> dict:
+    """The cluster's workers, address -> the scheduler's information on it, fetched now."""
+    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
 
 
 def who_has(keys, dask_scheduler=None) -> list[list[str]]:

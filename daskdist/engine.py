@@ -34,6 +34,7 @@ from distributed.client import FutureCancelledError
 
 from . import interrupt
 from ._compat import task_state
+from ._compat import workers as cluster_workers
 from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split
 from .sources import as_source
@@ -188,7 +189,7 @@ class Trainer:
         """
         self.source = as_source(X, y, direct=self.direct_scatter, streaming=self.streaming,
                                 buffer_chunks=self.buffer_chunks)
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(cluster_workers(self.client))
         if not workers:
             raise RuntimeError("The Dask cluster has no workers to train on.")
         n = self.n_replicas or len(workers)
@@ -550,7 +551,7 @@ class Trainer:
             raise RuntimeError(
                 f"The Dask cluster has had no workers for {timeout}; cannot go on training."
             ) from None
-        live = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        live = sorted(cluster_workers(self.client))
         self._generation += 1
         for i, future in enumerate(self.shards):
             if self.replica_workers[i] not in live:

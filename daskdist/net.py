@@ -35,6 +35,7 @@ from skorch.net import NeuralNet
 from torch.utils.data import DataLoader
 
 from . import interrupt
+from ._compat import workers as cluster_workers
 from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
@@ -469,7 +470,7 @@ class DaskNet:
         with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
             n_replicas = self.n_replicas
             if n_replicas is None:
-                n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+                n_workers = len(cluster_workers(client))
                 n_replicas = max(1, min(n_workers, X.shape[0]))
             trainer = Trainer(
                 client, self._model_spec(), strategy, batch_size=self.batch_size,

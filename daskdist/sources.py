@@ -31,6 +31,7 @@ import dask.array as da
 import numpy as np
 
 from ._compat import who_has
+from ._compat import workers as cluster_workers
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
 from .streaming import chunk_readers, make_stream_shard
@@ -243,7 +244,7 @@ class DaskArraySource(Source):
             return False
         share = dask.config.get("daskdist.shards.stream-above")
         limits = {w: info.get("memory_limit") or 0
-                  for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+                  for w, info in cluster_workers(client).items()}
         row = self.X.dtype.itemsize * int(np.prod(self.X.shape[1:]))
         if self.y is not None:
             row += self.y.dtype.itemsize * int(np.prod(self.y.shape[1:]))

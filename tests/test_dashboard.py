@@ -16,7 +16,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist._compat import add_http_routes, http_routes_added, task_state, who_has
+from daskdist._compat import add_http_routes, http_routes_added, task_state, who_has, workers
 from daskdist.dashboard.page import routes
 from daskdist.testing import TinyNet, make_classification
 
@@ -138,6 +138,8 @@ def test_compat_reads_task_states_on_the_scheduler(client):
     assert holders == sorted(client.who_has(future)[future.key])
     assert client.run_on_scheduler(task_state, future.key) == "memory"
     assert client.run_on_scheduler(task_state, "daskdist-no-such-key") is None
+    assert sorted(workers(client)) == sorted(client.nthreads())
+    assert all(info["memory_limit"] > 0 for info in workers(client).values())
 
 
 def test_progress_bar_shows_rounds_and_loss_unless_verbose_is_0(client, capsys):

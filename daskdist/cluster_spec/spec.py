@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from dask.utils import parse_timedelta
 
+from .._compat import workers as cluster_workers
 from ..schema_errors import best_error, describe, show
 from .backends import BACKENDS
 from .errors import ClusterSpecError, display
@@ -145,7 +146,7 @@ class ClusterSpec:
         try:
             client.wait_for_workers(expected, timeout=seconds)
         except TimeoutError as error:
-            arrived = len(client.scheduler_info(n_workers=-1)["workers"])
+            arrived = len(cluster_workers(client))
             raise TimeoutError(
                 f"{display(self.path)}: only {arrived} of {expected} worker(s) connected within "
                 f"{_seconds(seconds)}{backend.hint(self)}; raise the spec's timeout or "

@@ -12,6 +12,7 @@ import numpy as np
 from skorch.callbacks import Callback
 
 from .. import dashboard
+from .._compat import workers as cluster_workers
 from .data import load_data, split_data
 from .load import Pipeline, resolve_import
 from .outputs import CHECKPOINT, prepare_run_folder, write_outputs
@@ -190,7 +191,7 @@ def run_pipeline(pipeline: Pipeline, *, output=None, overwrite: bool | None = No
         client = None
     page = None
     if client is not None:
-        n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        n_workers = len(cluster_workers(client))
         page = dashboard.install(client)
         watch = f"watch the run at {page}" if page else f"dashboard at {client.dashboard_link}"
         print(f"{pipeline.name}: {n_workers} workers, {watch}", file=out)
