@@ -75,12 +75,11 @@ def test_worker_killed_between_epochs(fault_client, kind):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("dask", "local_sgd"),
-                                            ("numpy", "sync"), ("stream", "local_sgd")])
+                                            ("numpy", "sync")])
 def test_worker_killed_between_rounds(fault_client, kind, strategy):
     X, y = make_classification(3000)
-    Xin = da.from_array(X, chunks=500) if kind in ("dask", "stream") else X
-    streamed = {"streaming": True, "iterator_train__shuffle": True} if kind == "stream" else {}
-    net = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy, **streamed)
+    Xin = da.from_array(X, chunks=500) if kind == "dask" else X
+    net = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy)
     killed = []
     killer = threading.Timer(1.0, lambda: killed.append((_kill_a_worker(fault_client),
                                                           time.perf_counter())))
