@@ -12,12 +12,18 @@ somewhere in a fit:
 - the scheduler's ``identity`` call (:func:`workers`), because
   ``Client.scheduler_info()`` returns a cache that the client's periodic
   refresh, which carries no per-worker information, can overwrite between
-  the fetch and the read (a fit then sees no workers).
+  the fetch and the read (a fit then sees no workers);
+- the scheduler's ``no-worker`` tasks (:func:`reschedule_stranded`): a task
+  placed on a worker with ``allow_other_workers=True`` that has to be
+  recomputed at a moment when no worker is running waits in ``no-worker`` for
+  ever, because the scheduler only reconsiders such tasks for a new worker
+  that its (dead) worker restrictions name.
 """
 
 from __future__ import annotations
 
-__all__ = ["add_http_routes", "http_routes_added", "task_state", "who_has", "workers"]
+__all__ = ["add_http_routes", "http_routes_added", "reschedule_stranded", "task_state", "who_has",
+           "workers"]
 
 
 def workers(client) -> dict:
@@ -36,6 +42,40 @@ def task_state(key, dask_scheduler=None) -> str | None:
     """The scheduler's state of ``key`` (on the scheduler); ``None`` if it forgot the key."""
     task = dask_scheduler.tasks.get(key)
     return None if task is None else task.state
+
+
+def reschedule_stranded(prefix: str, dask_scheduler=None) -> list:
+    """Schedule the stranded tasks that keys containing ``prefix`` wait for (on the scheduler).
+
+    A ``no-worker`` task is stranded when it may run on other workers than
+    those it was placed on (loose restrictions), none of those is in the
+    cluster any more, and workers are running: the scheduler would leave it
+    waiting for a worker that never comes back. The tasks looked at are those
+    of the keys containing ``prefix`` and everything they wait on (the source
+    chunks of a dask input, for instance). Returns the keys rescheduled.
+    """
+    import time
+
+    scheduler = dask_scheduler
+    if not (scheduler.unrunnable and scheduler.running):
+        return []
+    todo = [ts for key, ts in scheduler.tasks.items()
+            if prefix in str(key) and ts.state in ("waiting", "no-worker")]
+    seen, stranded = set(), []
+    while todo:
+        ts = todo.pop()
+        if ts.key in seen:
+            continue
+        seen.add(ts.key)
+        if ts.state == "no-worker":
+            if ts.loose_restrictions and not scheduler.valid_workers(ts):
+                stranded.append(ts.key)
+        elif ts.state == "waiting":
+            todo.extend(ts.waiting_on or ())
+    if stranded:
+        scheduler.transitions({key: "processing" for key in stranded},
+                              stimulus_id=f"daskdist-reschedule-{time.time()}")
+    return [str(key) for key in stranded]
 
 
 def add_http_routes(scheduler, routes) -> None:

@@ -7,9 +7,10 @@ A checkpoint is a directory::
 
 The sidecar holds the counters (step, round, epoch, skipped updates), the
 current epoch's round log (so that a fit resumes mid-epoch at the exact
-round), the optimizer state's non-tensor parts (hyper-parameters, parameter
-groups) and whatever JSON the caller adds (the estimators store their
-history, random state, strategy and JSON-representable parameters).
+round), where each replica is in its shard (``async`` and ``ssp``), the
+optimizer state's non-tensor parts (hyper-parameters, parameter groups)
+and whatever JSON the caller adds (the estimators store their history,
+random state, strategy and JSON-representable parameters).
 
 Writing is atomic: the tensor file is written under a temporary name, flushed
 to disk and renamed, and only then is the sidecar replaced the same way; the
@@ -89,7 +90,8 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
         "state": {"step": int(state.step), "round": int(state.round),
                   "epoch": int(state.epoch), "skipped": int(state.skipped),
                   "buffers": buffers, "optimizer": optimizer,
-                  "log": [dict(r) for r in state.log]},
+                  "log": [dict(r) for r in state.log],
+                  "cursors": [list(map(int, c)) for c in state.cursors]},
         "meta": meta or {},
     }
     text = json.dumps(sidecar, indent=1, default=_json_default)
@@ -163,6 +165,7 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         optimizer=_from_json(saved["optimizer"], tensors),
         step=saved["step"], round=saved["round"], epoch=saved["epoch"],
         skipped=saved.get("skipped", 0), log=tuple(_log_record(r) for r in saved.get("log", ())),
+        cursors=tuple(tuple(c) for c in saved.get("cursors", ())),
     )
     return state, sidecar.get("meta", {})
 

@@ -27,13 +27,14 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import dask
+import distributed
 import numpy as np
 from dask.delayed import Delayed
 from distributed import Future, KilledWorker
-from distributed.client import FutureCancelledError
+from distributed.client import FutureCancelledError, FuturesCancelledError
 
 from . import interrupt
-from ._compat import task_state
+from ._compat import reschedule_stranded, task_state
 from ._compat import workers as cluster_workers
 from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
-                 "compute_s")
+                 "compute_s", "staleness")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -189,9 +190,8 @@ class Trainer:
         """
         self.source = as_source(X, y, direct=self.direct_scatter, streaming=self.streaming,
                                 buffer_chunks=self.buffer_chunks)
+        self._wait_for_a_worker()
         workers = sorted(cluster_workers(self.client))
-        if not workers:
-            raise RuntimeError("The Dask cluster has no workers to train on.")
         n = self.n_replicas or len(workers)
         self.replica_workers = [workers[i % len(workers)] for i in range(n)]
         self.replica_batch = [self.batch_size // n + (1 if i < self.batch_size % n else 0)
@@ -239,6 +239,7 @@ class Trainer:
                                         key=self.task_key("size", i))
                      for i, shard in enumerate(self.shards)]
             try:
+                self._wait_all(sizes)
                 return self.client.gather(sizes)
             except KilledWorker as error:
                 raise self._shard_failed(error) from error
@@ -448,6 +449,32 @@ class Trainer:
                 interrupt.raise_if_interrupted()
                 if future.status in _LOST and not self._coming(future.key):
                     return None
+                self._reschedule_stranded()
+
+    def _wait_all(self, futures) -> None:
+        """Wait until every future is done, rescheduling stranded tasks meanwhile."""
+        while True:
+            try:
+                with self.client.as_current():
+                    distributed.wait(futures, timeout=_POLL_S)
+                return
+            except FuturesCancelledError:  # lost with a worker: the caller's gather says so
+                return
+            except TimeoutError:
+                interrupt.raise_if_interrupted()
+                self._reschedule_stranded()
+
+    def _reschedule_stranded(self) -> None:
+        """Get this run's tasks out of ``no-worker`` when they wait for workers that are gone.
+
+        That happens to a task recomputed while no worker was running (every
+        worker died at once, and new ones came): the scheduler would keep it
+        waiting for its old worker (:func:`daskdist._compat.reschedule_stranded`).
+        """
+        keys = self.client.run_on_scheduler(reschedule_stranded, f"-{self.run_id}-")
+        if keys:
+            logger.warning("daskdist run %s: rescheduled %d task(s) that waited for workers "
+                           "that are gone: %s", self.run_id, len(keys), keys[:4])
 
     def _coming(self, key) -> bool:
         """Whether the scheduler is computing ``key`` (again)."""
@@ -517,7 +544,11 @@ class Trainer:
 
     def _run_epoch_once(self, lr, epoch_round: int, t0: float) -> EpochResult:
         try:
-            self._submit_epoch(lr, epoch_round)
+            drive = getattr(self.strategy, "drive_epoch", None)
+            if drive is not None:  # the strategy runs the epoch's loop itself
+                drive(self, lr, epoch_round)
+            else:
+                self._submit_epoch(lr, epoch_round)
             while self._inflight:
                 self._settle(self._inflight.popleft())
         except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
@@ -542,15 +573,19 @@ class Trainer:
         self.epoch += 1
         self._epoch_state, self._epoch_round = result, self.round
         return epoch
-    def _replace_lost_shards(self) -> None:
-        """Re-send shards whose data was lost with a worker; move replicas off dead workers."""
+    def _wait_for_a_worker(self) -> None:
+        """Wait until the cluster has a worker (``daskdist.driver.worker-timeout`` at most)."""
         timeout = dask.config.get("daskdist.driver.worker-timeout")
         try:
             self.client.wait_for_workers(1, timeout=timeout)
         except TimeoutError:
             raise RuntimeError(
-                f"The Dask cluster has had no workers for {timeout}; cannot go on training."
+                f"The Dask cluster has had no workers for {timeout}; cannot train on it."
             ) from None
+
+    def _replace_lost_shards(self) -> None:
+        """Re-send shards whose data was lost with a worker; move replicas off dead workers."""
+        self._wait_for_a_worker()
         live = sorted(cluster_workers(self.client))
         self._generation += 1
         for i, future in enumerate(self.shards):
@@ -574,7 +609,10 @@ class Trainer:
                 "samples": r["samples"],
                 "loss": r["loss_sum"] / r["samples"] if r["samples"] else float("nan"),
                 "bytes": r["bytes"],
-                "sync_s": max(span - r["compute_s"], 0.0), "compute_s": r["compute_s"],
+                "sync_s": r["sync_s"] if "sync_s" in r else max(span - r["compute_s"], 0.0),
+                "compute_s": r["compute_s"],
+                # versions applied since the update's replica started (0: all replicas met)
+                "staleness": r.get("staleness", 0),
             })
             prev_end = r["t_end"]
         return rows

@@ -519,7 +519,7 @@ class DaskNet:
                 result = trainer.run_epoch(self._lrs())
             rows.extend(result.rounds)
             self._load_state(result.state)
-            self._record_epoch(result)
+            self._record_epoch(result, trainer.strategy)
             with warnings.catch_warnings():
                 # Schedulers step between epochs; the optimizer steps on the workers.
                 warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
@@ -544,7 +544,7 @@ class DaskNet:
         return {"dataset_train": Dataset(X[train_rows], y[train_rows]),
                 "dataset_valid": dataset_valid}
 
-    def _record_epoch(self, result) -> None:
+    def _record_epoch(self, result, strategy) -> None:
         history = self.history
         trained = [r for r in result.rounds if r["samples"]]  # not every update skipped
         for r in trained:  # one history "batch" per synchronisation round
@@ -563,6 +563,10 @@ class DaskNet:
         history.record("rounds", len(result.rounds))
         history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
         history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
+        if getattr(strategy, "asynchronous", False):
+            staleness = [r["staleness"] for r in result.rounds] or [0]
+            history.record("max_staleness", int(max(staleness)))
+            history.record("mean_staleness", float(np.mean(staleness)))
         history.record("samples_per_sec", result.samples_per_sec)
 
     def _append_log(self, name: str, rows, columns) -> None:

@@ -28,6 +28,8 @@ __all__ = [
     "params_vector",
     "optimizer_state_to_numpy",
     "optimizer_state_from_numpy",
+    "tree_add",
+    "tree_diff",
     "tree_nbytes",
     "tree_scale",
     "tree_weighted_sum",
@@ -60,6 +62,12 @@ class TrainingState:
     log : tuple of dict
         One record per round completed in the current epoch (losses, samples,
         timings); reset at each epoch boundary.
+    cursors : tuple of tuple of int
+        Where each replica is in its shard, for strategies whose replicas move
+        through their shards at their own pace (``async``, ``ssp``): one
+        ``(pass, step, rounds)`` per replica — the pass over its shard, the
+        next step in it, and the rounds of it applied so far. Empty for the
+        others, whose replicas all are at the round's step.
     """
 
     params: np.ndarray
@@ -70,6 +78,7 @@ class TrainingState:
     epoch: int = 0
     skipped: int = 0
     log: tuple = ()
+    cursors: tuple = ()
 
     @property
     def nbytes(self) -> int:
@@ -259,3 +268,46 @@ def tree_scale(tree, factor: float):
     if _is_averaged(tree):
         return tree * np.asarray(factor, dtype=tree.dtype)
     return tree
+
+
+def tree_diff(after, before):
+    """``after - before`` leaf by leaf, for the floating-point arrays of ``after``.
+
+    A leaf missing from ``before`` (optimizer state that did not exist yet)
+    counts as zero; other leaves are taken from ``after``.
+    """
+    if isinstance(after, dict):
+        before = before if isinstance(before, dict) else {}
+        return {k: tree_diff(v, before.get(k)) for k, v in after.items()}
+    if isinstance(after, (list, tuple)):
+        if not (isinstance(before, (list, tuple)) and len(before) == len(after)):
+            before = [None] * len(after)
+        return type(after)(tree_diff(a, b) for a, b in zip(after, before))
+    if _is_averaged(after):
+        out = np.array(after, copy=True)  # (in place, so that 0-d arrays stay arrays)
+        if _is_averaged(before):
+            out -= before
+        return out
+    return after
+
+
+def tree_add(base, delta, scale: float = 1.0):
+    """``base + scale * delta`` leaf by leaf, for the floating-point arrays of ``delta``.
+
+    A leaf missing from ``base`` counts as zero; other leaves are taken from
+    ``delta``.
+    """
+    if isinstance(delta, dict):
+        base = base if isinstance(base, dict) else {}
+        return {k: tree_add(base.get(k), v, scale) for k, v in delta.items()}
+    if isinstance(delta, (list, tuple)):
+        if not (isinstance(base, (list, tuple)) and len(base) == len(delta)):
+            base = [None] * len(delta)
+        return type(delta)(tree_add(b, d, scale) for b, d in zip(base, delta))
+    if _is_averaged(delta):
+        out = np.array(delta, copy=True)
+        out *= np.asarray(scale, dtype=out.dtype)
+        if _is_averaged(base):
+            out += base
+        return out
+    return delta

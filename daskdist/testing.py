@@ -7,14 +7,16 @@ to real worker processes by reference.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
+import time
 
 import numpy as np
 import torch
 from distributed import WorkerPlugin
 
-__all__ = ["TinyNet", "make_classification", "KillWorkerOnTask"]
+__all__ = ["TinyNet", "StragglerNet", "make_classification", "KillWorkerOnTask"]
 
 
 class TinyNet(torch.nn.Module):
@@ -29,6 +31,46 @@ class TinyNet(torch.nn.Module):
     def forward(self, X):
         """Class probabilities (or raw outputs) for a batch."""
         return torch.softmax(self.net(X), dim=-1)
+
+
+class StragglerNet(TinyNet):
+    """:class:`TinyNet` whose training steps take a set time, longer on stragglers.
+
+    Each forward pass in training mode sleeps ``step_time`` seconds, or
+    ``slowdown`` times that on a straggler, so that replicas run at known
+    speeds whatever else the machine does. The replicas on the worker at
+    address ``slow_worker`` are always stragglers (a persistent straggler);
+    any other replica is one for a whole round with probability
+    ``slow_probability`` (a transient straggler), drawn from torch's seed,
+    which daskdist sets per round and replica.
+    """
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, step_time=0.0,
+                 slowdown=3.0, slow_worker=None, slow_probability=0.0):
+        super().__init__(n_features, hidden, n_outputs)
+        self.step_time, self.slowdown = step_time, slowdown
+        self.slow_worker, self.slow_probability = slow_worker, slow_probability
+
+    def straggling(self) -> bool:
+        """Whether this replica is a straggler in the current round."""
+        if self.slow_worker is not None and _worker_address() == self.slow_worker:
+            return True
+        return random.Random(torch.initial_seed()).random() < self.slow_probability
+
+    def forward(self, X):
+        """Class probabilities; in training mode, after the step's set time."""
+        if self.training and self.step_time:
+            time.sleep(self.step_time * (self.slowdown if self.straggling() else 1.0))
+        return super().forward(X)
+
+
+def _worker_address():
+    from distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:
+        return None
 
 
 def make_classification(n_samples=240, n_features=20, n_classes=3, seed=0):

@@ -16,7 +16,14 @@ import pytest
 from distributed import Client, LocalCluster
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist._compat import add_http_routes, http_routes_added, task_state, who_has, workers
+from daskdist._compat import (
+    add_http_routes,
+    http_routes_added,
+    reschedule_stranded,
+    task_state,
+    who_has,
+    workers,
+)
 from daskdist.dashboard.page import routes
 from daskdist.testing import TinyNet, make_classification
 
@@ -140,6 +147,14 @@ def test_compat_reads_task_states_on_the_scheduler(client):
     assert client.run_on_scheduler(task_state, "daskdist-no-such-key") is None
     assert sorted(workers(client)) == sorted(client.nthreads())
     assert all(info["memory_limit"] > 0 for info in workers(client).values())
+    # what reschedule_stranded reads and calls (tests/test_faults.py strands tasks for real)
+    assert client.run_on_scheduler(reschedule_stranded, "daskdist-compat") == []
+    assert client.run_on_scheduler(_scheduler_has, ["unrunnable", "running", "valid_workers",
+                                                    "transitions", "tasks"])
+
+
+def _scheduler_has(names, dask_scheduler=None):
+    return all(hasattr(dask_scheduler, name) for name in names)
 
 
 def test_progress_bar_shows_rounds_and_loss_unless_verbose_is_0(client, capsys):

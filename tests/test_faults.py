@@ -107,7 +107,7 @@ def three_workers():
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("numpy", "sync"),
-                                            ("dask", "local_sgd")])
+                                            ("dask", "local_sgd"), ("stream", "sync")])
 def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, tmp_path,
                                                          kind, strategy):
     from sklearn.model_selection import train_test_split
@@ -119,10 +119,12 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
     # chunks of 300: whole-chunk shards of 450, 450 and 447 samples, so one replica runs out
     # a step early in each epoch's last round
-    Xin = da.from_array(X_train, chunks=300) if kind == "dask" else X_train
+    Xin = da.from_array(X_train, chunks=300) if kind in ("dask", "stream") else X_train
     params = dict(max_epochs=6, batch_size=96, lr=0.2, strategy=strategy, sync_every=2,
                   train_split=None, verbose=0, random_state=0,
                   scheduler_address=three_workers.scheduler.address)
+    if kind == "stream":  # replicas read their chunks as they train, in a buffer of two
+        params.update(streaming=True, buffer_chunks=2, iterator_train__shuffle=True)
     baseline = DaskNeuralNetClassifier(TinyNet, module__n_features=64, module__hidden=32,
                                        module__n_outputs=10, **params).fit(Xin, y_train)
     rounds = len(baseline.rounds_)
@@ -148,6 +150,62 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
     assert abs(net.score(X_test, y_test) - baseline.score(X_test, y_test)) <= 0.02
     assert baseline.score(X_test, y_test) > 0.9
     # rounds are pure functions of their inputs: the recovered run is the same run
+    np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp")])
+def test_worker_killed_under_async_updates_applies_each_update_once(three_workers, digits,
+                                                                    tmp_path, kind, strategy):
+    from daskdist.testing import KillWorkerOnTask
+
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
+    X, y = digits
+    Xin = da.from_array(X, chunks=300) if kind == "dask" else X
+    # replica 1 dies in its tenth round, in the second of four epochs
+    plugin = KillWorkerOnTask(r"^\('daskdist-round-.*', 10, 1\)$", tmp_path)
+    three_workers.register_plugin(plugin)
+    try:
+        net = DaskNeuralNetClassifier(
+            TinyNet, module__n_features=64, module__hidden=32, module__n_outputs=10,
+            max_epochs=4, batch_size=96, lr=0.3, strategy=strategy, sync_every=2,
+            train_split=None, verbose=0, random_state=0,
+            scheduler_address=three_workers.scheduler.address).fit(Xin, y)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    assert len(plugin.kills()) == 1
+    rounds = net.rounds_
+    assert rounds["round"].tolist() == list(range(len(rounds)))  # each update applied once
+    assert (rounds.groupby("epoch")["samples"].sum() >= len(X)).all()  # no epoch cut short
+    if kind == "numpy":  # the shard on the dead worker is sent again, from the newest state
+        assert len(net.recoveries_) == 1 and net.recoveries_["rounds_lost"].max() <= 1
+    assert net.score(X, y) > 0.9
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["dask", "stream"])
+def test_every_worker_killed_at_once_the_fit_recomputes_and_goes_on(tmp_path, kind):
+    """The only worker dies mid-epoch: the source chunks and rounds are recomputed on its
+    replacement, although the scheduler would keep them waiting for the dead worker."""
+    from daskdist.testing import KillWorkerOnTask
+
+    X, y = make_classification(1000)
+    Xin = da.from_array(X, chunks=250)
+    params = dict(max_epochs=2, sync_every=2, iterator_train__shuffle=True,
+                  streaming=kind == "stream", buffer_chunks=2)
+    cluster = embedded_cluster(n_workers=1)
+    try:
+        with Client(cluster, set_as_default=False) as client:
+            baseline = _net(client, **params).fit(Xin, y)
+            victim = len(baseline.rounds_) // 2
+            plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 0\)$", tmp_path)
+            client.register_plugin(plugin)
+            net = _net(client, **params).fit(Xin, y)
+            assert len(plugin.kills()) == 1
+    finally:
+        cluster.close()
+    assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
+    # recomputed from lineage, round by round: the same run as the fault-free one
     np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))
 
 

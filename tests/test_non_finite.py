@@ -47,10 +47,23 @@ def test_non_finite_update_is_skipped_and_logged(client, strategy, caplog):
     assert any("non-finite" in r.message and "(1,)" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
+def test_non_finite_update_is_left_out_under_updates_applied_as_they_arrive(client):
+    X, y = _data()
+    # staleness 0: the replicas keep in step, so replica 1 makes exactly 3 passes
+    net = _net(client, "ssp", strategy__staleness=0).fit(X, y)
+    rounds = net.rounds_
+    skipped = rounds[rounds["skipped"].map(len) > 0]
+    assert len(skipped) == 3 and set(skipped["skipped"]) == {(1,)}
+    assert set(skipped["replicas"]) == {()} and (skipped["samples"] == 0).all()
+    assert net._training_state_.skipped == 3
+    assert np.isfinite(params_vector(net.module_)).all()
+    assert net.score(np.delete(X, POISON_ROW, 0), np.delete(y, POISON_ROW)) > 0.8
+
+
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp"])
 def test_too_many_non_finite_updates_fail_the_fit(client, strategy):
     X, y = _data()
-    net = _net(client, strategy)
+    net = _net(client, strategy, **({"strategy__staleness": 0} if strategy == "ssp" else {}))
     with dask.config.set({"daskdist.driver.max-non-finite": 1}):
         with pytest.raises(NonFiniteError, match=r"Replica\(s\) \[1\].*round \d+ \(epoch 1\)"):
             net.fit(X, y)

@@ -97,11 +97,15 @@ def test_strategy_options_are_checked_and_tunable(client, tiny_data):
     with pytest.raises(ValueError, match="has no option 'staleness'"):
         resolve_strategy("local_sgd", {"staleness": 2})
     X, y = tiny_data
+    grid = [{"strategy": ["sync", "local_sgd", "hierarchical"], "sync_every": [1, 4]},
+            {"strategy": ["ssp"], "strategy__staleness": [0, 2]},
+            {"strategy": ["async"], "sync_every": [2]}]
     search = GridSearchCV(
         DaskNeuralNetClassifier(TinyNet, max_epochs=4, lr=0.3, batch_size=32, verbose=0,
-                                random_state=0, train_split=None),
-        {"strategy": ["sync", "local_sgd", "hierarchical"], "sync_every": [1, 4]}, cv=2)
+                                random_state=0, train_split=None), grid, cv=2)
     search.fit(X, y)
-    assert len(search.cv_results_["params"]) == 6
-    assert search.best_params_["strategy"] in ("sync", "local_sgd", "hierarchical")
+    assert len(search.cv_results_["params"]) == 9
+    assert search.best_params_["strategy"] in ("sync", "local_sgd", "hierarchical", "ssp",
+                                               "async")
     assert search.best_score_ > 0.5
+    assert (search.cv_results_["mean_test_score"] > 0.4).all()

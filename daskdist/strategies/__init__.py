@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import numbers
 
+from .asynchronous import Async
 from .base import Strategy
 from .hierarchical import Hierarchical
 from .local_sgd import LocalSGD
+from .parameter_server import ParameterServer
+from .ssp import SSP
 from .sync import Sync
 
-__all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "STRATEGIES", "resolve_strategy"]
+__all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "ParameterServer", "Async", "SSP",
+           "STRATEGIES", "resolve_strategy"]
 
 #: Strategies by name.
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Sync, LocalSGD, Hierarchical)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP)}
 
 
 def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:

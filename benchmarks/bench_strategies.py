@@ -1,0 +1,199 @@
+"""Synchronisation strategies side by side: sync time, bytes per round, stragglers.
+
+One run prints four tables, every row measured in this run on this machine:
+
+1. Per-round synchronisation time and bytes of each strategy against model size
+   (MLPs of about 0.05M, 0.5M and 5M parameters on 1,000 features; 2 replicas).
+2. Per-round synchronisation time against the number of replicas (2, 4 and 8
+   single-threaded workers on this one machine; the 0.5M model).
+3. Bytes per round of ``sync`` with and without compression, and their ratio.
+4. Samples/s of ``sync``, ``local_sgd``, ``ssp`` (staleness 2) and ``async``
+   with stragglers, as a ratio of ``local_sgd``: a persistent straggler (one
+   replica's steps always 3x slower) and a transient one (each round, each
+   replica is 3x slower with probability 0.3). Here a step's compute is a set
+   sleep (:class:`daskdist.testing.StragglerNet`), so that the replicas' speeds
+   are the scenario's and not the shared machine's; 4 replicas.
+
+Synchronisation time is a round's span minus its slowest replica's compute
+(for ``async`` and ``ssp``: an update's time from its round's start to its
+application, minus its compute); the tables give the median over the rounds
+after the first epoch. Targets (issue): persistent straggler, ``async`` at
+least 1.5x ``local_sgd``; transient straggler, ``ssp`` at least 1.3x
+``local_sgd``; ``topk`` at density 0.01 at least 20x fewer bytes per round.
+
+Run: ``python benchmarks/bench_strategies.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+STRATEGIES = [
+    ("sync", {}),
+    ("local_sgd", {}),
+    ("hierarchical", {}),
+    ("ssp", {"strategy__staleness": 2}),
+    ("async", {}),
+]
+#: Hidden width of a one-layer MLP on 1,000 features for each model size.
+SIZES = {"0.05M": 50, "0.5M": 500, "5M": 5000}
+FEATURES = 1000
+
+
+def _data(n, features=FEATURES, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, features)).astype(np.float32)
+    y = X[:, :10].argmax(1).astype(np.int64)
+    return X, y
+
+
+def _fit(client, strategy, options, X, y, module=None, epochs=2, **params):
+    from daskdist import DaskNeuralNetClassifier
+    from daskdist.models import MLP
+
+    defaults = dict(max_epochs=epochs, batch_size=128, lr=0.05, sync_every=4, train_split=None,
+                    verbose=0, random_state=0, scheduler_address=client.scheduler.address)
+    net = DaskNeuralNetClassifier(module or MLP, strategy=strategy,
+                                  **{**defaults, **params, **options})
+    t0 = time.perf_counter()
+    net.fit(X, y)
+    return net, time.perf_counter() - t0
+
+
+def _steady_rounds(net):
+    rounds = net.rounds_
+    return rounds[rounds["epoch"] > rounds["epoch"].min()] if rounds["epoch"].nunique() > 1 \
+        else rounds
+
+
+def _sync_ms(net) -> float:
+    return 1e3 * float(np.median(_steady_rounds(net)["sync_s"]))
+
+
+def _bytes(net) -> float:
+    return float(np.median(_steady_rounds(net)["bytes"]))
+
+
+def _cluster(n):
+    from distributed import Client
+
+    from daskdist.clients import embedded_cluster
+
+    cluster = embedded_cluster(n_workers=n)
+    return cluster, Client(cluster, set_as_default=False)
+
+
+def model_sizes(samples):
+    print(f"\n1. Per-round sync time (ms, median) and bytes per round, 2 replicas, "
+          f"{samples} samples")
+    cluster, client = _cluster(2)
+    X, y = _data(samples)
+    header = ["strategy"] + [f"{s} ms" for s in SIZES] + [f"{s} bytes" for s in SIZES]
+    print(" | ".join(header))
+    try:
+        for strategy, options in STRATEGIES:
+            times, sizes = [], []
+            for hidden in SIZES.values():
+                net, _ = _fit(client, strategy, options, X, y, module__n_features=FEATURES,
+                              module__hidden=(hidden,))
+                times.append(_sync_ms(net))
+                sizes.append(_bytes(net))
+            print(" | ".join([strategy] + [f"{t:.1f}" for t in times]
+                             + [f"{b:,.0f}" for b in sizes]))
+    finally:
+        client.close()
+        cluster.close()
+
+
+def replica_counts(samples, counts):
+    print(f"\n2. Per-round sync time (ms, median) against replicas, 0.5M parameters, "
+          f"{samples} samples")
+    print(" | ".join(["strategy"] + [f"{n} replicas" for n in counts]))
+    X, y = _data(samples)
+    results = {name: [] for name, _ in STRATEGIES}
+    for n in counts:
+        cluster, client = _cluster(n)
+        try:
+            for strategy, options in STRATEGIES:
+                net, _ = _fit(client, strategy, options, X, y, module__n_features=FEATURES,
+                              module__hidden=(SIZES["0.5M"],))
+                results[strategy].append(_sync_ms(net))
+        finally:
+            client.close()
+            cluster.close()
+    for strategy, times in results.items():
+        print(" | ".join([strategy] + [f"{t:.1f}" for t in times]))
+
+
+def compression(samples):
+    print(f"\n3. Bytes per round of sync, 0.5M parameters, 2 replicas, {samples} samples")
+    print("compression | bytes per round | fewer than none | train loss")
+    cluster, client = _cluster(2)
+    X, y = _data(samples)
+    try:
+        base = None
+        for name, options in [("none", {}), ("fp16", {"strategy__compression": "fp16"}),
+                              ("bf16", {"strategy__compression": "bf16"}),
+                              ("topk 0.01", {"strategy__compression": "topk",
+                                             "strategy__density": 0.01})]:
+            net, _ = _fit(client, "sync", options, X, y, module__n_features=FEATURES,
+                          module__hidden=(SIZES["0.5M"],))
+            size = _bytes(net)
+            base = base or size
+            print(f"{name} | {size:,.0f} | {base / size:.1f}x | "
+                  f"{net.history[-1, 'train_loss']:.3f}")
+    finally:
+        client.close()
+        cluster.close()
+
+
+def stragglers(samples, step_time, epochs):
+    from daskdist._compat import workers as cluster_workers
+    from daskdist.testing import StragglerNet
+
+    print(f"\n4. Samples/s with stragglers (4 replicas, steps of {step_time * 1e3:.0f} ms, "
+          f"3x slower on a straggler, sync_every=8, {samples} samples)")
+    print("scenario | " + " | ".join(f"{s}" for s in ("sync", "local_sgd", "ssp(2)", "async"))
+          + " | async / local_sgd | ssp / local_sgd")
+    cluster, client = _cluster(4)
+    X, y = _data(samples, features=20)
+    strategies = [("sync", {}), ("local_sgd", {}), ("ssp", {"strategy__staleness": 2}),
+                  ("async", {})]
+    try:
+        slow = sorted(cluster_workers(client))[0]
+        scenarios = [("persistent", {"module__slow_worker": slow}),
+                     ("transient", {"module__slow_probability": 0.3})]
+        for scenario, straggler in scenarios:
+            rates = []
+            for strategy, options in strategies:
+                params = dict(module__n_features=20, module__hidden=16, module__n_outputs=10,
+                              module__step_time=step_time, module__slowdown=3.0, sync_every=8,
+                              **straggler)
+                net, _ = _fit(client, strategy, options, X, y, module=StragglerNet,
+                              epochs=epochs, **params)
+                rates.append(float(np.mean(net.history[1:, "samples_per_sec"])))
+            ratios = rates[3] / rates[1], rates[2] / rates[1]
+            print(f"{scenario} | " + " | ".join(f"{r:,.0f}" for r in rates)
+                  + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x")
+    finally:
+        client.close()
+        cluster.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples and replica counts (a smoke run)")
+    args = parser.parse_args(argv)
+    samples = 1024 if args.quick else 4096
+    model_sizes(samples)
+    replica_counts(samples, [2, 4] if args.quick else [2, 4, 8])
+    compression(samples)
+    stragglers(2048 if args.quick else 4096, 0.02, 2 if args.quick else 3)
+
+
+if __name__ == "__main__":
+    main()
