@@ -27,7 +27,7 @@ import logging
 import os
 
 import dask.config
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, worker_client
 
 from .dashboard import ROUTES_MODULE
 
@@ -130,6 +130,14 @@ def cluster_client(scheduler_address: str | None = None):
     embedded : bool
         True when the cluster was started for this fit (and is closed after it).
     """
+    if _in_task(scheduler_address):
+        # A fit inside a Dask task (dask-ml's HyperbandSearchCV calls partial_fit
+        # in tasks): submit through the worker's client, and leave the worker's
+        # thread pool while the rounds run, so that a single-threaded worker can
+        # run them instead of waiting for this task (a deadlock).
+        with worker_client() as client:
+            yield client, False
+        return
     if scheduler_address is not None:
         client = Client(scheduler_address, set_as_default=False)
         try:
@@ -152,3 +160,16 @@ def cluster_client(scheduler_address: str | None = None):
     finally:
         client.close()
         cluster.close()
+
+
+def _in_task(scheduler_address: str | None) -> bool:
+    """Whether this thread runs a task of the cluster at ``scheduler_address`` (any if None)."""
+    from distributed.worker import get_worker, thread_state
+
+    if getattr(thread_state, "key", None) is None:
+        return False
+    try:
+        worker = get_worker()
+    except ValueError:
+        return False
+    return scheduler_address is None or scheduler_address == worker.scheduler.address

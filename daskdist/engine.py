@@ -23,6 +23,7 @@ import logging
 import re
 import time
 import uuid
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -326,8 +327,14 @@ class Trainer:
 
     def set_state(self, state: TrainingState) -> None:
         """Continue from ``state`` (sent from the client)."""
-        self._state = self.client.submit(
-            _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}", pure=False)
+        # The state travels inside the task, not scattered: the scheduler can then
+        # compute it again if the worker holding it dies. Dask warns about large
+        # graphs (a model of millions of parameters), which here is deliberate.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sending large graph")
+            self._state = self.client.submit(
+                _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}",
+                pure=False)
         self._last_done = (state.round, self._state)
 
     # -- rounds ---------------------------------------------------------------------------------

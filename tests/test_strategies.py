@@ -109,3 +109,38 @@ def test_strategy_options_are_checked_and_tunable(client, tiny_data):
                                                "async")
     assert search.best_score_ > 0.5
     assert (search.cv_results_["mean_test_score"] > 0.4).all()
+
+
+def test_partial_fit_inside_dask_tasks_on_single_threaded_workers(client, tiny_data):
+    """What a search that trains in tasks (dask-ml's Hyperband) needs: no deadlock."""
+    X, y = tiny_data
+    nets = [DaskNeuralNetClassifier(TinyNet, max_epochs=2, batch_size=32, lr=lr, verbose=0,
+                                    train_split=None, strategy=strategy, sync_every=2,
+                                    random_state=0, classes=[0, 1, 2])
+            for lr, strategy in [(0.3, "local_sgd"), (0.3, "async"), (0.3, "sync")]]
+    # three fits at once, each holding one of the two worker threads while its rounds run
+    futures = [client.submit(DaskNeuralNetClassifier.partial_fit, net, X, y, pure=False)
+               for net in nets]
+    fitted = client.gather(futures)
+    assert all(len(net.history) == 2 for net in fitted)
+    assert all(net.score(X, y) > 0.6 for net in fitted)
+    # and a fitted estimator goes on where it stopped
+    again = client.submit(DaskNeuralNetClassifier.partial_fit, fitted[0], X, y,
+                          pure=False).result(timeout=120)
+    assert len(again.history) == 4
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True,
+                   reason="dask-ml 2025.1's incremental searches call dask.persist with an "
+                          "asynchronous client, which dask >= 2025.3 refuses (dask/dask-ml#1016)")
+def test_hyperband_search(client, tiny_data):
+    import dask.array as da
+    from dask_ml.model_selection import HyperbandSearchCV
+
+    X, y = tiny_data
+    search = HyperbandSearchCV(
+        DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
+                                train_split=None, random_state=0, classes=[0, 1, 2]),
+        {"lr": [0.1, 0.3], "strategy": ["local_sgd", "async"]}, max_iter=3, random_state=0)
+    search.fit(da.from_array(X, chunks=60), da.from_array(y, chunks=60))
+    assert search.best_score_ > 0.5
