@@ -6,7 +6,8 @@ One run prints four tables, every row measured in this run on this machine:
    (MLPs of about 0.05M, 0.5M and 5M parameters on 1,000 features; 2 replicas).
 2. Per-round synchronisation time against the number of replicas (2, 4 and 8
    single-threaded workers on this one machine; the 0.5M model).
-3. Bytes per round of ``sync`` with and without compression, and their ratio.
+3. Bytes per round of ``sync`` and ``local_sgd`` with and without
+   compression, and their ratio.
 4. Samples/s of ``sync``, ``local_sgd``, ``ssp`` (staleness 2) and ``async``
    with stragglers, as a ratio of ``local_sgd``: a persistent straggler (one
    replica's steps always 3x slower) and a transient one (each round, each
@@ -129,22 +130,24 @@ def replica_counts(samples, counts):
 
 
 def compression(samples):
-    print(f"\n3. Bytes per round of sync, 0.5M parameters, 2 replicas, {samples} samples")
-    print("compression | bytes per round | fewer than none | train loss")
+    print(f"\n3. Bytes per round with and without compression, 0.5M parameters, 2 replicas, "
+          f"{samples} samples")
+    print("strategy | compression | bytes per round | fewer than none | train loss")
     cluster, client = _cluster(2)
     X, y = _data(samples)
+    codecs = [("none", {}), ("fp16", {"strategy__compression": "fp16"}),
+              ("bf16", {"strategy__compression": "bf16"}),
+              ("topk 0.01", {"strategy__compression": "topk", "strategy__density": 0.01})]
     try:
-        base = None
-        for name, options in [("none", {}), ("fp16", {"strategy__compression": "fp16"}),
-                              ("bf16", {"strategy__compression": "bf16"}),
-                              ("topk 0.01", {"strategy__compression": "topk",
-                                             "strategy__density": 0.01})]:
-            net, _ = _fit(client, "sync", options, X, y, module__n_features=FEATURES,
-                          module__hidden=(SIZES["0.5M"],))
-            size = _bytes(net)
-            base = base or size
-            print(f"{name} | {size:,.0f} | {base / size:.1f}x | "
-                  f"{net.history[-1, 'train_loss']:.3f}")
+        for strategy in ("sync", "local_sgd"):
+            base = None
+            for name, options in codecs:
+                net, _ = _fit(client, strategy, options, X, y, module__n_features=FEATURES,
+                              module__hidden=(SIZES["0.5M"],))
+                size = _bytes(net)
+                base = base or size
+                print(f"{strategy} | {name} | {size:,.0f} | {base / size:.1f}x | "
+                      f"{net.history[-1, 'train_loss']:.3f}")
     finally:
         client.close()
         cluster.close()

@@ -23,11 +23,14 @@ _DASK_PARAMS_DOC = """
     strategy : str or daskdist.strategies.Strategy (default="sync")
         How replicas synchronise: ``"sync"`` (average gradients every step;
         equals single-process training on the global batch), ``"local_sgd"``
-        (``sync_every`` local steps, then average parameters) or
+        (``sync_every`` local steps, then average parameters),
         ``"hierarchical"`` (``local_sgd`` averaged within groups of replicas,
-        by default per host, then across groups). Options of a strategy are
-        set with ``strategy__<option>`` (``strategy__compression`` and
-        ``strategy__density`` for ``sync``, ``strategy__groups``); see
+        by default per host, then across groups), ``"async"`` (each replica's
+        update applied as it arrives; no replica waits) or ``"ssp"`` (``async``
+        with replicas at most ``strategy__staleness`` rounds apart). Options
+        of a strategy are set with ``strategy__<option>``
+        (``strategy__compression`` and ``strategy__density`` for ``sync`` and
+        ``local_sgd``, ``strategy__groups``, ``strategy__staleness``); see
         :mod:`daskdist.strategies`.
     sync_every : int (default=8)
         Local steps between averages, for strategies that take it.

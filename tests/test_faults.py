@@ -107,7 +107,8 @@ def three_workers():
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("numpy", "sync"),
-                                            ("dask", "local_sgd"), ("stream", "sync")])
+                                            ("dask", "local_sgd"), ("stream", "sync"),
+                                            ("numpy", "local_sgd-fp16")])
 def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, tmp_path,
                                                          kind, strategy):
     from sklearn.model_selection import train_test_split
@@ -120,9 +121,11 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
     # chunks of 300: whole-chunk shards of 450, 450 and 447 samples, so one replica runs out
     # a step early in each epoch's last round
     Xin = da.from_array(X_train, chunks=300) if kind in ("dask", "stream") else X_train
+    strategy, _, compression = strategy.partition("-")  # replicas exchange packed deltas
     params = dict(max_epochs=6, batch_size=96, lr=0.2, strategy=strategy, sync_every=2,
                   train_split=None, verbose=0, random_state=0,
-                  scheduler_address=three_workers.scheduler.address)
+                  scheduler_address=three_workers.scheduler.address,
+                  **({"strategy__compression": compression} if compression else {}))
     if kind == "stream":  # replicas read their chunks as they train, in a buffer of two
         params.update(streaming=True, buffer_chunks=2, iterator_train__shuffle=True)
     baseline = DaskNeuralNetClassifier(TinyNet, module__n_features=64, module__hidden=32,

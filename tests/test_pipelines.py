@@ -99,7 +99,10 @@ BROKEN = {
         "train.max_epoch", "unknown estimator parameter (did you mean 'max_epochs'?)"),
     "unknown_strategy": (
         lambda c: c["train"].update(strategy="ring"),
-        "train.strategy", "expected one of: hierarchical, local_sgd, sync"),
+        "train.strategy", "expected one of: async, hierarchical, local_sgd, ssp, sync"),
+    "bad_strategy_option": (
+        lambda c: c["train"].update(strategy="ssp", strategy__staleness=-1),
+        "train.strategy__staleness", "staleness must be an integer >= 0"),
     "bad_optimizer": (
         lambda c: c["train"].update(optimizer="torch.optim.Adamm"),
         "train.optimizer", "has no attribute 'Adamm'"),

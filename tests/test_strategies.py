@@ -91,9 +91,45 @@ def test_topk_sync_with_error_feedback_converges_on_a_fiftieth_of_the_bytes(clie
     assert net.history[-1, "sync_time"] > 0
 
 
+@pytest.fixture(scope="module")
+def plain_local_sgd(session_client, digits_split):
+    """Uncompressed ``local_sgd`` on digits, the reference of the compressed runs."""
+    X_train, _, y_train, _ = digits_split
+    with session_client.as_current():
+        return _digits_net(strategy="local_sgd", sync_every=4, lr=0.3).fit(X_train, y_train)
+
+
+@pytest.mark.parametrize("compression, density", [("fp16", 0.01), ("bf16", 0.01),
+                                                  ("topk", 0.01)])
+def test_compressed_local_sgd_exchanges_packed_deltas(client, digits_split, plain_local_sgd,
+                                                      compression, density):
+    X_train, X_test, y_train, y_test = digits_split
+    plain = plain_local_sgd
+    packed = _digits_net(strategy="local_sgd", sync_every=4, lr=0.3,
+                         strategy__compression=compression, strategy__density=density)
+    packed.fit(X_train, y_train)
+    if compression == "topk":  # error feedback brings the dropped entries in later
+        assert packed.score(X_test, y_test) >= 0.9
+    else:
+        assert packed.score(X_test, y_test) >= plain.score(X_test, y_test) - 0.01
+    # uncompressed: parameters, buffers and optimizer state to the average and the new
+    # state back; compressed: each replica fetches the other's packed delta, nothing more
+    entry = {"fp16": 2, "bf16": 2, "topk": 8}[compression]
+    sent = 2 * (round(density * N_PARAMS) if compression == "topk" else N_PARAMS) * entry
+    trained = packed.rounds_[packed.rounds_["samples"] > 0]
+    assert set(trained["bytes"]) == {sent}
+    assert plain.rounds_["bytes"].min() >= 2 * N_PARAMS * 4
+    assert packed.history[-1, "bytes_sent"] == packed.rounds_[
+        packed.rounds_["epoch"] == packed.rounds_["epoch"].max()]["bytes"].sum()
+
+
 def test_strategy_options_are_checked_and_tunable(client, tiny_data):
     with pytest.raises(ValueError, match="compression must be one of"):
         resolve_strategy("sync", {"compression": "zip"})
+    with pytest.raises(ValueError, match="density must be a number in"):
+        resolve_strategy("local_sgd", {"compression": "topk", "density": 0})
+    with pytest.raises(ValueError, match="has no option 'compression'"):
+        resolve_strategy("hierarchical", {"compression": "fp16"})
     with pytest.raises(ValueError, match="has no option 'staleness'"):
         resolve_strategy("local_sgd", {"staleness": 2})
     X, y = tiny_data

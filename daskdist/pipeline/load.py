@@ -265,7 +265,7 @@ def _check_data(data: dict, path: Path) -> None:
 
 def _check_train(train: dict, path: Path) -> None:
     from ..estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
-    from ..strategies import STRATEGIES
+    from ..strategies import STRATEGIES, resolve_strategy
 
     cls = DaskNeuralNetClassifier if train["estimator"] == "classifier" else \
         DaskNeuralNetRegressor
@@ -291,6 +291,14 @@ def _check_train(train: dict, path: Path) -> None:
     if strategy is not None and strategy not in STRATEGIES:
         raise PipelineError(path, "train.strategy", f"expected one of: "
                             f"{', '.join(sorted(STRATEGIES))}; got {strategy!r}")
+    options = {k[len("strategy__"):]: v for k, v in train.items() if k.startswith("strategy__")}
+    try:  # the strategy's own options (strategy__staleness, ...), checked before any work
+        default = inspect.signature(cls.__init__).parameters["strategy"].default
+        resolve_strategy(strategy or default, options, sync_every=train.get("sync_every"))
+    except ValueError as error:
+        where = "train." + next((f"strategy__{k}" for k in options if k in str(error)),
+                                "strategy")
+        raise PipelineError(path, where, str(error)) from None
 
 
 def _check_metrics(metrics, path: Path) -> None:

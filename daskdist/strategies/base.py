@@ -65,6 +65,25 @@ class Strategy:
             round_index=plans[0].round,
         )
 
+    @staticmethod
+    def submit_exchange(trainer, task, state, plans):
+        """Queue ``task(spec, shard, *previous, plan=, replica_workers=)`` on every replica.
+
+        For strategies whose replicas exchange updates and each apply their
+        average themselves (``sync``, compressed ``local_sgd``): ``previous``
+        is the epoch's starting state, or every replica's output of the
+        previous round. Returns the list of the replicas' outputs.
+        """
+        previous = state if isinstance(state, list) else [state]
+        return [
+            trainer.submit(
+                task, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
+                replica_workers=trainer.replica_workers,
+                key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
+                worker=trainer.replica_workers[p.replica])
+            for p in plans
+        ]
+
     def tracked(self, round_output):
         """The future whose completion marks the end of a submitted round."""
         return round_output

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..aggregation import combine, count_skipped, log_round
+from ..compression import check_compression
 from ..replica import local_steps
 from ..state import TrainingState
 from .base import Strategy
+from .delta_exchange import delta_round, finish_deltas
 
 __all__ = ["LocalSGD", "average_parameters"]
 
@@ -43,24 +45,61 @@ class LocalSGD(Strategy):
     the averaged state alone. With ``sync_every=1`` and plain SGD it equals
     :class:`~daskdist.strategies.Sync`.
 
+    With ``compression`` (``"fp16"``, ``"bf16"``, or ``"topk"`` with error
+    feedback, as for :class:`~daskdist.strategies.Sync`), replicas exchange
+    packed parameter deltas instead, and each applies their average itself
+    (:mod:`daskdist.strategies.delta_exchange`); optimizer state then stays
+    on each replica.
+
     Parameters
     ----------
     sync_every : int
         Local optimizer steps between two averages.
+    compression : {None, "fp16", "bf16", "topk"}
+        How parameter deltas are packed for the exchange (None: parameters
+        are averaged as they are, optimizer state included).
+    density : float
+        Share of delta entries ``"topk"`` sends per round.
     """
 
     name = "local_sgd"
     replica_task = staticmethod(local_steps)
     finalize = staticmethod(average_parameters)
 
-    def __init__(self, sync_every: int = 8):
+    def __init__(self, sync_every: int = 8, compression: str | None = None,
+                 density: float = 0.01):
         self.sync_every = sync_every
+        self.compression = compression
+        self.density = density
         self.validate()
 
     def validate(self) -> None:
         if not isinstance(self.sync_every, (int,)) or isinstance(self.sync_every, bool) \
                 or self.sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {self.sync_every!r}.")
+        check_compression(self.compression, self.density)
+
+    def submit_round(self, trainer, state, plans):
+        if self.compression is None:
+            return super().submit_round(trainer, state, plans)
+        return self.submit_exchange(trainer, delta_round, state, plans)
+
+    def tracked(self, round_output):
+        return round_output if self.compression is None else round_output[0]
+
+    def state_round(self, plan_round: int) -> int:
+        # a delta result carries the state its round started from
+        return plan_round + 1 if self.compression is None else plan_round
+
+    def finish_epoch(self, trainer, round_output, plans):
+        if self.compression is None:
+            return round_output
+        last = plans[0]
+        return trainer.submit(
+            finish_deltas, trainer.spec_future, *round_output,
+            plan=replace(last, replica=0), replica_workers=trainer.replica_workers,
+            key=trainer.task_key("average", last.round, epoch=last.epoch),
+            worker=trainer.replica_workers[0])
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         k = self.sync_every

@@ -174,15 +174,7 @@ class Sync(Strategy):
         return [1] * steps_per_epoch
 
     def submit_round(self, trainer, state, plans):
-        previous = state if isinstance(state, list) else [state]
-        return [
-            trainer.submit(
-                sync_step, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
-                replica_workers=trainer.replica_workers,
-                key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
-                worker=trainer.replica_workers[p.replica])
-            for p in plans
-        ]
+        return self.submit_exchange(trainer, sync_step, state, plans)
 
     def tracked(self, round_output):
         return round_output[0]

@@ -1,0 +1,121 @@
+"""Compressed ``local_sgd``: replicas exchange packed parameter deltas, not parameters.
+
+With compression, what must cross the network is small only if neither the
+replicas' new parameters nor the averaged state travel at full size. So each
+replica sends the change its round made to the parameters (its *delta*),
+packed (:mod:`daskdist.compression`, with error feedback for ``topk``), and
+each replica, at the start of its next round, applies the sample-weighted
+average of all the deltas to the state it holds itself, as ``sync`` does with
+gradients. Every replica computes the same new parameters from the same packed
+deltas, so the state never has to be broadcast.
+
+Buffers (batch-norm statistics, small) are averaged uncompressed. Optimizer
+state (momentum, Adam moments) stays on each replica: averaging it would send
+as many floats again, uncompressed. A replica rebuilt after its worker died
+starts from the state of the round it is recovered to, optimizer included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..aggregation import combine, count_skipped, log_round
+from ..compression import unpacked
+from ..replica import Contribution, RoundPlan, StateLost, _pack, local_steps
+from ..state import TrainingState, tree_nbytes, tree_weighted_sum
+
+__all__ = ["DeltaResult", "delta_round", "finish_deltas"]
+
+
+@dataclass
+class DeltaResult:
+    """A replica's output of one round: its packed delta, and what stays on its worker.
+
+    ``state`` (the state the round started from) and ``optimizer`` (the
+    replica's optimizer state after the round) stay on the worker that made
+    them: a copy that leaves it (fetched by a peer or the client, or spilled
+    to disk) carries the contribution, the round counter and the plan only.
+    """
+
+    state: TrainingState | None
+    optimizer: dict | None
+    contribution: Contribution
+    round: int
+    plan: RoundPlan
+
+    def __reduce__(self):
+        return (DeltaResult, (None, None, self.contribution, self.round, self.plan))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data that a peer fetches."""
+        return tree_nbytes(self.contribution.payload)
+
+    def __sizeof__(self) -> int:
+        kept = 0 if self.state is None else self.state.nbytes + tree_nbytes(self.optimizer)
+        return object.__sizeof__(self) + kept + self.nbytes
+
+
+def _average(previous, replica: int, replica_workers) -> TrainingState:
+    """Apply the average of the previous round's deltas to this replica's own state."""
+    own = previous[replica]
+    if own.state is None:
+        raise StateLost(
+            f"The training state of replica {replica} at round {own.round} is not on this "
+            "worker (its worker was lost, or the result was spilled to disk)."
+        )
+    state, plan = own.state, own.plan
+    contributions = [r.contribution for r in previous]
+    total = combine(*contributions, payload=False)
+    # every replica fetches every other replica's packed delta
+    total.bytes_moved = sum(r.nbytes for w in replica_workers
+                            for r, rw in zip(previous, replica_workers) if rw != w)
+    skipped = count_skipped(state, total, plan)
+    optimizer = own.optimizer if own.optimizer is not None else state.optimizer
+    counters = dict(round=state.round + 1, epoch=plan.epochs_completed(), skipped=skipped)
+    if total.weight:
+        live = [c for c in contributions if c.weight]
+        params = state.params.copy()
+        for c in live:
+            params += np.float32(c.weight / total.weight) * unpacked(c.payload["delta"])
+        buffers = tree_weighted_sum([c.payload["buffers"] for c in live],
+                                    [c.weight / total.weight for c in live])
+        new = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
+                            step=state.step + total.steps, log=state.log, **counters)
+    else:  # no replica trained (shards exhausted, or no finite update)
+        new = replace(state, optimizer=optimizer, **counters)
+    # every replica logs the round; one of them tells the scheduler
+    return replace(new, log=log_round(state.log, total, plan, 0, replica_workers,
+                                      emit=replica == 0))
+
+
+def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> DeltaResult:
+    """One compressed ``local_sgd`` round on a replica.
+
+    ``previous`` is the epoch's starting :class:`TrainingState`, or every
+    replica's :class:`DeltaResult` of the previous round, whose average the
+    replica applies to its own state first. Then it runs ``plan.n_steps``
+    local steps and packs the change they made to the parameters.
+    """
+    if isinstance(previous[0], TrainingState):
+        state = previous[0]
+    else:
+        state = _average(previous, plan.replica, replica_workers)
+    contribution = local_steps(spec, shard, state, plan)
+    optimizer = None
+    if contribution.weight and not contribution.non_finite:
+        after = contribution.payload
+        optimizer = after["optimizer"]
+        contribution.payload = {"delta": _pack(after["params"] - state.params, plan),
+                                "buffers": after["buffers"]}
+    return DeltaResult(state, optimizer, contribution, state.round, plan)
+
+
+def finish_deltas(spec, *previous, plan: RoundPlan, replica_workers) -> TrainingState:
+    """Apply an epoch's last round on replica ``plan.replica``: the epoch's final state.
+
+    The ``daskdist-average`` task that ends a compressed ``local_sgd`` epoch.
+    """
+    return _average(previous, plan.replica, replica_workers)
