@@ -33,6 +33,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_throughput.py
 	$(BIN)/python benchmarks/bench_zarr.py
+	$(BIN)/python benchmarks/bench_strategies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -138,6 +138,7 @@ def compression(samples):
     codecs = [("none", {}), ("fp16", {"strategy__compression": "fp16"}),
               ("bf16", {"strategy__compression": "bf16"}),
               ("topk 0.01", {"strategy__compression": "topk", "strategy__density": 0.01})]
+    ratios = {}
     try:
         for strategy in ("sync", "local_sgd"):
             base = None
@@ -146,11 +147,13 @@ def compression(samples):
                               module__hidden=(SIZES["0.5M"],))
                 size = _bytes(net)
                 base = base or size
+                ratios[strategy, name] = base / size
                 print(f"{strategy} | {name} | {size:,.0f} | {base / size:.1f}x | "
                       f"{net.history[-1, 'train_loss']:.3f}")
     finally:
         client.close()
         cluster.close()
+    return ratios
 
 
 def stragglers(samples, step_time, epochs):
@@ -169,6 +172,7 @@ def stragglers(samples, step_time, epochs):
         slow = sorted(cluster_workers(client))[0]
         scenarios = [("persistent", {"module__slow_worker": slow}),
                      ("transient", {"module__slow_probability": 0.3})]
+        ratios = {}
         for scenario, straggler in scenarios:
             rates = []
             for strategy, options in strategies:
@@ -178,12 +182,13 @@ def stragglers(samples, step_time, epochs):
                 net, _ = _fit(client, strategy, options, X, y, module=StragglerNet,
                               epochs=epochs, **params)
                 rates.append(float(np.mean(net.history[1:, "samples_per_sec"])))
-            ratios = rates[3] / rates[1], rates[2] / rates[1]
+            ratios[scenario] = rates[3] / rates[1], rates[2] / rates[1]
             print(f"{scenario} | " + " | ".join(f"{r:,.0f}" for r in rates)
-                  + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x")
+                  + f" | {ratios[scenario][0]:.2f}x | {ratios[scenario][1]:.2f}x")
     finally:
         client.close()
         cluster.close()
+    return ratios
 
 
 def main(argv=None):
@@ -193,9 +198,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     samples = 1024 if args.quick else 4096
     model_sizes(samples)
-    replica_counts(samples, [2, 4] if args.quick else [2, 4, 8])
-    compression(samples)
-    stragglers(2048 if args.quick else 4096, 0.02, 2 if args.quick else 3)
+    replica_counts(samples // 2, [2, 4] if args.quick else [2, 4, 8])
+    packed = compression(samples)
+    slow = stragglers(2048 if args.quick else 4096, 0.02, 2 if args.quick else 3)
+    print("\ntargets: persistent straggler, async >= 1.5x local_sgd: "
+          f"{slow['persistent'][0]:.2f}; transient straggler, ssp >= 1.3x local_sgd: "
+          f"{slow['transient'][1]:.2f}; topk 0.01 >= 20x fewer bytes per round: "
+          f"sync {packed['sync', 'topk 0.01']:.1f}, "
+          f"local_sgd {packed['local_sgd', 'topk 0.01']:.1f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class FitReporter:
     def started(self, trainer, epochs: int) -> None:
         """The trainer has placed its shards; ``epochs`` epochs follow."""
         self.run_id = trainer.run_id
-        per_epoch = len(trainer.strategy.round_sizes(trainer.steps_per_epoch))
+        per_epoch = trainer.strategy.rounds_per_epoch(trainer.steps_per_epoch, len(trainer.shards))
         self._log("start", name=self.name, strategy=getattr(trainer.strategy, "name", None),
                   replicas=len(trainer.shards), workers=len(set(trainer.replica_workers)),
                   epochs=epochs, rounds_per_epoch=per_epoch, t=time.time())

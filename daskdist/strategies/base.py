@@ -36,6 +36,10 @@ class Strategy:
         """Steps in each round of an epoch of ``steps_per_epoch`` steps."""
         raise NotImplementedError
 
+    def rounds_per_epoch(self, steps_per_epoch: int, n_replicas: int) -> int:
+        """Rows an epoch adds to ``rounds_`` (about, where replicas go at their own pace)."""
+        return len(self.round_sizes(steps_per_epoch))
+
     def check_replicas(self, replica_workers: list[str]) -> None:  # noqa: B027 - optional
         """Raise ``ValueError`` if the strategy cannot run these replicas.
 

@@ -153,6 +153,10 @@ class ParameterServer(Strategy):
         k = self.sync_every
         return [min(k, steps_per_epoch - s) for s in range(0, steps_per_epoch, k)]
 
+    def rounds_per_epoch(self, steps_per_epoch: int, n_replicas: int) -> int:
+        # one row per update: each replica's rounds, when they go at the same pace
+        return n_replicas * len(self.round_sizes(steps_per_epoch))
+
     def drive_epoch(self, trainer, lr, epoch_round: int) -> None:
         """Run one epoch of updates; leave ``trainer._state`` as its final state's future."""
         _Epoch(self, trainer, lr).run()
@@ -177,7 +181,9 @@ class _Epoch:
         self.rows_left = sum(trainer.shard_sizes) - rows_done
         self.global_state = trainer._state
         self.global_worker = None  # where the newest version is (None: sent from the client)
-        self.inflight: dict = {}  # round future -> (replica, plan, version started from, rows)
+        # round future -> (replica, plan, version started from, rows, whether the replica
+        # fetched that version from another worker)
+        self.inflight: dict = {}
         self.started = [c[2] for c in self.cursors]  # rounds started, per replica
 
     # -- rounds ---------------------------------------------------------------------------------
