@@ -10,7 +10,16 @@ from .replica import NonFiniteError
 from .sharding import holdout_split, plan_shards
 from .spec import ModelSpec
 from .state import TrainingState
-from .strategies import STRATEGIES, LocalSGD, Strategy, Sync, resolve_strategy
+from .strategies import (
+    SSP,
+    STRATEGIES,
+    Async,
+    Hierarchical,
+    LocalSGD,
+    Strategy,
+    Sync,
+    resolve_strategy,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +36,9 @@ __all__ = [
     "Strategy",
     "Sync",
     "LocalSGD",
+    "Hierarchical",
+    "Async",
+    "SSP",
     "STRATEGIES",
     "resolve_strategy",
     "plan_shards",

@@ -430,7 +430,7 @@ class DaskNet:
         prev = getattr(self, "_training_state_", None)
         counters = ({} if prev is None
                     else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
-                          "skipped": prev.skipped, "log": prev.log})
+                          "skipped": prev.skipped, "log": prev.log, "cursors": prev.cursors})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:

@@ -85,6 +85,8 @@ def test_a_writer_killed_mid_write_leaves_a_complete_checkpoint(tmp_path):
 def _net(**kwargs):
     params = dict(lr=0.1, batch_size=32, verbose=0, random_state=0, train_split=None,
                   optimizer__momentum=0.9, iterator_train__shuffle=True)
+    if kwargs.get("strategy") == "ssp":  # in lock-step, so that runs can be compared
+        params["strategy__staleness"] = 0
     return DaskNeuralNetClassifier(TinyNet, **{**params, **kwargs})
 
 
@@ -147,12 +149,13 @@ _DYING_CLIENT = textwrap.dedent("""
         optimizer__momentum=0.9, iterator_train__shuffle=True, max_epochs=4,
         strategy=strategy, sync_every=3, scheduler_address=address,
         callbacks=[("checkpoint", CheckpointThenDie(path, every_rounds=2))],
+        **({"strategy__staleness": 0} if strategy == "ssp" else {}),
     ).fit(X, y)
 """)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp"])
 def test_a_client_killed_mid_epoch_resumes_at_the_exact_round(client, tiny_data, tmp_path,
                                                              strategy, uninterrupted):
     X, y = tiny_data
