@@ -240,7 +240,7 @@ class Trainer:
                                         key=self.task_key("size", i))
                      for i, shard in enumerate(self.shards)]
             try:
-                self._wait_all(sizes)
+                self.wait(sizes)  # (a lost shard makes the gather raise)
                 return self.client.gather(sizes)
             except KilledWorker as error:
                 raise self._shard_failed(error) from error
@@ -458,15 +458,21 @@ class Trainer:
                     return None
                 self._reschedule_stranded()
 
-    def _wait_all(self, futures) -> None:
-        """Wait until every future is done, rescheduling stranded tasks meanwhile."""
+    def wait(self, futures, return_when: str = "ALL_COMPLETED") -> set:
+        """Wait for all (or the first) of ``futures``; return those done.
+
+        Futures lost with a worker count as done (their status says so).
+        While waiting, this run's tasks stranded for dead workers are
+        rescheduled, and Ctrl-C is noticed.
+        """
         while True:
             try:
                 with self.client.as_current():
-                    distributed.wait(futures, timeout=_POLL_S)
-                return
-            except FuturesCancelledError:  # lost with a worker: the caller's gather says so
-                return
+                    done, _ = distributed.wait(futures, timeout=_POLL_S,
+                                               return_when=return_when)
+                return done
+            except FuturesCancelledError:
+                return {f for f in futures if f.status != "pending"}
             except TimeoutError:
                 interrupt.raise_if_interrupted()
                 self._reschedule_stranded()

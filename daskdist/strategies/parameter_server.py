@@ -29,12 +29,10 @@ import time
 from dataclasses import replace
 
 import dask
-import distributed
 import numpy as np
 from distributed import KilledWorker
-from distributed.client import FutureCancelledError, FuturesCancelledError
+from distributed.client import FutureCancelledError
 
-from .. import interrupt
 from ..aggregation import combine, count_skipped
 from ..dashboard.events import emit_from_worker, round_event
 from ..replica import RoundPlan, _worker_address, local_steps
@@ -274,20 +272,9 @@ class _Epoch:
         raise error
 
     def _wait_some(self) -> list:
-        """The round futures that finished (waits for at least one)."""
-        while True:
-            interrupt.raise_if_interrupted()
-            try:
-                with self.client.as_current():
-                    done, _ = distributed.wait(list(self.inflight), timeout=2,
-                                               return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                self.trainer._reschedule_stranded()
-                continue
-            except FuturesCancelledError:  # lost with a worker: _check says so
-                done = {f for f in self.inflight if f.status != "pending"}
-            # oldest first: the order in which the replicas were started
-            return [f for f in self.inflight if f in done]
+        """The round futures that finished (waits for at least one), oldest first."""
+        done = self.trainer.wait(list(self.inflight), return_when="FIRST_COMPLETED")
+        return [f for f in self.inflight if f in done]
 
     def run(self) -> None:
         t = self.trainer
