@@ -17,7 +17,8 @@ from .dashboard.events import emit_from_worker, round_event
 from .replica import Contribution, NonFiniteError, _worker_address
 from .state import tree_nbytes, tree_scale, tree_weighted_sum
 
-__all__ = ["WeightedSum", "combine", "count_skipped", "log_round", "submit_tree"]
+__all__ = ["WeightedSum", "combine", "count_skipped", "exchange_bytes", "log_round",
+           "submit_tree"]
 
 
 @dataclass
@@ -91,6 +92,17 @@ def combine(*parts, payload: bool = True) -> WeightedSum:
         skipped=tuple(sorted(r for s in sums for r in s.skipped)),
         per_replica=per_replica,
     )
+
+
+def exchange_bytes(results, replica_workers) -> int:
+    """Bytes moved when every replica fetches every other replica's result.
+
+    ``results`` are the replicas' outputs of a round (each with ``nbytes``,
+    what a peer fetches), in replica order; a result on the fetching
+    replica's own worker costs nothing.
+    """
+    return sum(r.nbytes for w in replica_workers
+               for r, rw in zip(results, replica_workers) if rw != w)
 
 
 def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_workers, *,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..aggregation import combine, count_skipped, log_round
+from ..aggregation import combine, count_skipped, exchange_bytes, log_round
 from ..compression import unpacked
 from ..replica import Contribution, RoundPlan, StateLost, _pack, local_steps
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
@@ -70,8 +70,7 @@ def _average(previous, replica: int, replica_workers) -> TrainingState:
     contributions = [r.contribution for r in previous]
     total = combine(*contributions, payload=False)
     # every replica fetches every other replica's packed delta
-    total.bytes_moved = sum(r.nbytes for w in replica_workers
-                            for r, rw in zip(previous, replica_workers) if rw != w)
+    total.bytes_moved = exchange_bytes(previous, replica_workers)
     skipped = count_skipped(state, total, plan)
     optimizer = own.optimizer if own.optimizer is not None else state.optimizer
     counters = dict(round=state.round + 1, epoch=plan.epochs_completed(), skipped=skipped)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..aggregation import combine, count_skipped, log_round
+from ..aggregation import combine, count_skipped, exchange_bytes, log_round
 from ..compression import check_compression, unpacked
 from ..replica import Contribution, StateLost, _replica, gradient
 from ..state import (
@@ -69,8 +69,7 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     contributions = [r.contribution for r in previous]
     total = combine(*contributions, payload=False)
     # every replica fetches every other replica's gradient from another worker
-    total.bytes_moved = sum(r.nbytes for w in replica_workers
-                            for r, rw in zip(previous, replica_workers) if rw != w)
+    total.bytes_moved = exchange_bytes(previous, replica_workers)
     step_plan = replace(plan, round=plan.round - 1, first_step=plan.first_step - 1)
     skipped = count_skipped(state, total, step_plan)
     rep = _replica(spec, plan.run_id, plan.replica)
