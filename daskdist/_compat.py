@@ -1,8 +1,8 @@
 """The one place daskdist relies on ``distributed`` internals.
 
 ``tests/test_dashboard.py`` checks each of them against the installed
-version, so that a change in ``distributed`` fails there, loudly, rather than
-somewhere in a fit:
+version (``tests/test_faults.py`` the last one), so that a change in
+``distributed`` fails there, loudly, rather than somewhere in a fit:
 
 - the scheduler's web application (:func:`add_http_routes`), to serve the
   ``/daskdist`` page on a scheduler that is already running;
@@ -17,13 +17,23 @@ somewhere in a fit:
   placed on a worker with ``allow_other_workers=True`` that has to be
   recomputed at a moment when no worker is running waits in ``no-worker`` for
   ever, because the scheduler only reconsiders such tasks for a new worker
-  that its (dead) worker restrictions name.
+  that its (dead) worker restrictions name;
+- ``SpecCluster``'s handling of a lost worker (:class:`KeepRestartingNannies`),
+  which closes a nanny for good while it is bringing its worker back.
 """
 
 from __future__ import annotations
 
-__all__ = ["add_http_routes", "http_routes_added", "reschedule_stranded", "task_state", "who_has",
-           "workers"]
+import asyncio
+from collections import Counter
+
+import dask
+from dask.utils import parse_timedelta
+from distributed.core import Status
+from distributed.deploy.cluster import Cluster
+
+__all__ = ["KeepRestartingNannies", "add_http_routes", "http_routes_added", "reschedule_stranded",
+           "task_state", "who_has", "workers"]
 
 
 def workers(client) -> dict:
@@ -116,3 +126,49 @@ def http_routes_added(scheduler, routes) -> bool:
                                 headers=HTTPHeaders({"Host": "localhost"}))
     handler = application.find_handler(request)
     return handler.handler_class is routes[0][1]
+
+
+class KeepRestartingNannies:
+    """Mixin for a ``LocalCluster``: a nanny bringing its worker back is not closed.
+
+    ``SpecCluster`` closes, for good, the nanny of a worker that left the
+    scheduler once ``distributed.deploy.lost-worker-timeout`` (15 s) has
+    passed with no worker of the same name registered. It only looks at that
+    moment, so a worker that dies, comes back and dies again within the
+    timeout loses its nanny in the middle of the second restart (and a
+    restart slower than the timeout loses it too): the cluster is a worker
+    short for the rest of its life. With this mixin a removal's timer does
+    nothing if a worker of that name registered since, and waits another
+    timeout while the nanny is still restarting its worker; a nanny whose
+    worker is gone for good (it failed to start, or hangs unheard from) is
+    closed as before.
+    """
+
+    def _update_worker_status(self, op, msg):
+        registrations = self.__dict__.setdefault("_daskdist_registrations", Counter())
+        if op == "add":
+            for info in msg.get("workers", {}).values():
+                registrations[info.get("name")] += 1
+            return super()._update_worker_status(op, msg)
+        if op != "remove" or msg not in self.scheduler_info["workers"]:
+            return super()._update_worker_status(op, msg)
+        name = self.scheduler_info["workers"][msg]["name"]
+        delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+        asyncio.get_running_loop().call_later(delay, self._close_lost_nanny, name,
+                                              registrations[name], delay)
+        # the bookkeeping only: SpecCluster's own timer is the one replaced above
+        return Cluster._update_worker_status(self, op, msg)
+
+    def _close_lost_nanny(self, name, registrations: int, delay: float) -> None:
+        nanny = self.workers.get(name)
+        if (nanny is None or self._daskdist_registrations[name] > registrations
+                or any(info["name"] == name for info in self.scheduler_info["workers"].values())):
+            return
+        process = getattr(nanny, "process", None)
+        if nanny.status == Status.running and (process is None or process.status in (
+                Status.init, Status.starting, Status.stopped)):
+            asyncio.get_running_loop().call_later(delay, self._close_lost_nanny, name,
+                                                  registrations, delay)
+            return
+        self._futures.add(asyncio.ensure_future(nanny.close()))
+        del self.workers[name]

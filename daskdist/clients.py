@@ -29,6 +29,7 @@ import os
 import dask.config
 from distributed import Client, LocalCluster, worker_client
 
+from ._compat import KeepRestartingNannies
 from .dashboard import ROUTES_MODULE
 
 __all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config"]
@@ -97,10 +98,14 @@ def embedded_cluster(n_workers: int | None = None, *, security=None, **kwargs) -
         if inherited == _NANNY_DEFAULT_TRIM:
             os.environ.pop("MALLOC_TRIM_THRESHOLD_")
         try:
-            return LocalCluster(**options)
+            return _EmbeddedCluster(**options)
         finally:
             if inherited == _NANNY_DEFAULT_TRIM:
                 os.environ["MALLOC_TRIM_THRESHOLD_"] = inherited
+
+
+class _EmbeddedCluster(KeepRestartingNannies, LocalCluster):
+    """The embedded cluster: a ``LocalCluster`` whose nannies keep bringing workers back."""
 
 
 def _temporary_security():

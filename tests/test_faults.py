@@ -185,6 +185,33 @@ def test_worker_killed_under_async_updates_applies_each_update_once(three_worker
     assert net.score(X, y) > 0.9
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_killed_again_while_its_nanny_restarts_it_comes_back():
+    """distributed's own LocalCluster closes the nanny of a worker that is gone when
+    ``lost-worker-timeout`` runs out after a removal, even when that is the nanny's second
+    restart of it (or its restart is slow): the cluster stays a worker short for good."""
+    timeout = 8.0
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": f"{timeout}s"}):
+        cluster = embedded_cluster(n_workers=1)
+        try:
+            with Client(cluster, set_as_default=False) as client:
+                client.wait_for_workers(1, timeout=60)
+                first = time.monotonic()
+                for when in (first, first + timeout - 0.5):  # the second kill lands just
+                    time.sleep(max(0.0, when - time.monotonic()))  # before the first
+                    killed = _kill_a_worker(client)  # removal's timer runs out
+                    deadline = time.monotonic() + 60
+                    while set(client.scheduler_info(n_workers=-1)["workers"]) in (set(),
+                                                                                  {killed}):
+                        assert time.monotonic() < deadline, "the worker did not come back"
+                        time.sleep(0.2)
+                time.sleep(timeout + 1)  # every removal's timer has run out
+                assert len(cluster.workers) == 1
+                client.wait_for_workers(1, timeout=10)
+        finally:
+            cluster.close()
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind", ["dask", "stream"])
 def test_every_worker_killed_at_once_the_fit_recomputes_and_goes_on(tmp_path, kind):
