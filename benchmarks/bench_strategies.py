@@ -8,8 +8,10 @@ One run prints four tables, every row measured in this run on this machine:
    single-threaded workers on this one machine; the 0.5M model).
 3. Bytes per round of ``sync`` and ``local_sgd`` with and without
    compression, and their ratio.
-4. Samples/s of ``sync``, ``local_sgd``, ``ssp`` (staleness 2) and ``async``
-   with stragglers, as a ratio of ``local_sgd``: a persistent straggler (one
+4. Samples/s of ``sync`` and ``local_sgd`` (each without and with a round
+   deadline of 1.5x the running median), ``ssp`` (staleness 2) and ``async``
+   with stragglers, as ratios of ``local_sgd`` (and of ``sync`` for
+   ``sync`` with a deadline): a persistent straggler (one
    replica's steps always 3x slower) and a transient one (each round, each
    replica is 3x slower with probability 0.3). Here a step's compute is a set
    sleep (:class:`daskdist.testing.StragglerNet`), so that the replicas' speeds
@@ -22,7 +24,7 @@ after the first epoch. Targets (issue): persistent straggler, ``async`` at
 least 1.5x ``local_sgd``; transient straggler, ``ssp`` at least 1.3x
 ``local_sgd``; ``topk`` at density 0.01 at least 20x fewer bytes per round.
 
-Run: ``python benchmarks/bench_strategies.py [--quick]``.
+Run: ``python benchmarks/bench_strategies.py [--quick] [--tables 1234]``.
 """
 
 from __future__ import annotations
@@ -156,35 +158,51 @@ def compression(samples):
     return ratios
 
 
+#: The straggler table's columns: label, strategy, options.
+STRAGGLER_STRATEGIES = [
+    ("sync", "sync", {}),
+    ("sync+deadline", "sync", {"strategy__deadline": 1.5}),
+    ("local_sgd", "local_sgd", {}),
+    ("local_sgd+deadline", "local_sgd", {"strategy__deadline": 1.5}),
+    ("ssp(2)", "ssp", {"strategy__staleness": 2}),
+    ("async", "async", {}),
+]
+
+
 def stragglers(samples, step_time, epochs):
     from daskdist._compat import workers as cluster_workers
     from daskdist.testing import StragglerNet
 
     print(f"\n4. Samples/s with stragglers (4 replicas, steps of {step_time * 1e3:.0f} ms, "
-          f"3x slower on a straggler, sync_every=8, {samples} samples)")
-    print("scenario | " + " | ".join(f"{s}" for s in ("sync", "local_sgd", "ssp(2)", "async"))
-          + " | async / local_sgd | ssp / local_sgd")
+          f"3x slower on a straggler, sync_every=8, {samples} samples; deadline 1.5x the "
+          "running median round)")
+    labels = [label for label, *_ in STRAGGLER_STRATEGIES]
+    print("scenario | " + " | ".join(labels) + " | async / local_sgd | ssp / local_sgd | "
+          "local_sgd+deadline / local_sgd | sync+deadline / sync")
     cluster, client = _cluster(4)
     X, y = _data(samples, features=20)
-    strategies = [("sync", {}), ("local_sgd", {}), ("ssp", {"strategy__staleness": 2}),
-                  ("async", {})]
     try:
         slow = sorted(cluster_workers(client))[0]
         scenarios = [("persistent", {"module__slow_worker": slow}),
                      ("transient", {"module__slow_probability": 0.3})]
         ratios = {}
         for scenario, straggler in scenarios:
-            rates = []
-            for strategy, options in strategies:
+            rates = {}
+            for label, strategy, options in STRAGGLER_STRATEGIES:
                 params = dict(module__n_features=20, module__hidden=16, module__n_outputs=10,
                               module__step_time=step_time, module__slowdown=3.0, sync_every=8,
                               **straggler)
                 net, _ = _fit(client, strategy, options, X, y, module=StragglerNet,
                               epochs=epochs, **params)
-                rates.append(float(np.mean(net.history[1:, "samples_per_sec"])))
-            ratios[scenario] = rates[3] / rates[1], rates[2] / rates[1]
-            print(f"{scenario} | " + " | ".join(f"{r:,.0f}" for r in rates)
-                  + f" | {ratios[scenario][0]:.2f}x | {ratios[scenario][1]:.2f}x")
+                rates[label] = float(np.mean(net.history[1:, "samples_per_sec"]))
+            ratios[scenario] = {
+                "async": rates["async"] / rates["local_sgd"],
+                "ssp": rates["ssp(2)"] / rates["local_sgd"],
+                "local_sgd+deadline": rates["local_sgd+deadline"] / rates["local_sgd"],
+                "sync+deadline": rates["sync+deadline"] / rates["sync"],
+            }
+            print(f"{scenario} | " + " | ".join(f"{rates[label]:,.0f}" for label in labels)
+                  + " | " + " | ".join(f"{r:.2f}x" for r in ratios[scenario].values()))
     finally:
         client.close()
         cluster.close()
@@ -195,17 +213,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer samples and replica counts (a smoke run)")
+    parser.add_argument("--tables", default="1234",
+                        help="which tables to run, e.g. 4 for the stragglers alone")
     args = parser.parse_args(argv)
     samples = 1024 if args.quick else 4096
-    model_sizes(samples)
-    replica_counts(samples // 2, [2, 4] if args.quick else [2, 4, 8])
-    packed = compression(samples)
-    slow = stragglers(2048 if args.quick else 4096, 0.02, 2 if args.quick else 3)
-    print("\ntargets: persistent straggler, async >= 1.5x local_sgd: "
-          f"{slow['persistent'][0]:.2f}; transient straggler, ssp >= 1.3x local_sgd: "
-          f"{slow['transient'][1]:.2f}; topk 0.01 >= 20x fewer bytes per round: "
-          f"sync {packed['sync', 'topk 0.01']:.1f}, "
-          f"local_sgd {packed['local_sgd', 'topk 0.01']:.1f}")
+    if "1" in args.tables:
+        model_sizes(samples)
+    if "2" in args.tables:
+        replica_counts(samples // 2, [2, 4] if args.quick else [2, 4, 8])
+    if "3" in args.tables:
+        packed = compression(samples)
+        print("\ntarget: topk 0.01 >= 20x fewer bytes per round: "
+              f"sync {packed['sync', 'topk 0.01']:.1f}, "
+              f"local_sgd {packed['local_sgd', 'topk 0.01']:.1f}")
+    if "4" in args.tables:
+        slow = stragglers(2048 if args.quick else 4096, 0.02, 2 if args.quick else 3)
+        print("\ntargets: persistent straggler, async >= 1.5x local_sgd: "
+              f"{slow['persistent']['async']:.2f}; transient straggler, ssp >= 1.3x local_sgd: "
+              f"{slow['transient']['ssp']:.2f}")
 
 
 if __name__ == "__main__":

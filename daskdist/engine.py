@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
-                 "compute_s", "staleness")
+                 "compute_s", "staleness", "dropped")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -458,22 +458,27 @@ class Trainer:
                     return None
                 self._reschedule_stranded()
 
-    def wait(self, futures, return_when: str = "ALL_COMPLETED") -> set:
+    def wait(self, futures, return_when: str = "ALL_COMPLETED",
+             timeout: float | None = None) -> set:
         """Wait for all (or the first) of ``futures``; return those done.
 
         Futures lost with a worker count as done (their status says so).
         While waiting, this run's tasks stranded for dead workers are
-        rescheduled, and Ctrl-C is noticed.
+        rescheduled, and Ctrl-C is noticed. After ``timeout`` seconds (None:
+        no limit) returns those done so far, maybe none.
         """
+        end = None if timeout is None else time.monotonic() + timeout
         while True:
+            poll = _POLL_S if end is None else min(_POLL_S, max(end - time.monotonic(), 0.0))
             try:
                 with self.client.as_current():
-                    done, _ = distributed.wait(futures, timeout=_POLL_S,
-                                               return_when=return_when)
+                    done, _ = distributed.wait(futures, timeout=poll, return_when=return_when)
                 return done
             except FuturesCancelledError:
                 return {f for f in futures if f.status != "pending"}
             except TimeoutError:
+                if end is not None and time.monotonic() >= end:
+                    return {f for f in futures if f.done()}
                 interrupt.raise_if_interrupted()
                 self._reschedule_stranded()
 
@@ -626,6 +631,8 @@ class Trainer:
                 "compute_s": r["compute_s"],
                 # versions applied since the update's replica started (0: all replicas met)
                 "staleness": r.get("staleness", 0),
+                # updates that missed this round's deadline (applied in a later round)
+                "dropped": r.get("dropped", 0),
             })
             prev_end = r["t_end"]
         return rows

@@ -567,6 +567,8 @@ class DaskNet:
             staleness = [r["staleness"] for r in result.rounds] or [0]
             history.record("max_staleness", int(max(staleness)))
             history.record("mean_staleness", float(np.mean(staleness)))
+        if getattr(strategy, "deadline", None) is not None:
+            history.record("dropped_updates", int(sum(r["dropped"] for r in result.rounds)))
         history.record("samples_per_sec", result.samples_per_sec)
 
     def _append_log(self, name: str, rows, columns) -> None:

@@ -157,7 +157,8 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp")])
+@pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp"),
+                                            ("numpy", "local_sgd-deadline")])
 def test_worker_killed_under_async_updates_applies_each_update_once(three_workers, digits,
                                                                     tmp_path, kind, strategy):
     from daskdist.testing import KillWorkerOnTask
@@ -171,7 +172,8 @@ def test_worker_killed_under_async_updates_applies_each_update_once(three_worker
     try:
         net = DaskNeuralNetClassifier(
             TinyNet, module__n_features=64, module__hidden=32, module__n_outputs=10,
-            max_epochs=4, batch_size=96, lr=0.3, strategy=strategy, sync_every=2,
+            max_epochs=4, batch_size=96, lr=0.3, strategy=strategy.split("-")[0], sync_every=2,
+            **({"strategy__deadline": 2.0} if strategy.endswith("deadline") else {}),
             train_split=None, verbose=0, random_state=0,
             scheduler_address=three_workers.scheduler.address).fit(Xin, y)
     finally:

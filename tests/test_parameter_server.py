@@ -1,4 +1,5 @@
-"""``async`` and ``ssp``: updates applied as they arrive, with and without a staleness bound."""
+"""Updates the driver applies as they arrive: ``async``, ``ssp``, and ``local_sgd`` with a
+round deadline."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from daskdist import DaskNeuralNetClassifier
 from daskdist._compat import workers as cluster_workers
 from daskdist.checkpoint import load_checkpoint, save_checkpoint
 from daskdist.state import TrainingState, params_vector, tree_add, tree_diff
-from daskdist.strategies import SSP, Async, resolve_strategy
+from daskdist.strategies import SSP, Async, LocalSGD, resolve_strategy
 from daskdist.testing import StragglerNet, TinyNet, make_classification
 
 
@@ -73,16 +74,23 @@ def test_async_and_ssp_learn_digits_and_record_staleness(client, digits_split, s
 
 @pytest.fixture(scope="module")
 def straggler_fits(session_client, digits_split):
-    """``async`` and ``ssp(1)`` on digits, replica 0's steps four times slower than replica 1's."""
+    """``async``, ``ssp(1)``, and ``local_sgd`` and ``sync`` with a deadline on digits, replica
+    0's steps four times slower than replica 1's."""
     X_train, _, y_train, _ = digits_split
     slow = sorted(cluster_workers(session_client))[0]  # replica 0's worker (numpy shards)
     fits = {}
     with session_client.as_current():
-        for strategy, options in [("async", {}), ("ssp", {"strategy__staleness": 1})]:
+        for strategy, options in [("async", {}), ("ssp", {"strategy__staleness": 1}),
+                                  ("local_sgd", {"strategy__deadline": 1.5}),
+                                  # longer steps: a sync round's fixed cost would hide most of
+                                  # the slow-down (one step per round)
+                                  ("sync", {"strategy__deadline": 1.5,
+                                            "module__step_time": 0.04, "max_epochs": 2})]:
+            options = {"module__step_time": 0.01, "max_epochs": 3, **options}
             fits[strategy] = _digits_net(
-                session_client, module=StragglerNet, module__step_time=0.01,
-                module__slowdown=4.0, module__slow_worker=slow, max_epochs=3, sync_every=2,
-                strategy=strategy, **options).fit(X_train, y_train)
+                session_client, module=StragglerNet, module__slowdown=4.0,
+                module__slow_worker=slow, sync_every=2, strategy=strategy,
+                **options).fit(X_train, y_train)
     return fits
 
 
@@ -106,6 +114,49 @@ def test_ssp_never_exceeds_its_staleness_bound(straggler_fits):
     assert abs(updates[1] - updates[0]) <= 2
 
 
+@pytest.mark.parametrize("strategy", ["local_sgd", "sync"])
+def test_a_deadline_that_is_never_missed_changes_nothing(client, strategy):
+    X, y = make_classification(600 if strategy == "sync" else 1200)
+    params = dict(max_epochs=3, batch_size=64, lr=0.2, sync_every=4, train_split=None,
+                  verbose=0, random_state=0, iterator_train__shuffle=True,
+                  optimizer=torch.optim.SGD, optimizer__momentum=0.9)
+    flat = DaskNeuralNetClassifier(TinyNet, strategy=strategy, **params).fit(X, y)
+    timed = DaskNeuralNetClassifier(TinyNet, strategy=strategy, strategy__deadline=1e6,
+                                    **params).fit(X, y)
+    # the same rounds, each closed with both replicas: the mean delta is the mean state,
+    # and one step with the mean gradient is the step sync takes
+    assert timed.rounds_["replicas"].tolist() == flat.rounds_["replicas"].tolist()
+    assert (timed.rounds_["dropped"] == 0).all() and (timed.rounds_["staleness"] == 0).all()
+    assert timed.history[:, "dropped_updates"] == [0, 0, 0]
+    np.testing.assert_allclose(params_vector(timed.module_), params_vector(flat.module_),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "sync"])
+def test_deadline_closes_rounds_without_the_straggler_and_folds_its_updates_in(
+        straggler_fits, digits_split, strategy):
+    X_train, X_test, _, y_test = digits_split
+    net = straggler_fits[strategy]
+    rounds = net.rounds_
+    assert rounds["round"].tolist() == list(range(len(rounds)))  # each round applied once
+    # no update lost: each epoch's applied updates cover the training set
+    per_epoch = rounds.groupby("epoch")["samples"].sum()
+    assert (per_epoch >= len(X_train)).all() and (per_epoch < len(X_train) + 2 * 64 * 2).all()
+    dropped = int(rounds["dropped"].sum())
+    assert dropped > 0 and sum(net.history[:, "dropped_updates"]) == dropped
+    # rounds closed on the fast replica alone, and the slow one's late updates were folded
+    # into later rounds (applied to a newer state than they started from)
+    assert (rounds["replicas"] == (1,)).sum() >= dropped // 2
+    folded = rounds[rounds["staleness"] > 0]
+    assert 0 < len(folded) <= dropped
+    assert sum(0 in r for r in folded["replicas"]) >= 0.9 * len(folded)
+    updates = rounds["replicas"].explode().value_counts()
+    assert updates[1] > 1.5 * updates[0]  # the fast replica did not wait for the slow one
+    last = rounds[rounds.epoch == rounds.epoch.max()]
+    assert net.history[-1, "max_staleness"] == last["staleness"].max()
+    assert net.score(X_test, y_test) > 0.85
+
+
 def test_strategy_options_are_checked():
     assert resolve_strategy("async", sync_every=3) == Async(sync_every=3)
     assert resolve_strategy("ssp", {"staleness": 0}) == SSP(staleness=0)
@@ -117,6 +168,13 @@ def test_strategy_options_are_checked():
         resolve_strategy("async", {"staleness": 2})
     with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
         resolve_strategy("async", {"sync_every": 0})
+    assert resolve_strategy("local_sgd", {"deadline": 2}) == LocalSGD(deadline=2)
+    for bad in (1, 0.5, "2", True):
+        with pytest.raises(ValueError, match="deadline must be None or a number > 1"):
+            resolve_strategy("local_sgd", {"deadline": bad})
+    for strategy in ("local_sgd", "sync"):
+        with pytest.raises(ValueError, match=f"{strategy} with a deadline sends uncompressed"):
+            resolve_strategy(strategy, {"deadline": 2, "compression": "fp16"})
 
 
 def test_deltas_add_leaf_by_leaf_and_cursors_survive_a_checkpoint(tmp_path):

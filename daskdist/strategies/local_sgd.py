@@ -9,6 +9,7 @@ from ..compression import check_compression
 from ..replica import local_steps
 from ..state import TrainingState
 from .base import Strategy
+from .deadline import DeadlineOption
 from .delta_exchange import delta_round, finish_deltas
 
 __all__ = ["LocalSGD", "average_parameters"]
@@ -35,7 +36,7 @@ def average_parameters(spec, state: TrainingState, *parts, plan, replica_workers
     return replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
 
 
-class LocalSGD(Strategy):
+class LocalSGD(DeadlineOption, Strategy):
     """Local SGD: ``sync_every`` local steps per replica, then average parameters.
 
     Implements periodic parameter averaging as analysed in Lin et al. 2018,
@@ -51,6 +52,13 @@ class LocalSGD(Strategy):
     (:mod:`daskdist.strategies.delta_exchange`); optimizer state then stays
     on each replica.
 
+    With ``deadline``, a round closes without the replicas that are late by
+    more than ``deadline`` times the running median of round durations; their
+    updates are folded into a later round, never lost
+    (:mod:`daskdist.strategies.deadline`). Without a straggler it trains like
+    plain ``local_sgd`` (replicas exchange deltas through the client's loop
+    instead of meeting in an averaging task).
+
     Parameters
     ----------
     sync_every : int
@@ -60,6 +68,9 @@ class LocalSGD(Strategy):
         are averaged as they are, optimizer state included).
     density : float
         Share of delta entries ``"topk"`` sends per round.
+    deadline : float or None
+        Close a round once it has run this many times the running median of
+        round durations (None: every round waits for every replica).
     """
 
     name = "local_sgd"
@@ -67,10 +78,11 @@ class LocalSGD(Strategy):
     finalize = staticmethod(average_parameters)
 
     def __init__(self, sync_every: int = 8, compression: str | None = None,
-                 density: float = 0.01):
+                 density: float = 0.01, deadline: float | None = None):
         self.sync_every = sync_every
         self.compression = compression
         self.density = density
+        self.deadline = deadline
         self.validate()
 
     def validate(self) -> None:
@@ -78,6 +90,7 @@ class LocalSGD(Strategy):
                 or self.sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {self.sync_every!r}.")
         check_compression(self.compression, self.density)
+        self.check_deadline()
 
     def submit_round(self, trainer, state, plans):
         if self.compression is None:

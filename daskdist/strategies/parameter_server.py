@@ -39,7 +39,7 @@ from ..replica import RoundPlan, _worker_address, local_steps
 from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
 from .base import Strategy
 
-__all__ = ["ParameterServer", "local_delta", "apply_update", "close_epoch"]
+__all__ = ["ParameterServer", "local_delta", "apply_update", "next_version", "close_epoch"]
 
 
 def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
@@ -57,44 +57,60 @@ def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
     return contribution
 
 
-def apply_update(state: TrainingState, contribution, *, scale: float, record: dict,
-                 cursors: tuple, transfers: int, plan: RoundPlan) -> TrainingState:
-    """Add one replica's delta, times ``scale``, to the global state: the next version.
+def apply_update(state: TrainingState, *contributions, scales, record: dict, cursors: tuple,
+                 transfers: int, plan: RoundPlan) -> TrainingState:
+    """Add replicas' deltas, each times its scale, to the global state: the next version.
 
-    The ``daskdist-apply`` task. ``record`` holds what the driver knows of
-    the update (replica, epoch, staleness, rows); the round log gets it with
-    the update's loss, samples, timings and bytes. ``transfers`` is the
-    number of times the update made a copy of the global state cross
-    between workers. A non-finite update is left out, and counted against
-    ``plan.max_non_finite`` (``plan`` names the update's version and epoch).
+    The ``daskdist-apply`` task: one delta for ``async`` and ``ssp``, the
+    deltas that made a round's deadline (and late ones from earlier rounds)
+    for a ``local_sgd`` with a deadline. ``scales`` is one factor per delta,
+    or None for the sample-weighted mean of the finite ones. ``record`` holds
+    what the driver knows of the update (epoch, staleness, rows); the round
+    log gets it with the deltas' loss, samples, timings and bytes.
+    ``transfers`` is the number of times the update made a copy of the global
+    state cross between workers. Non-finite deltas are left out, and counted
+    against ``plan.max_non_finite`` (``plan`` names the version and epoch).
     """
-    c = contribution
-    skipped = count_skipped(state, combine(c, payload=False), plan)
+    total = combine(*contributions, payload=False)
+    skipped = count_skipped(state, total, plan)
+    if scales is None:
+        scales = [c.weight / total.weight if total.weight else 0.0 for c in contributions]
     tree = {"params": state.params, "buffers": state.buffers, "optimizer": state.optimizer}
-    if c.weight and not c.non_finite:
-        tree = tree_add(tree, c.payload, scale)
+    for c, scale in zip(contributions, scales):
+        if c.weight and not c.non_finite:
+            tree = tree_add(tree, c.payload, scale)
+    return next_version(state, contributions, total, tree, skipped, record=record,
+                        cursors=cursors, transfers=transfers)
+
+
+def next_version(state: TrainingState, contributions, total, tree: dict, skipped, *,
+                 record: dict, cursors: tuple, transfers: int) -> TrainingState:
+    """The global state after an update: ``tree`` and the update's record in the round log."""
     t_end = time.time()
+    here = _worker_address()
     record = {
         **record,
         "round": state.round,
-        "replicas": (c.replica,) if c.weight else (),
-        "skipped": (c.replica,) if c.non_finite else (),
-        "samples": int(c.weight),
-        "steps": c.steps,
-        "loss_sum": c.loss_sum,
+        "replicas": tuple(c.replica for c in contributions if c.weight),
+        "skipped": tuple(c.replica for c in contributions if c.non_finite),
+        "samples": int(total.weight),
+        "steps": total.steps,
+        "loss_sum": total.loss_sum,
         "bytes": int(transfers * state.nbytes
-                     + (tree_nbytes(c.payload) if c.worker != _worker_address() else 0)),
-        "compute_s": c.compute_s,
-        "sync_s": max(t_end - c.t_start - c.compute_s, 0.0),
-        "t_start": c.t_start,
+                     + sum(tree_nbytes(c.payload) for c in contributions if c.worker != here)),
+        "compute_s": total.compute_s,
+        # from the last contribution's arrival to its application
+        "sync_s": max(t_end - max(c.t_start + c.compute_s for c in contributions), 0.0),
+        "t_start": total.t_start,
         "t_end": t_end,
-        "per_replica": ((c.replica, c.loss_sum, c.weight, c.compute_s),),
+        "per_replica": tuple((c.replica, c.loss_sum, c.weight, c.compute_s)
+                             for c in contributions),
     }
     emit_from_worker(round_event(record["run"], record))
     log = state.log if state.log and state.log[-1]["epoch"] == record["epoch"] else ()
     return TrainingState(
         params=tree["params"], buffers=tree["buffers"], optimizer=tree["optimizer"],
-        step=state.step + c.steps, round=state.round + 1, epoch=state.epoch,
+        step=state.step + total.steps, round=state.round + 1, epoch=state.epoch,
         skipped=skipped, log=log + (record,), cursors=cursors,
     )
 
@@ -163,8 +179,12 @@ class ParameterServer(Strategy):
 class _Epoch:
     """The driver's loop over one epoch of a parameter-server strategy."""
 
+    #: ``task(spec, shard, state, plan) -> Contribution``: a replica's round.
+    round_task = staticmethod(local_delta)
+
     def __init__(self, strategy: ParameterServer, trainer, lr):
         self.strategy, self.trainer, self.lr = strategy, trainer, lr
+        self.round_steps = getattr(strategy, "sync_every", 1)
         self.client = trainer.client
         n = len(trainer.shards)
         self.steps = [int(np.ceil(size / b))
@@ -188,7 +208,7 @@ class _Epoch:
     def _rows(self, i: int, step: int) -> int:
         """Rows of replica ``i``'s round that starts at ``step`` of its pass."""
         b, size = self.trainer.replica_batch[i], self.trainer.shard_sizes[i]
-        n_steps = min(self.strategy.sync_every, self.steps[i] - step)
+        n_steps = min(self.round_steps, self.steps[i] - step)
         return max(min(n_steps * b, size - step * b), 0)
 
     def _scale(self, plan: RoundPlan, rows: int) -> float:
@@ -200,14 +220,14 @@ class _Epoch:
         """Replica ``i``'s next round and its rows, or ``None`` if it must not start one now."""
         if self.rows_left <= 0:
             return None
-        bound = self.strategy.staleness
+        bound = getattr(self.strategy, "staleness", None)
         if bound is not None and self.started[i] - min(c[2] for c in self.cursors) > bound:
             return None  # too far ahead of the slowest replica
         t = self.trainer
         passes, step, _ = self.cursors[i]
         if any(r == i for r, *_ in self.inflight.values()):
             return None
-        n_steps = min(self.strategy.sync_every, self.steps[i] - step)
+        n_steps = min(self.round_steps, self.steps[i] - step)
         plan = RoundPlan(t.run_id, i, passes, self.started[i], step, n_steps,
                          t.replica_batch[i], self.lr,
                          t.random_state, t.shuffle,
@@ -224,7 +244,7 @@ class _Epoch:
             plan, rows = nxt
             worker = t.replica_workers[i]
             future = self.client.submit(
-                local_delta, t.spec_future, t.shards[i], self.global_state, plan, pure=False,
+                self.round_task, t.spec_future, t.shards[i], self.global_state, plan, pure=False,
                 key=t.task_key("round", plan.round, i, epoch=t.epoch),
                 workers=[worker], allow_other_workers=True)
             fetched = self.global_worker is not None and self.global_worker != worker
@@ -237,19 +257,29 @@ class _Epoch:
         t = self.trainer
         i, plan, started_from, rows, fetched = self.inflight.pop(future)
         worker = t.replica_workers[i]
+        self._advance(i, plan)
+        record = {"run": t.run_id, "epoch": t.epoch, "replica": i, "rows": rows,
+                  "staleness": self.version - started_from}
+        self._submit_version(
+            apply_update, [self.global_state, future], worker, plan,
+            scales=(self._scale(plan, rows),), record=record,
+            transfers=fetched + int(self.global_worker not in (None, worker)))
+
+    def _advance(self, i: int, plan: RoundPlan) -> None:
+        """Move replica ``i``'s cursor past its finished round ``plan``."""
         passes, step = plan.epoch, plan.first_step + plan.n_steps
         if step >= self.steps[i]:
             passes, step = passes + 1, 0
         self.cursors[i] = (passes, step, plan.round + 1)
-        transfers = fetched + int(self.global_worker not in (None, worker))
-        record = {"run": t.run_id, "epoch": t.epoch, "replica": i, "rows": rows,
-                  "staleness": self.version - started_from}
+
+    def _submit_version(self, task, args: list, worker: str, plan: RoundPlan, **kwargs) -> None:
+        """Submit ``task(*args, **kwargs, cursors=, plan=)`` on ``worker``: the next version."""
+        t = self.trainer
         self.global_state = self.client.submit(
-            apply_update, self.global_state, future, pure=False,
-            scale=self._scale(plan, rows), record=record, cursors=tuple(self.cursors),
-            transfers=transfers, plan=replace(plan, round=self.version, epoch=t.epoch),
+            task, *args, pure=False, cursors=tuple(self.cursors),
+            plan=replace(plan, round=self.version, epoch=t.epoch),
             key=t.task_key("apply", self.version, epoch=t.epoch),
-            workers=[worker], allow_other_workers=True)
+            workers=[worker], allow_other_workers=True, **kwargs)
         self.global_worker = worker
         self.version += 1
         t._latest = self.global_state
@@ -277,7 +307,6 @@ class _Epoch:
         return [f for f in self.inflight if f in done]
 
     def run(self) -> None:
-        t = self.trainer
         try:
             self._launch()
             while self.inflight:
@@ -286,10 +315,19 @@ class _Epoch:
                     self._apply(future)
                     self._launch()
         except BaseException:
-            for future in self.inflight:
-                future.release()
-            self.inflight.clear()
+            self._release_inflight()
             raise
+        self._close()
+
+    def _release_inflight(self) -> None:
+        """Stop the rounds in flight (the epoch was interrupted, or a worker lost)."""
+        for future in self.inflight:
+            future.release()
+        self.inflight.clear()
+
+    def _close(self) -> None:
+        """Leave the trainer with the epoch's final state: the newest version, closed."""
+        t = self.trainer
         t._state = self.client.submit(close_epoch, self.global_state, t.epoch, pure=False,
                                       key=t.task_key("close", epoch=t.epoch))
         t.round = self.version

@@ -18,8 +18,10 @@ from ..state import (
     tree_weighted_sum,
 )
 from .base import Strategy
+from .deadline import DeadlineOption
+from .parameter_server import next_version
 
-__all__ = ["Sync", "StepResult", "sync_step", "finish_steps"]
+__all__ = ["Sync", "StepResult", "apply_gradients", "sync_step", "finish_steps"]
 
 
 @dataclass
@@ -63,6 +65,49 @@ def _own_state(spec, own: StepResult, plan) -> TrainingState:
     )
 
 
+def _step(rep, contributions, weight: float, lr) -> None:
+    """One optimizer step of the replica's module with the contributions' mean gradient."""
+    live = [c for c in contributions if c.weight]
+    weights = [c.weight / weight for c in live]
+    rep.set_lr(lr)
+    params = list(rep.module.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        # the sample-weighted mean gradient, written straight into .grad
+        mean_flat_into([p.grad for p in params],
+                       [unpacked(c.payload["grad"]) for c in live], weights)
+    rep.optimizer.step()
+    load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live], weights))
+
+
+def apply_gradients(spec, state, *contributions, record: dict, cursors: tuple, transfers: int,
+                    plan) -> TrainingState:
+    """One optimizer step with the mean gradient of those that made a round's deadline.
+
+    The ``daskdist-apply`` task of ``sync`` with a deadline: ``contributions``
+    are gradients of the replicas that arrived in time, and late ones computed
+    at older states, averaged weighted by their samples (non-finite ones left
+    out and counted against ``plan.max_non_finite``).
+    """
+    total = combine(*contributions, payload=False)
+    skipped = count_skipped(state, total, plan)
+    rep = _replica(spec, plan.run_id, plan.replica)
+    rep.load(state)
+    if total.weight:
+        _step(rep, contributions, total.weight, plan.lr)
+        stepped = module_to_state(rep.module, rep.optimizer)
+        tree = {"params": stepped.params, "buffers": stepped.buffers,
+                "optimizer": stepped.optimizer}
+    else:
+        tree = {"params": state.params, "buffers": state.buffers, "optimizer": state.optimizer}
+    new = next_version(state, contributions, total, tree, skipped, record=record,
+                       cursors=cursors, transfers=transfers)
+    rep.adopt(new)
+    return new
+
+
 def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     """Apply the averaged gradients of the previous step to its state."""
     state = _own_state(spec, previous[plan.replica], plan)
@@ -75,20 +120,7 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     rep = _replica(spec, plan.run_id, plan.replica)
     rep.load(state)
     if total.weight:
-        live = [c for c in contributions if c.weight]
-        weights = [c.weight / total.weight for c in live]
-        rep.set_lr(plan.lr)
-        params = list(rep.module.parameters())
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        with torch.no_grad():
-            # the sample-weighted mean gradient, written straight into .grad
-            mean_flat_into([p.grad for p in params],
-                           [unpacked(c.payload["grad"]) for c in live], weights)
-        rep.optimizer.step()
-        load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live],
-                                                   weights))
+        _step(rep, contributions, total.weight, plan.lr)
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
                               round=state.round + 1, epoch=step_plan.epochs_completed(),
                               skipped=skipped,
@@ -128,7 +160,7 @@ def finish_steps(spec, *previous, plan, replica_workers) -> TrainingState:
     return _apply(spec, previous, plan, replica_workers)
 
 
-class Sync(Strategy):
+class Sync(DeadlineOption, Strategy):
     """Synchronous data parallelism: every step, average gradients, then step.
 
     Each replica computes the gradient of its slice of the global batch; the
@@ -151,23 +183,36 @@ class Sync(Strategy):
     rest in the replica's error-feedback memory for later steps. Every replica
     still takes the same (decompressed, averaged) step.
 
+    With ``deadline``, a step closes without the replicas whose gradients are
+    late by more than ``deadline`` times the running median of round
+    durations; a late gradient is averaged into a later step, never lost
+    (:mod:`daskdist.strategies.deadline`). The driver then applies each step
+    in a ``daskdist-apply`` task, and replicas fetch the new state from it.
+
     Parameters
     ----------
     compression : {None, "fp16", "bf16", "topk"}
         How gradients are packed for the exchange (None: float32 as it is).
     density : float
         Share of gradient entries ``"topk"`` sends per step.
+    deadline : float or None
+        Close a step once it has run this many times the running median of
+        round durations (None: every step waits for every replica).
     """
 
     name = "sync"
+    deadline_tasks = (gradient, apply_gradients)
 
-    def __init__(self, compression: str | None = None, density: float = 0.01):
+    def __init__(self, compression: str | None = None, density: float = 0.01,
+                 deadline: float | None = None):
         self.compression = compression
         self.density = density
+        self.deadline = deadline
         self.validate()
 
     def validate(self) -> None:
         check_compression(self.compression, self.density)
+        self.check_deadline()
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch

@@ -1,0 +1,175 @@
+"""Round deadlines: a synchronous round closes without the replicas that are late.
+
+With ``strategy__deadline`` set, ``local_sgd`` rounds are driven from the
+client: every idle replica starts a round from the newest global state and
+sends the change it made (its delta, as under ``async``); the round closes
+once all of them have sent theirs, or once the deadline has passed and at
+least one has. The deadline is ``deadline`` times the running median of
+recent rounds' durations (launch to result, per replica), measured during
+the fit, so it follows the model, the batch size and the machine; rounds
+before that median exists (the first round of a fit) have none.
+
+The round's new state is the old one plus the sample-weighted mean of the
+deltas that arrived in time. A late replica is not stopped: its delta is
+folded into the first round that closes after it arrives (with the deltas
+of that round, weighted by its samples, as a delta of an older state: its
+staleness is recorded), and it starts its next round from the newest state
+then. No update is lost and none is applied twice; ``rounds_`` counts, per
+round, the updates that missed its deadline (``dropped``) and the history
+their sum per epoch (``dropped_updates``).
+
+Replicas go through their shards at their own pace (the cursors of
+:mod:`~daskdist.strategies.parameter_server`); an epoch ends once the
+applied updates cover the training set, after the late rounds still running
+have been applied. (Chen et al. 2016, "Revisiting Distributed Synchronous
+SGD", close each step without its slowest replicas and drop their updates;
+here they are kept, and folded into a later round.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from .parameter_server import _Epoch, apply_update, local_delta
+
+__all__ = ["DeadlineEpoch", "DeadlineOption", "apply_deltas", "check_deadline"]
+
+#: Round durations the running median looks back on.
+WINDOW = 16
+
+
+def check_deadline(deadline) -> None:
+    """Raise ``ValueError`` unless ``deadline`` is None or a number greater than 1."""
+    if deadline is None:
+        return
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) \
+            or not deadline > 1:
+        raise ValueError("deadline must be None or a number > 1 (a multiple of the running "
+                         f"median of round durations), got {deadline!r}.")
+
+
+def apply_deltas(spec, state, *contributions, record: dict, cursors: tuple, transfers: int,
+                 plan):
+    """Add the sample-weighted mean of a round's deltas to the global state (``local_sgd``).
+
+    The ``daskdist-apply`` task of a round with a deadline; see
+    :func:`~daskdist.strategies.parameter_server.apply_update`.
+    """
+    return apply_update(state, *contributions, scales=None, record=record, cursors=cursors,
+                        transfers=transfers, plan=plan)
+
+
+class DeadlineEpoch(_Epoch):
+    """The driver's loop over one epoch of synchronous rounds with a deadline.
+
+    ``round_task(spec, shard, state, plan)`` is a replica's round (its
+    :class:`~daskdist.replica.Contribution`), and ``apply_task(spec, state,
+    *contributions, record=, cursors=, transfers=, plan=)`` makes the next
+    global state of those that arrived in time.
+    """
+
+    def __init__(self, strategy, trainer, lr, round_task=local_delta, apply_task=apply_deltas):
+        super().__init__(strategy, trainer, lr)
+        self.round_task, self.apply_task = round_task, apply_task
+        durations = trainer.__dict__.setdefault("_round_durations", [])
+        self.durations = durations  # kept on the trainer: the median spans epochs
+        self.launched: dict = {}  # round future -> when it was submitted
+
+    def _launch(self) -> list:
+        """Start a round on every idle replica; return the new round futures."""
+        before = set(self.inflight)
+        super()._launch()
+        new = [f for f in self.inflight if f not in before]
+        now = time.monotonic()
+        self.launched.update((f, now) for f in new)
+        return new
+
+    def _deadline_s(self) -> float | None:
+        """Seconds a round may take: ``deadline`` times the running median."""
+        if len(self.durations) < len(self.trainer.shards):
+            return None
+        return self.strategy.deadline * statistics.median_low(self.durations[-WINDOW:])
+
+    def _wait_round(self, opened: list) -> list:
+        """Wait for this round's replicas, or the deadline; return the futures done, in order."""
+        limit = self._deadline_s()
+        end = None if limit is None else time.monotonic() + limit
+        done: list = []
+        while True:
+            pending = [f for f in self.inflight if f not in done]
+            if done and (end is not None and time.monotonic() >= end
+                         or all(f in done for f in opened)):
+                return done
+            if not pending:
+                return done
+            timeout = None if end is None or not done else max(end - time.monotonic(), 0.0)
+            finished = self.trainer.wait(pending, "FIRST_COMPLETED", timeout=timeout)
+            now = time.monotonic()
+            for f in pending:
+                if f in finished:
+                    done.append(f)
+                    self.durations.append(now - self.launched.pop(f))
+
+    def _apply_round(self, done: list, dropped: int) -> None:
+        """Submit the task that applies the round's deltas: the next version."""
+        t = self.trainer
+        done = sorted(done, key=lambda f: self.inflight[f][0])  # replica order: reproducible
+        items = [self.inflight.pop(f) for f in done]
+        for i, plan, *_ in items:
+            self._advance(i, plan)
+        worker = t.replica_workers[items[0][0]]
+        record = {"run": t.run_id, "epoch": t.epoch, "rows": sum(rows for *_, rows, _ in items),
+                  "staleness": max(self.version - started for _, _, started, *_ in items),
+                  "dropped": dropped}
+        self._submit_version(
+            self.apply_task, [t.spec_future, self.global_state, *done], worker, items[0][1],
+            record=record, transfers=(sum(fetched for *_, fetched in items)
+                                      + int(self.global_worker not in (None, worker))))
+
+    def run(self) -> None:
+        try:
+            while True:
+                opened = self._launch()
+                if not self.inflight:
+                    break
+                done = self._wait_round(opened)
+                for future in done:
+                    self._check(future)
+                self._apply_round(done, dropped=sum(f not in done for f in opened))
+        except BaseException:
+            self._release_inflight()
+            raise
+        self._close()
+
+
+class DeadlineOption:
+    """Mixin of the strategies with a ``deadline`` option (``sync``, ``local_sgd``).
+
+    With ``deadline`` set, the strategy's epochs run in a :class:`DeadlineEpoch`
+    with the class's :attr:`deadline_tasks`, and its updates carry staleness.
+    """
+
+    #: ``(round_task, apply_task)`` of a :class:`DeadlineEpoch`.
+    deadline_tasks = (local_delta, apply_deltas)
+
+    def check_deadline(self) -> None:
+        """Raise ``ValueError`` for a bad ``deadline``, or one set with compression."""
+        check_deadline(self.deadline)
+        if self.deadline is not None and self.compression is not None:
+            raise ValueError(f"{self.name} with a deadline sends uncompressed updates: set "
+                             "strategy__compression=None, or strategy__deadline=None.")
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether updates may be applied to a newer state than they started from."""
+        return self.deadline is not None
+
+    @property
+    def drive_epoch(self):
+        """With a deadline, the client's loop over each epoch's rounds; else None."""
+        if self.deadline is None:
+            return None
+        round_task, apply_task = self.deadline_tasks
+        return lambda trainer, lr, epoch_round: DeadlineEpoch(
+            self, trainer, lr, round_task=round_task, apply_task=apply_task).run()
