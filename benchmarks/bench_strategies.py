@@ -7,7 +7,8 @@ One run prints four tables, every row measured in this run on this machine:
 2. Per-round synchronisation time against the number of replicas (2, 4 and 8
    single-threaded workers on this one machine; the 0.5M model).
 3. Bytes per round of ``sync`` and ``local_sgd`` with and without
-   compression, and their ratio.
+   compression, and their ratio; and of ``local_sgd`` and ``hierarchical``
+   (one group per worker) with four replicas on the two workers.
 4. Samples/s of ``sync`` and ``local_sgd`` (each without and with a round
    deadline of 1.5x the running median), ``ssp`` (staleness 2) and ``async``
    with stragglers, as ratios of ``local_sgd`` (and of ``sync`` for
@@ -132,25 +133,31 @@ def replica_counts(samples, counts):
 
 
 def compression(samples):
-    print(f"\n3. Bytes per round with and without compression, 0.5M parameters, 2 replicas, "
-          f"{samples} samples")
+    print(f"\n3. Bytes per round with and without compression, 0.5M parameters, 2 workers "
+          f"(2 replicas, or 4 where marked x4), {samples} samples")
     print("strategy | compression | bytes per round | fewer than none | train loss")
     cluster, client = _cluster(2)
     X, y = _data(samples)
     codecs = [("none", {}), ("fp16", {"strategy__compression": "fp16"}),
               ("bf16", {"strategy__compression": "bf16"}),
               ("topk 0.01", {"strategy__compression": "topk", "strategy__density": 0.01})]
+    # four replicas on the two workers: flat averaging against one group per worker
+    # (replicas 0 and 2 share a worker, as 1 and 3 do), as hosts of two workers would be
+    runs = [("sync", "sync", {}), ("local_sgd", "local_sgd", {}),
+            ("local_sgd x4", "local_sgd", {"n_replicas": 4}),
+            ("hierarchical x4", "hierarchical",
+             {"n_replicas": 4, "strategy__groups": [[0, 2], [1, 3]]})]
     ratios = {}
     try:
-        for strategy in ("sync", "local_sgd"):
+        for label, strategy, setup in runs:
             base = None
             for name, options in codecs:
-                net, _ = _fit(client, strategy, options, X, y, module__n_features=FEATURES,
-                              module__hidden=(SIZES["0.5M"],))
+                net, _ = _fit(client, strategy, {**setup, **options}, X, y,
+                              module__n_features=FEATURES, module__hidden=(SIZES["0.5M"],))
                 size = _bytes(net)
                 base = base or size
-                ratios[strategy, name] = base / size
-                print(f"{strategy} | {name} | {size:,.0f} | {base / size:.1f}x | "
+                ratios[label, name] = base / size
+                print(f"{label} | {name} | {size:,.0f} | {base / size:.1f}x | "
                       f"{net.history[-1, 'train_loss']:.3f}")
     finally:
         client.close()

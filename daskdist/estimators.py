@@ -29,10 +29,10 @@ _DASK_PARAMS_DOC = """
         update applied as it arrives; no replica waits) or ``"ssp"`` (``async``
         with replicas at most ``strategy__staleness`` rounds apart). Options
         of a strategy are set with ``strategy__<option>``
-        (``strategy__compression``, ``strategy__density`` and
-        ``strategy__deadline`` for ``sync`` and ``local_sgd``,
-        ``strategy__groups``, ``strategy__staleness``); see
-        :mod:`daskdist.strategies`.
+        (``strategy__compression`` and ``strategy__density`` for ``sync``,
+        ``local_sgd`` and ``hierarchical``, ``strategy__deadline`` for
+        ``sync`` and ``local_sgd``, ``strategy__groups``,
+        ``strategy__staleness``); see :mod:`daskdist.strategies`.
     sync_every : int (default=8)
         Local steps between averages, for strategies that take it.
     sharding : {"random", "sequential", "stratified"} (default="random")

@@ -108,7 +108,8 @@ def three_workers():
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("numpy", "sync"),
                                             ("dask", "local_sgd"), ("stream", "sync"),
-                                            ("numpy", "local_sgd-fp16")])
+                                            ("numpy", "local_sgd-fp16"),
+                                            ("numpy", "hierarchical-fp16")])
 def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, tmp_path,
                                                          kind, strategy):
     from sklearn.model_selection import train_test_split

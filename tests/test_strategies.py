@@ -123,13 +123,41 @@ def test_compressed_local_sgd_exchanges_packed_deltas(client, digits_split, plai
         packed.rounds_["epoch"] == packed.rounds_["epoch"].max()]["bytes"].sum()
 
 
+def test_compressed_hierarchical_of_one_replica_groups_is_compressed_local_sgd(client,
+                                                                              digits_split):
+    X_train, _, y_train, _ = digits_split
+    params = dict(max_epochs=3, sync_every=4, lr=0.3, strategy__compression="topk",
+                  strategy__density=0.05)
+    flat = _digits_net(strategy="local_sgd", **params).fit(X_train, y_train)
+    grouped = _digits_net(strategy="hierarchical", strategy__groups=[[0], [1]],
+                          **params).fit(X_train, y_train)
+    # a group of one packs its replica's delta with its own error-feedback memory
+    np.testing.assert_allclose(_params(grouped), _params(flat), rtol=0, atol=1e-6)
+    assert grouped.rounds_["bytes"].tolist() == flat.rounds_["bytes"].tolist()
+
+
+def test_compressed_hierarchical_sends_one_packed_delta_per_group(client, digits_split):
+    X_train, X_test, y_train, y_test = digits_split
+    # four replicas on two workers (0 and 2 on one, 1 and 3 on the other): a group per worker
+    net = _digits_net(strategy="hierarchical", n_replicas=4, sync_every=4, lr=0.3,
+                      strategy__groups=[[0, 2], [1, 3]], strategy__compression="topk",
+                      strategy__density=0.01).fit(X_train, y_train)
+    assert net.score(X_test, y_test) >= 0.9
+    # deltas meet their group's worker where they are; then each replica fetches the other
+    # group's packed delta: 4 packed deltas per round, where flat averaging of packed
+    # deltas would send each replica the two of the other worker's replicas (8)
+    k = round(0.01 * N_PARAMS)
+    assert set(net.rounds_["bytes"]) == {4 * k * 8}
+    assert set(net.rounds_["replicas"]) == {(0, 1, 2, 3)}
+
+
 def test_strategy_options_are_checked_and_tunable(client, tiny_data):
     with pytest.raises(ValueError, match="compression must be one of"):
         resolve_strategy("sync", {"compression": "zip"})
     with pytest.raises(ValueError, match="density must be a number in"):
         resolve_strategy("local_sgd", {"compression": "topk", "density": 0})
-    with pytest.raises(ValueError, match="has no option 'compression'"):
-        resolve_strategy("hierarchical", {"compression": "fp16"})
+    with pytest.raises(ValueError, match="has no option 'deadline'"):
+        resolve_strategy("hierarchical", {"deadline": 2})
     with pytest.raises(ValueError, match="has no option 'staleness'"):
         resolve_strategy("local_sgd", {"staleness": 2})
     X, y = tiny_data

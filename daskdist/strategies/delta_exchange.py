@@ -26,7 +26,7 @@ from ..compression import unpacked
 from ..replica import Contribution, RoundPlan, StateLost, _pack, local_steps
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 
-__all__ = ["DeltaResult", "delta_round", "finish_deltas"]
+__all__ = ["DeltaResult", "apply_mean_delta", "delta_round", "finish_deltas"]
 
 
 @dataclass
@@ -60,27 +60,38 @@ class DeltaResult:
 
 def _average(previous, replica: int, replica_workers) -> TrainingState:
     """Apply the average of the previous round's deltas to this replica's own state."""
-    own = previous[replica]
+    contributions = [r.contribution for r in previous]
+    total = combine(*contributions, payload=False)
+    # every replica fetches every other replica's packed delta
+    total.bytes_moved = exchange_bytes(previous, replica_workers)
+    return apply_mean_delta(previous[replica], [(c.weight, c.payload) for c in contributions],
+                            total, replica, replica_workers)
+
+
+def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
+                     replica_workers) -> TrainingState:
+    """Add the weighted mean of packed deltas to the state ``own`` started its round from.
+
+    ``updates`` are ``(weight, payload)`` pairs, payloads holding a packed
+    ``delta`` and ``buffers``; ``total`` is their combined statistics (a
+    :class:`~daskdist.aggregation.WeightedSum`), logged as the round.
+    """
     if own.state is None:
         raise StateLost(
             f"The training state of replica {replica} at round {own.round} is not on this "
             "worker (its worker was lost, or the result was spilled to disk)."
         )
     state, plan = own.state, own.plan
-    contributions = [r.contribution for r in previous]
-    total = combine(*contributions, payload=False)
-    # every replica fetches every other replica's packed delta
-    total.bytes_moved = exchange_bytes(previous, replica_workers)
     skipped = count_skipped(state, total, plan)
     optimizer = own.optimizer if own.optimizer is not None else state.optimizer
     counters = dict(round=state.round + 1, epoch=plan.epochs_completed(), skipped=skipped)
     if total.weight:
-        live = [c for c in contributions if c.weight]
+        live = [(w, payload) for w, payload in updates if w]
         params = state.params.copy()
-        for c in live:
-            params += np.float32(c.weight / total.weight) * unpacked(c.payload["delta"])
-        buffers = tree_weighted_sum([c.payload["buffers"] for c in live],
-                                    [c.weight / total.weight for c in live])
+        for w, payload in live:
+            params += np.float32(w / total.weight) * unpacked(payload["delta"])
+        buffers = tree_weighted_sum([payload["buffers"] for _, payload in live],
+                                    [w / total.weight for w, _ in live])
         new = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
                             step=state.step + total.steps, log=state.log, **counters)
     else:  # no replica trained (shards exhausted, or no finite update)

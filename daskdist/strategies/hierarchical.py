@@ -5,6 +5,7 @@ from __future__ import annotations
 from distributed.comm import get_address_host
 
 from ..aggregation import combine
+from .group_exchange import finish_group_deltas, group_delta, member_round
 from .local_sgd import LocalSGD, average_parameters
 
 __all__ = ["Hierarchical", "groups_by_host"]
@@ -33,6 +34,13 @@ class Hierarchical(LocalSGD):
     (:class:`~daskdist.strategies.LocalSGD`) up to the order of float
     additions.
 
+    With ``compression`` (``"fp16"``, ``"bf16"``, or ``"topk"`` with error
+    feedback), each group's first worker packs the group's mean parameter
+    delta once, and every replica applies the mean of the groups' packed
+    deltas itself (:mod:`daskdist.strategies.group_exchange`): one packed
+    delta per group crosses between groups for each replica, and optimizer
+    state stays on each replica.
+
     Parameters
     ----------
     sync_every : int
@@ -41,13 +49,19 @@ class Hierarchical(LocalSGD):
         Replica indices of each group; every replica in exactly one group.
         Default: the replicas whose workers share a host (from the
         scheduler's worker addresses).
+    compression : {None, "fp16", "bf16", "topk"}
+        How each group's delta is packed (None: parameters are averaged as
+        they are, optimizer state included).
+    density : float
+        Share of delta entries ``"topk"`` sends per group and round.
     """
 
     name = "hierarchical"
 
-    def __init__(self, sync_every: int = 8, groups=None):
+    def __init__(self, sync_every: int = 8, groups=None, compression: str | None = None,
+                 density: float = 0.01):
         self.groups = groups
-        super().__init__(sync_every=sync_every)
+        super().__init__(sync_every=sync_every, compression=compression, density=density)
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +90,8 @@ class Hierarchical(LocalSGD):
         return [list(group) for group in self.groups]
 
     def submit_round(self, trainer, state, plans):
+        if self.compression is not None:
+            return self._submit_compressed(trainer, state, plans)
         parts = trainer.submit_replicas(type(self).replica_task, state, plans)
         workers = trainer.replica_workers
         groups = self.resolve_groups(workers)
@@ -96,6 +112,45 @@ class Hierarchical(LocalSGD):
             average_parameters, trainer.spec_future, state, *partials, plan=plans[0],
             replica_workers=workers,
             key=trainer.task_key("average", round_index, epoch=plans[0].epoch), worker=root)
+
+
+    def _submit_compressed(self, trainer, state, plans):
+        """Queue a compressed round: the replicas' rounds, then one packed delta per group.
+
+        Returns the replicas' outputs followed by the groups'; the next round
+        takes them as ``state``.
+        """
+        workers = trainer.replica_workers
+        if isinstance(state, list):
+            own, previous_groups = state[:len(workers)], state[len(workers):]
+        else:  # the epoch's first round
+            own, previous_groups = [state] * len(workers), []
+        members = [
+            trainer.submit(member_round, trainer.spec_future, trainer.shards[p.replica],
+                           own[p.replica], *previous_groups, plan=p, replica_workers=workers,
+                           key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
+                           worker=workers[p.replica])
+            for p in plans
+        ]
+        group_outputs = [
+            trainer.submit(group_delta, *[members[i] for i in group], group=g,
+                           plan=plans[group[0]],
+                           key=trainer.task_key("average", plans[0].round, 0, g,
+                                                epoch=plans[0].epoch),
+                           worker=workers[group[0]])
+            for g, group in enumerate(self.resolve_groups(workers))
+        ]
+        return members + group_outputs
+
+    def finish_epoch(self, trainer, round_output, plans):
+        if self.compression is None:
+            return round_output
+        workers = trainer.replica_workers
+        last = plans[0]
+        return trainer.submit(
+            finish_group_deltas, trainer.spec_future, round_output[0],
+            *round_output[len(workers):], plan=last, replica_workers=workers,
+            key=trainer.task_key("average", last.round, epoch=last.epoch), worker=workers[0])
 
 
 def _is_nested(groups) -> bool:

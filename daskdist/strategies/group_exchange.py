@@ -1,0 +1,102 @@
+"""Compressed ``hierarchical``: one packed delta per group, applied by every replica.
+
+Within a group (the replicas on one host, by default) each replica's change
+to the parameters over the round (its *delta*) travels at full precision to
+the group's first worker, which averages the group's deltas by samples and
+packs the mean once (:mod:`daskdist.compression`; ``topk``'s error-feedback
+memory is the group's, on that worker). Each replica then fetches every
+group's packed delta and applies their sample-weighted mean to the state it
+holds, as compressed ``local_sgd`` does with the replicas' deltas
+(:mod:`daskdist.strategies.delta_exchange`). So what crosses between groups
+is one packed delta per group for each replica, and no full-size state is
+broadcast. Buffers are averaged uncompressed; optimizer state stays on each
+replica.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..aggregation import WeightedSum, combine
+from ..compression import pack, residuals
+from ..replica import RoundPlan, local_steps
+from ..state import TrainingState, tree_nbytes, tree_weighted_sum
+from .delta_exchange import DeltaResult, apply_mean_delta
+
+__all__ = ["GroupDelta", "finish_group_deltas", "group_delta", "member_round"]
+
+
+@dataclass
+class GroupDelta:
+    """A group's packed mean delta (``payload``) and its members' round statistics."""
+
+    stats: WeightedSum
+    payload: dict | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data that a replica fetches."""
+        return tree_nbytes(self.payload)
+
+
+def _apply_groups(own: DeltaResult, groups, replica: int, replica_workers) -> TrainingState:
+    """Apply the sample-weighted mean of the groups' deltas to this replica's own state."""
+    total = combine(*[g.stats for g in groups], payload=False)
+    # the members' deltas sent to their group's worker, then every group's packed delta
+    # fetched by every replica on another worker
+    total.bytes_moved = (sum(g.stats.bytes_moved for g in groups)
+                         + sum(g.nbytes for w in replica_workers for g in groups
+                               if g.stats.worker != w))
+    return apply_mean_delta(own, [(g.stats.weight, g.payload) for g in groups], total, replica,
+                            replica_workers)
+
+
+def member_round(spec, shard, own, *groups, plan: RoundPlan, replica_workers) -> DeltaResult:
+    """One compressed ``hierarchical`` round on a replica.
+
+    ``own`` is the epoch's starting :class:`TrainingState`, or this replica's
+    :class:`~daskdist.strategies.delta_exchange.DeltaResult` of the previous
+    round, to which the replica first applies the mean of ``groups`` (the
+    previous round's :class:`GroupDelta`). Then it runs ``plan.n_steps``
+    local steps and returns the change they made, unpacked.
+    """
+    state = own if isinstance(own, TrainingState) else _apply_groups(
+        own, groups, plan.replica, replica_workers)
+    contribution = local_steps(spec, shard, state, plan)
+    optimizer = None
+    if contribution.weight and not contribution.non_finite:
+        after = contribution.payload
+        optimizer = after["optimizer"]
+        contribution.payload = {"delta": after["params"] - state.params,
+                                "buffers": after["buffers"]}
+    return DeltaResult(state, optimizer, contribution, state.round, plan)
+
+
+def group_delta(*members: DeltaResult, group: int, plan: RoundPlan) -> GroupDelta:
+    """Average a group's deltas by samples and pack the mean (on the group's first worker)."""
+    contributions = [m.contribution for m in members]
+    stats = combine(*contributions, payload=False)  # counts the deltas fetched from peers
+    live = [c for c in contributions if c.weight]
+    if not stats.weight:
+        return GroupDelta(stats, None)
+    weights = [c.weight / stats.weight for c in live]
+    mean = np.zeros_like(live[0].payload["delta"])
+    for c, w in zip(live, weights):
+        mean += np.float32(w) * c.payload["delta"]
+    owner = ("group", group)
+    memory = residuals.take(plan.run_id, owner, mean.size)
+    packed, left = pack(mean, plan.compression, density=plan.density, residual=memory)
+    residuals.keep(plan.run_id, owner, left)
+    buffers = tree_weighted_sum([c.payload["buffers"] for c in live], weights)
+    return GroupDelta(stats, {"delta": packed, "buffers": buffers})
+
+
+def finish_group_deltas(spec, own: DeltaResult, *groups, plan: RoundPlan,
+                        replica_workers) -> TrainingState:
+    """Apply an epoch's last round on replica ``plan.replica``: the epoch's final state.
+
+    The ``daskdist-average`` task that ends a compressed ``hierarchical`` epoch.
+    """
+    return _apply_groups(own, groups, plan.replica, replica_workers)
