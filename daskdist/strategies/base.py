@@ -31,6 +31,10 @@ class Strategy:
     replica_task = None
     #: ``finalize(spec, state, *partials, plan=..., replica_workers=...) -> TrainingState``.
     finalize = None
+    #: None, or ``drive_epoch(trainer, lr, epoch_round)``: the strategy runs each epoch's
+    #: loop from the client itself (updates applied as they arrive, rounds with a deadline)
+    #: and leaves the epoch's final state as the trainer's state.
+    drive_epoch = None
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         """Steps in each round of an epoch of ``steps_per_epoch`` steps."""

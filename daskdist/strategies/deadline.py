@@ -1,22 +1,27 @@
 """Round deadlines: a synchronous round closes without the replicas that are late.
 
-With ``strategy__deadline`` set, ``local_sgd`` rounds are driven from the
-client: every idle replica starts a round from the newest global state and
-sends the change it made (its delta, as under ``async``); the round closes
-once all of them have sent theirs, or once the deadline has passed and at
-least one has. The deadline is ``deadline`` times the running median of
-recent rounds' durations (launch to result, per replica), measured during
-the fit, so it follows the model, the batch size and the machine; rounds
-before that median exists (the first round of a fit) have none.
+With ``strategy__deadline`` set, ``local_sgd`` and ``sync`` rounds are
+driven from the client: every idle replica starts a round from the newest
+global state and sends its update (for ``local_sgd`` the change its local
+steps made, its delta, as under ``async``; for ``sync`` the gradient of its
+slice of one step's batch); the round closes once all of them have sent
+theirs, or once the deadline has passed and at least one has. The deadline
+is ``deadline`` times the running median of recent rounds' durations (launch
+to result, per replica, the last 16), measured during the fit, so it follows
+the model, the batch size and the machine; rounds before that median exists
+(the first round of a fit) have none. Of an even number of durations the
+median is the lower middle one, so that with two replicas, one of them slow,
+the deadline follows the fast one.
 
 The round's new state is the old one plus the sample-weighted mean of the
-deltas that arrived in time. A late replica is not stopped: its delta is
-folded into the first round that closes after it arrives (with the deltas
-of that round, weighted by its samples, as a delta of an older state: its
-staleness is recorded), and it starts its next round from the newest state
-then. No update is lost and none is applied twice; ``rounds_`` counts, per
-round, the updates that missed its deadline (``dropped``) and the history
-their sum per epoch (``dropped_updates``).
+deltas that arrived in time (for ``sync``: one optimizer step with the
+sample-weighted mean of the gradients). A late replica is not stopped: its
+update is folded into the first round that closes after it arrives (with the
+updates of that round, weighted by its samples, as an update computed at an
+older state: its staleness is recorded), and it starts its next round from
+the newest state then. No update is lost and none is applied twice;
+``rounds_`` counts, per round, the updates that missed its deadline
+(``dropped``) and the history their sum per epoch (``dropped_updates``).
 
 Replicas go through their shards at their own pace (the cursors of
 :mod:`~daskdist.strategies.parameter_server`); an epoch ends once the
