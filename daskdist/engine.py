@@ -363,12 +363,17 @@ class Trainer:
         return {f.key: f for f in futures}
 
     def submit_replicas(self, task, state, plans):
-        """Queue ``task(spec, shard, state, plan)`` on every replica's worker."""
+        """Queue ``task(spec, shard, state, plan)`` on every replica's worker.
+
+        ``state`` is the state every replica starts from, or a list of one
+        (copy of it) per plan.
+        """
+        states = state if isinstance(state, list) else [state] * len(plans)
         return [
-            self.submit(task, self.spec_future, self.shards[p.replica], state, p,
+            self.submit(task, self.spec_future, self.shards[p.replica], s, p,
                         key=self.task_key("round", p.round, p.replica, epoch=p.epoch),
                         worker=self.replica_workers[p.replica])
-            for p in plans
+            for p, s in zip(plans, states)
         ]
 
     def _submit_epoch(self, lr, epoch_round: int) -> None:

@@ -8,7 +8,7 @@ from sklearn.model_selection import GridSearchCV, train_test_split
 from daskdist import DaskNeuralNetClassifier
 from daskdist.models import MLP
 from daskdist.strategies import Hierarchical, resolve_strategy
-from daskdist.strategies.hierarchical import groups_by_host
+from daskdist.strategies.hierarchical import groups_by_host, relay_sources
 from daskdist.testing import TinyNet
 
 N_PARAMS = 64 * 64 + 64 + 64 * 10 + 10  # MLP(hidden=(64,)) on digits
@@ -46,9 +46,33 @@ def test_hierarchical_equals_flat_averaging(client, tiny_data):
     grouped = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical",
                                       strategy__groups=[[0, 1], [2, 3]], **params).fit(X, y)
     by_host = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical", **params).fit(X, y)
-    np.testing.assert_allclose(_params(grouped), _params(flat), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_params(by_host), _params(flat), rtol=1e-5, atol=1e-6)
+    # a group per worker (replicas 0 and 2 share one): the group away from the root reads the
+    # new state through a relay on its first worker
+    relayed = DaskNeuralNetClassifier(TinyNet, strategy="hierarchical",
+                                      strategy__groups=[[0, 2], [1, 3]], **params).fit(X, y)
+    for net in (grouped, by_host, relayed):
+        np.testing.assert_allclose(_params(net), _params(flat), rtol=1e-5, atol=1e-6)
     assert grouped.rounds_["round"].tolist() == flat.rounds_["round"].tolist()
+
+
+def test_hierarchical_state_crosses_once_to_each_other_host():
+    hosts = {"a": ["tcp://10.0.0.1:1", "tcp://10.0.0.1:2"],
+             "b": ["tcp://10.0.0.2:1", "tcp://10.0.0.2:2"],
+             "c": ["tcp://10.0.0.3:1", "tcp://10.0.0.3:2"]}
+    workers = [w for ws in hosts.values() for w in ws for _ in range(2)]  # 2 replicas each
+    groups = groups_by_host(workers)
+    holder = hosts["b"][1]  # the root that computed the state: not a group's first worker
+    sources = relay_sources(workers, groups, holder)
+    assert set(sources) == set(workers)
+    host = {w: h for h, ws in hosts.items() for w in ws}
+    fetches = [(source or holder, w) for w, source in sources.items() if w != source]
+    fetches += [(holder, source) for source in set(sources.values()) - {None}
+                if source != holder]
+    crossing = [(a, b) for a, b in fetches if a != b and host[a] != host[b]]
+    # one copy to each other host's first worker; within a host, from there
+    assert sorted(crossing) == [(holder, hosts["a"][0]), (holder, hosts["c"][0])]
+    # the holder's own host reads the holder's copy
+    assert sources[hosts["b"][0]] is None and sources[holder] is None
 
 
 def test_hierarchical_groups_by_host_and_checks_explicit_groups(client, tiny_data):
@@ -143,11 +167,11 @@ def test_compressed_hierarchical_sends_one_packed_delta_per_group(client, digits
                       strategy__groups=[[0, 2], [1, 3]], strategy__compression="topk",
                       strategy__density=0.01).fit(X_train, y_train)
     assert net.score(X_test, y_test) >= 0.9
-    # deltas meet their group's worker where they are; then each replica fetches the other
-    # group's packed delta: 4 packed deltas per round, where flat averaging of packed
+    # deltas meet their group's worker where they are; then each group's worker fetches the
+    # other group's packed delta: 2 packed deltas per round, where flat averaging of packed
     # deltas would send each replica the two of the other worker's replicas (8)
     k = round(0.01 * N_PARAMS)
-    assert set(net.rounds_["bytes"]) == {4 * k * 8}
+    assert set(net.rounds_["bytes"]) == {2 * k * 8}
     assert set(net.rounds_["replicas"]) == {(0, 1, 2, 3)}
 
 

@@ -7,10 +7,11 @@ packs the mean once (:mod:`daskdist.compression`; ``topk``'s error-feedback
 memory is the group's, on that worker). Each replica then fetches every
 group's packed delta and applies their sample-weighted mean to the state it
 holds, as compressed ``local_sgd`` does with the replicas' deltas
-(:mod:`daskdist.strategies.delta_exchange`). So what crosses between groups
-is one packed delta per group for each replica, and no full-size state is
-broadcast. Buffers are averaged uncompressed; optimizer state stays on each
-replica.
+(:mod:`daskdist.strategies.delta_exchange`); each group's worker gathers the
+groups' packed deltas once, and its group's other workers read them there.
+So what crosses between groups is one packed delta per group for each other
+group, and no full-size state is broadcast. Buffers are averaged
+uncompressed; optimizer state stays on each replica.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..replica import RoundPlan, local_steps
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .delta_exchange import DeltaResult, apply_mean_delta
 
-__all__ = ["GroupDelta", "finish_group_deltas", "group_delta", "member_round"]
+__all__ = ["GroupDelta", "bundle", "finish_group_deltas", "group_delta", "member_round"]
 
 
 @dataclass
@@ -44,23 +45,31 @@ class GroupDelta:
 def _apply_groups(own: DeltaResult, groups, replica: int, replica_workers) -> TrainingState:
     """Apply the sample-weighted mean of the groups' deltas to this replica's own state."""
     total = combine(*[g.stats for g in groups], payload=False)
-    # the members' deltas sent to their group's worker, then every group's packed delta
-    # fetched by every replica on another worker
+    # the members' deltas sent to their group's worker; every group's packed delta fetched
+    # once by every other group's worker; the bundle of them read from there by the others
+    leaders = {g.stats.worker for g in groups}
     total.bytes_moved = (sum(g.stats.bytes_moved for g in groups)
-                         + sum(g.nbytes for w in replica_workers for g in groups
-                               if g.stats.worker != w))
+                         + sum(g.nbytes for w in leaders for g in groups if g.stats.worker != w)
+                         + sum(g.nbytes for w in set(replica_workers) - leaders for g in groups))
     return apply_mean_delta(own, [(g.stats.weight, g.payload) for g in groups], total, replica,
                             replica_workers)
 
 
-def member_round(spec, shard, own, *groups, plan: RoundPlan, replica_workers) -> DeltaResult:
+def bundle(*groups: GroupDelta) -> tuple:
+    """The ``daskdist-relay`` task: every group's delta, gathered on one group's worker."""
+    return groups
+
+
+def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
+                 replica_workers) -> DeltaResult:
     """One compressed ``hierarchical`` round on a replica.
 
     ``own`` is the epoch's starting :class:`TrainingState`, or this replica's
     :class:`~daskdist.strategies.delta_exchange.DeltaResult` of the previous
     round, to which the replica first applies the mean of ``groups`` (the
-    previous round's :class:`GroupDelta`). Then it runs ``plan.n_steps``
-    local steps and returns the change they made, unpacked.
+    previous round's :class:`GroupDelta` of every group, gathered on its
+    group's worker). Then it runs ``plan.n_steps`` local steps and returns the
+    change they made, unpacked.
     """
     state = own if isinstance(own, TrainingState) else _apply_groups(
         own, groups, plan.replica, replica_workers)

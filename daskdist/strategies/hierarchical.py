@@ -5,10 +5,10 @@ from __future__ import annotations
 from distributed.comm import get_address_host
 
 from ..aggregation import combine
-from .group_exchange import finish_group_deltas, group_delta, member_round
+from .group_exchange import bundle, finish_group_deltas, group_delta, member_round
 from .local_sgd import LocalSGD, average_parameters
 
-__all__ = ["Hierarchical", "groups_by_host"]
+__all__ = ["Hierarchical", "groups_by_host", "relay", "relay_sources"]
 
 
 def groups_by_host(replica_workers: list[str]) -> list[list[int]]:
@@ -17,6 +17,32 @@ def groups_by_host(replica_workers: list[str]) -> list[list[int]]:
     for replica, worker in enumerate(replica_workers):
         groups.setdefault(get_address_host(worker), []).append(replica)
     return list(groups.values())
+
+
+def relay_sources(replica_workers: list[str], groups, holder: str | None) -> dict:
+    """Where each worker reads the round's state: a group leader's worker, or None.
+
+    ``holder`` is the worker that computed the state. The workers of a group
+    with a replica on the holder read the holder's copy (None); those of
+    another group read a copy on the group's first worker (its leader), so
+    that the state crosses once to each group and travels within the group
+    from there. A worker with replicas in several groups reads where the
+    first of them says (a leader reads its own copy); every worker fetches
+    the state at most once.
+    """
+    leaders = [None if any(replica_workers[r] == holder for r in group)
+               else replica_workers[group[0]] for group in groups]
+    sources: dict = {}
+    for group, leader in zip(groups, leaders):
+        for replica in group:
+            sources.setdefault(replica_workers[replica], leader)
+    sources.update((leader, leader) for leader in leaders if leader is not None)
+    return sources
+
+
+def relay(state):
+    """The ``daskdist-relay`` task: a copy of the round's state on a group's first worker."""
+    return state
 
 
 class Hierarchical(LocalSGD):
@@ -28,18 +54,21 @@ class Hierarchical(LocalSGD):
     Mini-Batches, Use Local SGD", section on hierarchical local SGD). Every
     ``sync_every`` local steps, each group's replicas are summed (weighted by
     their samples) by one task on the group's first worker; one partial sum
-    per group then crosses to the root, which averages them. So between
-    groups — hosts, by default — one message per group travels per round
-    instead of one per replica. The result equals flat averaging
+    per group then crosses to the root, which averages them, and the new
+    state crosses back once to each group's first worker, where the group's
+    other workers read it. So between groups — hosts, by default — one
+    message per group travels each way per round instead of one per
+    replica. The result equals flat averaging
     (:class:`~daskdist.strategies.LocalSGD`) up to the order of float
     additions.
 
     With ``compression`` (``"fp16"``, ``"bf16"``, or ``"topk"`` with error
     feedback), each group's first worker packs the group's mean parameter
-    delta once, and every replica applies the mean of the groups' packed
-    deltas itself (:mod:`daskdist.strategies.group_exchange`): one packed
-    delta per group crosses between groups for each replica, and optimizer
-    state stays on each replica.
+    delta once and gathers the other groups' packed deltas, and every
+    replica applies their mean itself
+    (:mod:`daskdist.strategies.group_exchange`): each group's packed delta
+    crosses once to each other group, and optimizer state stays on each
+    replica.
 
     Parameters
     ----------
@@ -92,10 +121,20 @@ class Hierarchical(LocalSGD):
     def submit_round(self, trainer, state, plans):
         if self.compression is not None:
             return self._submit_compressed(trainer, state, plans)
-        parts = trainer.submit_replicas(type(self).replica_task, state, plans)
         workers = trainer.replica_workers
         groups = self.resolve_groups(workers)
         round_index = plans[0].round
+        # the state comes from the previous round's root: a group elsewhere reads it through
+        # a copy on its first worker, so that it crosses to the group once
+        leaders = [workers[group[0]] for group in groups]
+        sources = relay_sources(workers, groups, leaders[(round_index - 1) % len(leaders)])
+        relays = {
+            leader: trainer.submit(relay, state, key=trainer.task_key(
+                "relay", round_index, workers.index(leader), epoch=plans[0].epoch), worker=leader)
+            for leader in dict.fromkeys(v for v in sources.values() if v is not None)
+        }
+        states = [relays.get(sources[workers[p.replica]], state) for p in plans]
+        parts = trainer.submit_replicas(type(self).replica_task, states, plans)
         partials, leaders = [], []
         for g, members in enumerate(groups):
             leader = workers[members[0]]
@@ -121,13 +160,16 @@ class Hierarchical(LocalSGD):
         takes them as ``state``.
         """
         workers = trainer.replica_workers
+        groups = self.resolve_groups(workers)
         if isinstance(state, list):
-            own, previous_groups = state[:len(workers)], state[len(workers):]
+            own = state[:len(workers)]
+            bundles = self._bundles(trainer, groups, state[len(workers):], plans[0])
         else:  # the epoch's first round
-            own, previous_groups = [state] * len(workers), []
+            own, bundles = [state] * len(workers), {}
         members = [
             trainer.submit(member_round, trainer.spec_future, trainer.shards[p.replica],
-                           own[p.replica], *previous_groups, plan=p, replica_workers=workers,
+                           own[p.replica], bundles.get(workers[p.replica], ()), plan=p,
+                           replica_workers=workers,
                            key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
                            worker=workers[p.replica])
             for p in plans
@@ -138,9 +180,30 @@ class Hierarchical(LocalSGD):
                            key=trainer.task_key("average", plans[0].round, 0, g,
                                                 epoch=plans[0].epoch),
                            worker=workers[group[0]])
-            for g, group in enumerate(self.resolve_groups(workers))
+            for g, group in enumerate(groups)
         ]
         return members + group_outputs
+
+    @staticmethod
+    def _bundles(trainer, groups, group_outputs, plan) -> dict:
+        """Every group's delta gathered on each group's worker: worker -> its bundle.
+
+        A worker reads the bundle on its first group's worker (a group's
+        worker reads its own), so each packed delta crosses once to each group.
+        """
+        workers = trainer.replica_workers
+        leaders = list(dict.fromkeys(workers[group[0]] for group in groups))
+        gathered = {
+            leader: trainer.submit(bundle, *group_outputs, key=trainer.task_key(
+                "relay", plan.round, workers.index(leader), epoch=plan.epoch), worker=leader)
+            for leader in leaders
+        }
+        sources: dict = {}
+        for group in groups:
+            for replica in group:
+                sources.setdefault(workers[replica], workers[group[0]])
+        sources.update((leader, leader) for leader in leaders)
+        return {worker: gathered[leader] for worker, leader in sources.items()}
 
     def finish_epoch(self, trainer, round_output, plans):
         if self.compression is None:
