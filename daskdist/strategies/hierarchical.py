@@ -40,6 +40,16 @@ def relay_sources(replica_workers: list[str], groups, holder: str | None) -> dic
     return sources
 
 
+def _submit_relays(trainer, task, args: list, sources: dict, plan) -> dict:
+    """Queue ``task(*args)`` on each worker that :func:`relay_sources` names: worker -> output."""
+    workers = trainer.replica_workers
+    return {
+        leader: trainer.submit(task, *args, key=trainer.task_key(
+            "relay", plan.round, workers.index(leader), epoch=plan.epoch), worker=leader)
+        for leader in dict.fromkeys(v for v in sources.values() if v is not None)
+    }
+
+
 def relay(state):
     """The ``daskdist-relay`` task: a copy of the round's state on a group's first worker."""
     return state
@@ -128,11 +138,7 @@ class Hierarchical(LocalSGD):
         # a copy on its first worker, so that it crosses to the group once
         leaders = [workers[group[0]] for group in groups]
         sources = relay_sources(workers, groups, leaders[(round_index - 1) % len(leaders)])
-        relays = {
-            leader: trainer.submit(relay, state, key=trainer.task_key(
-                "relay", round_index, workers.index(leader), epoch=plans[0].epoch), worker=leader)
-            for leader in dict.fromkeys(v for v in sources.values() if v is not None)
-        }
+        relays = _submit_relays(trainer, relay, [state], sources, plans[0])
         states = [relays.get(sources[workers[p.replica]], state) for p in plans]
         parts = trainer.submit_replicas(type(self).replica_task, states, plans)
         partials, leaders = [], []
@@ -188,21 +194,13 @@ class Hierarchical(LocalSGD):
     def _bundles(trainer, groups, group_outputs, plan) -> dict:
         """Every group's delta gathered on each group's worker: worker -> its bundle.
 
-        A worker reads the bundle on its first group's worker (a group's
-        worker reads its own), so each packed delta crosses once to each group.
+        No worker holds every group's delta, so each group's worker gathers
+        them and the others read there (:func:`relay_sources`): each packed
+        delta crosses once to each group.
         """
         workers = trainer.replica_workers
-        leaders = list(dict.fromkeys(workers[group[0]] for group in groups))
-        gathered = {
-            leader: trainer.submit(bundle, *group_outputs, key=trainer.task_key(
-                "relay", plan.round, workers.index(leader), epoch=plan.epoch), worker=leader)
-            for leader in leaders
-        }
-        sources: dict = {}
-        for group in groups:
-            for replica in group:
-                sources.setdefault(workers[replica], workers[group[0]])
-        sources.update((leader, leader) for leader in leaders)
+        sources = relay_sources(workers, groups, None)
+        gathered = _submit_relays(trainer, bundle, group_outputs, sources, plan)
         return {worker: gathered[leader] for worker, leader in sources.items()}
 
     def finish_epoch(self, trainer, round_output, plans):
