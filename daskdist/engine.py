@@ -574,10 +574,14 @@ class Trainer:
                 self._submit_epoch(lr, epoch_round)
             while self._inflight:
                 self._settle(self._inflight.popleft())
+            try:  # an untracked round of the last ones may have lost its replica's state
+                final = self._state.result()
+            except StateLost as lost:
+                raise _WorkerLost(str(lost)) from None
         except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
             _release(self._latest)
             raise
-        result = replace(self._state.result(), epoch=self.epoch + 1)
+        result = replace(final, epoch=self.epoch + 1)
         duration = time.perf_counter() - t0
         log = list(result.log)
         samples = sum(r["samples"] for r in log)
