@@ -17,8 +17,8 @@ from .dashboard.events import emit_from_worker, round_event
 from .replica import Contribution, NonFiniteError, _worker_address
 from .state import tree_nbytes, tree_scale, tree_weighted_sum
 
-__all__ = ["WeightedSum", "combine", "count_skipped", "exchange_bytes", "log_round",
-           "submit_tree"]
+__all__ = ["WeightedSum", "check_non_finite", "combine", "count_skipped", "exchange_bytes",
+           "log_round", "submit_tree"]
 
 
 @dataclass
@@ -140,11 +140,21 @@ def count_skipped(state, total: WeightedSum, plan) -> int:
     Raises :class:`~daskdist.replica.NonFiniteError` once it exceeds
     ``plan.max_non_finite``.
     """
-    skipped = state.skipped + len(total.skipped)
+    return check_non_finite(state.skipped, total.skipped, plan)
+
+
+def check_non_finite(skipped_before: int, replicas, plan, count: int | None = None) -> int:
+    """Add a round's non-finite ``replicas`` to the fit's count; return the new count.
+
+    Each replica counts as one skipped update (or the round counts ``count``).
+    Raises :class:`~daskdist.replica.NonFiniteError` once the count exceeds
+    ``plan.max_non_finite`` (``plan`` names the round and epoch).
+    """
+    skipped = skipped_before + (len(replicas) if count is None else count)
     limit = plan.max_non_finite
-    if total.skipped and limit is not None and skipped > limit:
+    if replicas and limit is not None and skipped > limit:
         raise NonFiniteError(
-            f"Replica(s) {list(total.skipped)} produced a non-finite loss or update in round "
+            f"Replica(s) {list(replicas)} produced a non-finite loss or update in round "
             f"{plan.round} (epoch {plan.epoch}): {skipped} non-finite updates in this fit, more "
             f"than daskdist.driver.max-non-finite={limit}. The parameters are those of the last "
             "finite round; lower the learning rate, clip gradients or check the data."

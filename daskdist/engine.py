@@ -554,8 +554,11 @@ class Trainer:
         state = self._newest_state()  # also stops the rounds in flight
         if state is None or state.round < epoch_round:
             state = epoch_state
-        record = {"epoch": self.epoch, "round": state.round,
-                  "rounds_lost": max((newest or state.round) - state.round, 0),
+        # (a strategy that runs an epoch's rounds inside one task says how many it lost)
+        lost_rounds = getattr(lost, "rounds_lost", None)
+        if lost_rounds is None:
+            lost_rounds = max((newest or state.round) - state.round, 0)
+        record = {"epoch": self.epoch, "round": state.round, "rounds_lost": lost_rounds,
                   "reason": str(lost)}
         self.recoveries.append(record)
         logger.warning("daskdist run %s: %s; continuing epoch %d from round %d (%d finished "

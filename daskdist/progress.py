@@ -41,7 +41,7 @@ class RoundProgress:
 
         self.client, self.run_id = client, run_id
         self.first_round, self.rounds_per_epoch = first_round, max(rounds_per_epoch, 1)
-        self._seen: set = set()
+        self._newest = first_round - 1
         self._lock = threading.Lock()
         self.bar = tqdm(total=total_rounds, unit="round", file=file or sys.stderr,
                         dynamic_ncols=True, leave=False, desc="daskdist")
@@ -53,8 +53,10 @@ class RoundProgress:
                 or msg.get("kind") != "round":
             return
         with self._lock:
-            self._seen.add(msg["round"])
-            done = min(len(self._seen), self.bar.total)
+            # rounds up to the newest one reported: some strategies report only every
+            # few rounds (ddp, whose rounds run inside one task per worker)
+            self._newest = max(self._newest, msg["round"])
+            done = min(self._newest - self.first_round + 1, self.bar.total)
             epoch = (msg["round"] - self.first_round) // self.rounds_per_epoch + 1
             shown = {"epoch": epoch}
             if msg.get("loss") is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import process_group
 from .compression import pack, residuals
 from .spec import ModelSpec, seed_for
 from .state import (
@@ -211,12 +212,13 @@ def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
 
 
 def drop_run(run_id: str) -> int:
-    """Free the cached replicas (and chunk streams) of a finished fit.
+    """Free the cached replicas (chunk streams, ddp process group) of a finished fit.
 
     Returns how many replicas were dropped.
     """
     drop_streams(run_id)
     residuals.drop_run(run_id)
+    process_group.leave(run_id)
     with _cache_lock:
         keys = [k for k in _cache if k[0] == run_id]
         for k in keys:

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -31,6 +32,24 @@ class TinyNet(torch.nn.Module):
     def forward(self, X):
         """Class probabilities (or raw outputs) for a batch."""
         return torch.softmax(self.net(X), dim=-1)
+
+
+class FailOnLargeInput(TinyNet):
+    """:class:`TinyNet` whose training forward pass raises ``ValueError`` on large inputs.
+
+    A fault in the user's code on some rows only: a batch holding a value
+    above ``limit`` (in absolute value) fails, on whichever replica trains it.
+    """
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, limit=1e3):
+        super().__init__(n_features, hidden, n_outputs)
+        self.limit = limit
+
+    def forward(self, X):
+        """As :class:`TinyNet`, after checking the batch."""
+        if self.training and X.abs().max() > self.limit:
+            raise ValueError(f"input too large (above {self.limit:g})")
+        return super().forward(X)
 
 
 class StragglerNet(TinyNet):
@@ -106,15 +125,20 @@ class KillWorkerOnTask(WorkerPlugin):
     hang : bool
         Stop the process instead of ending it (send it ``SIGKILL`` or
         ``SIGCONT`` afterwards: see :meth:`kills` for the process ids).
+    delay : float
+        Seconds into the task at which the process fails (0: as it starts),
+        for tasks that run long, such as a ``ddp`` epoch.
     """
 
     name = "daskdist-kill-worker-on-task"
 
-    def __init__(self, pattern: str, sentinel_dir, times: int = 1, hang: bool = False):
+    def __init__(self, pattern: str, sentinel_dir, times: int = 1, hang: bool = False,
+                 delay: float = 0.0):
         self.pattern = pattern
         self.sentinel_dir = os.fspath(sentinel_dir)
         self.times = times
         self.hang = hang
+        self.delay = delay
 
     def kills(self) -> list[tuple[int, str]]:
         """``(process id, task key)`` of every worker failed so far."""
@@ -137,8 +161,14 @@ class KillWorkerOnTask(WorkerPlugin):
                 continue
             os.write(fd, f"{os.getpid()} {key}".encode())
             os.close(fd)
-            if self.hang:
-                os.kill(os.getpid(), signal.SIGSTOP)
+            if self.delay:
+                threading.Timer(self.delay, self._fail).start()
             else:
-                os._exit(1)
+                self._fail()
             return
+
+    def _fail(self) -> None:
+        if self.hang:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            os._exit(1)

@@ -158,6 +158,39 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
 
 @pytest.mark.timeout(180)
+def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digits, tmp_path):
+    from sklearn.model_selection import train_test_split
+
+    from daskdist.testing import KillWorkerOnTask
+
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
+    X, y = digits
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
+    params = dict(max_epochs=5, batch_size=24, lr=0.05, strategy="ddp", train_split=None,
+                  verbose=0, random_state=0, scheduler_address=three_workers.scheduler.address,
+                  module__n_features=64, module__hidden=32, module__n_outputs=10)
+    baseline = DaskNeuralNetClassifier(TinyNet, **params).fit(X_train, y_train)
+    # rank 1's worker dies a moment into the third epoch's training task
+    plugin = KillWorkerOnTask(r"^\('daskdist-ddp-.*-e2', \d+, 1\)$", tmp_path, delay=0.1)
+    three_workers.register_plugin(plugin)
+    try:
+        net = DaskNeuralNetClassifier(TinyNet, **params).fit(X_train, y_train)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    assert len(plugin.kills()) == 1
+    # the other ranks' collectives failed at once; the epoch ran again from its start on a
+    # group of the two workers left (one of them training the lost worker's shard too)
+    assert len(net.recoveries_) == 1
+    recovery = net.recoveries_.iloc[0]
+    assert recovery["epoch"] == 2 and recovery["round"] == 2 * len(baseline.rounds_) // 5
+    assert "left the ddp process group" in recovery["reason"]
+    assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
+    assert net.rounds_["samples"].sum() == baseline.rounds_["samples"].sum()
+    assert abs(net.score(X_test, y_test) - baseline.score(X_test, y_test)) <= 0.02
+    assert baseline.score(X_test, y_test) > 0.9
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp"),
                                             ("numpy", "local_sgd-deadline")])
 def test_worker_killed_under_async_updates_applies_each_update_once(three_workers, digits,

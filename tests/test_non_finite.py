@@ -47,6 +47,21 @@ def test_non_finite_update_is_skipped_and_logged(client, strategy, caplog):
     assert any("non-finite" in r.message and "(1,)" in r.message for r in caplog.records)
 
 
+def test_non_finite_step_is_skipped_as_a_whole_under_ddp(client):
+    X, y = _data()
+    net = _net(client, "ddp").fit(X, y)
+    rounds = net.rounds_
+    skipped = rounds[rounds["skipped"].map(len) > 0]
+    # the allreduced gradient of replica 1's first step of every epoch is not finite:
+    # every rank skips that step, and it counts once
+    assert skipped["round"].tolist() == rounds.groupby("epoch")["round"].min().tolist()
+    assert set(skipped["skipped"]) == {(1,)}
+    assert set(skipped["replicas"]) == {()} and (skipped["samples"] == 0).all()
+    assert net._training_state_.skipped == 3
+    assert np.isfinite(params_vector(net.module_)).all()
+    assert net.score(np.delete(X, POISON_ROW, 0), np.delete(y, POISON_ROW)) > 0.8
+
+
 def test_non_finite_update_is_left_out_under_updates_applied_as_they_arrive(client):
     X, y = _data()
     # staleness 0: the replicas keep in step, so replica 1 makes exactly 3 passes
@@ -60,7 +75,7 @@ def test_non_finite_update_is_left_out_under_updates_applied_as_they_arrive(clie
     assert net.score(np.delete(X, POISON_ROW, 0), np.delete(y, POISON_ROW)) > 0.8
 
 
-@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp"])
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp", "ddp"])
 def test_too_many_non_finite_updates_fail_the_fit(client, strategy):
     X, y = _data()
     net = _net(client, strategy, **({"strategy__staleness": 0} if strategy == "ssp" else {}))

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import dask
+import numpy as np
 import pytest
 from distributed import Client, Security
 
@@ -28,6 +29,21 @@ def test_tls_cluster_trains_with_its_certificates(tls_cluster):
         net = DaskNeuralNetClassifier(TinyNet, max_epochs=2, batch_size=32, lr=0.3,
                                       verbose=0, random_state=0).fit(X, y)
     assert net.score(X, y) > 0.5
+
+
+def test_ddp_is_refused_on_a_tls_cluster_unless_the_user_accepts_plain_traffic(tls_cluster):
+    X, y = make_classification(200)
+    params = dict(max_epochs=1, batch_size=32, lr=0.3, verbose=0, random_state=0,
+                  strategy="ddp", strategy__timeout=30)
+    with Client(tls_cluster) as client, client.as_current():
+        # refused before any data is sent: the process group is neither encrypted nor
+        # authenticated
+        with pytest.raises(ValueError, match="neither encrypted nor authenticated"):
+            DaskNeuralNetClassifier(TinyNet, **params).fit(X, y)
+        assert not client.has_what() or not any(client.has_what().values())
+        net = DaskNeuralNetClassifier(TinyNet, strategy__allow_insecure=True,
+                                      **params).fit(X, y)
+    assert np.isfinite(net.history[-1, "train_loss"])
 
 
 def test_tls_cluster_refuses_a_client_without_its_certificates(tls_cluster):

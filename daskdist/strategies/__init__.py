@@ -6,6 +6,7 @@ import numbers
 
 from .asynchronous import Async
 from .base import Strategy
+from .ddp import DDP
 from .hierarchical import Hierarchical
 from .local_sgd import LocalSGD
 from .parameter_server import ParameterServer
@@ -13,11 +14,11 @@ from .ssp import SSP
 from .sync import Sync
 
 __all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "ParameterServer", "Async", "SSP",
-           "STRATEGIES", "resolve_strategy"]
+           "DDP", "STRATEGIES", "resolve_strategy"]
 
 #: Strategies by name.
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP)}
+    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP, DDP)}
 
 
 def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:
