@@ -95,12 +95,24 @@ class _Group:
         self.spec, self.rank, self.store = spec, rank, store
         self.in_use = False
         self.broken = False  # a rank failed: the group is not used again
+        self.left = False  # its fit ended while a task used it: destroy it after the task
         self.wrapped = None  # (module, options, DistributedDataParallel) of the last epoch
 
-    def wrap(self, module, **options):
-        """``DistributedDataParallel(module, **options)``, built once per module and group."""
-        if self.wrapped is not None and self.wrapped[0] is module and self.wrapped[1] == options:
+    def wrap(self, module, device, **options):
+        """``DistributedDataParallel(module, **options)``, built again only when needed.
+
+        Building one is a collective, so the ranks decide together: a rank
+        whose module is new (its worker rebuilt the replica, for instance
+        after Dask moved the model spec away and back) makes every rank
+        build it again.
+        """
+        fresh = self.wrapped is None or self.wrapped[0] is not module \
+            or self.wrapped[1] != options
+        flag = torch.tensor([float(fresh)], device=device)
+        dist.all_reduce(flag)
+        if not flag.item():
             return self.wrapped[2]
+        self.wrapped = None
         ddp = torch.nn.parallel.DistributedDataParallel(module, **options)
         self.wrapped = (module, options, ddp)
         return ddp
@@ -192,8 +204,18 @@ def abort_event(key: str):
 
 
 def release(group: _Group) -> None:
-    """The epoch's task is done with the group (another fit may now take the process)."""
-    group.in_use = False
+    """The epoch's task is done with the group (another fit may now take the process).
+
+    Destroys it now if it was left while the task trained with it.
+    """
+    global _group
+    with _lock:
+        group.in_use = False
+        destroy = group.left and _group is group
+        if destroy:
+            _group = None
+    if destroy:
+        _destroy(group)
 
 
 def current() -> GroupSpec | None:
@@ -205,21 +227,24 @@ def current() -> GroupSpec | None:
 def leave(run_id: str | None = None, key: str | None = None) -> bool:
     """Destroy this process's group if it belongs to ``run_id`` (or is ``key``; None: any).
 
-    Also drops the matching rendezvous stores this process serves. Returns
-    whether a group was destroyed.
+    Also drops the matching rendezvous stores this process serves. A group
+    that a training task is using (an interrupted fit's epoch, still running)
+    is destroyed when that task ends. Returns whether the group was left.
     """
     global _group
+    doomed = None
     with _lock:
         old = _group
         match = old is not None and (run_id is None or old.spec.run_id == run_id) \
             and (key is None or old.spec.key == key)
-        if match:
-            _group = None
+        if match and old.in_use:
+            old.left = True  # release() destroys it when its task ends
+        elif match:
+            _group, doomed = None, old
         for k in [k for k in _stores if (run_id is None or k.startswith(f"{run_id}-"))
                   and (key is None or k == key)]:
             del _stores[k]
-    if match:
-        _destroy(old)
+    _destroy(doomed)
     return match
 
 

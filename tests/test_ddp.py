@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from skorch.callbacks import Callback
 
 from daskdist import DaskNeuralNetClassifier
 from daskdist.state import params_vector
@@ -55,6 +56,36 @@ def test_ddp_learns_digits_and_keeps_its_group_between_epochs(client, digits):
     # the group of the fit is gone with it: the workers can join the next one
     groups = client.run(lambda: __import__("daskdist.process_group").process_group.current())
     assert set(groups.values()) == {None}
+
+
+class ForgetOneReplica(Callback):
+    """Drop the cached replicas of one worker after each epoch (as if it had rebuilt them)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def on_epoch_end(self, net, **kwargs):
+        worker = sorted(self.client.scheduler_info()["workers"])[0]
+        self.client.run(_clear_replica_cache, workers=[worker])
+
+
+def _clear_replica_cache():
+    from daskdist import replica
+
+    replica._cache.clear()
+
+
+def test_ddp_ranks_agree_to_wrap_a_rebuilt_module_again(client):
+    X, y = make_classification(600)
+    kwargs = dict(max_epochs=3, strategy__timeout=20)
+    plain = _net(client, "ddp", **kwargs).fit(X, y)
+    # one rank's module is new each epoch: building DDP is a collective, so both ranks must
+    # build it again (or they would wait for each other until the timeout)
+    net = _net(client, "ddp", callbacks=[("forget", ForgetOneReplica(client))],
+               **kwargs).fit(X, y)
+    assert net.recoveries_.empty
+    np.testing.assert_allclose(params_vector(net.module_), params_vector(plain.module_),
+                               atol=1e-6)
 
 
 def test_ddp_reports_its_progress_while_an_epoch_runs(client, digits):

@@ -32,8 +32,12 @@ class InterruptSoon(Callback):
 
     def on_epoch_end(self, net, **kwargs):
         if len(net.history) == 1:
-            self.timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+            self.timer = threading.Timer(1.0, self._interrupt)
             self.timer.start()
+
+    def _interrupt(self):
+        self.sent_at = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.timeout(120)
@@ -59,6 +63,25 @@ def test_ctrl_c_keeps_the_last_round_and_closes_the_embedded_cluster(strategy):
             if "resource_tracker" not in " ".join(p.cmdline())} - children_before
     info = [(p.pid, p.name(), p.cmdline()[:4]) for p in map(psutil.Process, left)]
     assert not left, f"the embedded cluster's processes are still running: {info}"
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_under_ddp_stops_the_ranks_on_the_workers(client):
+    X, y = make_classification(16000)
+    interrupt = InterruptSoon()
+    net = DaskNeuralNetClassifier(TinyNet, max_epochs=3, batch_size=8, lr=0.1, verbose=0,
+                                  strategy="ddp", random_state=0, train_split=None,
+                                  scheduler_address=client.scheduler.address,
+                                  callbacks=[("interrupt", interrupt)])
+    net.fit(X, y)
+    stopped_after = time.perf_counter() - interrupt.sent_at
+    assert len(net.history) == 2 and "train_loss" not in net.history[-1]
+    # Ctrl-C came a second into the second epoch. The ranks gave the epoch up together
+    # within a few steps, so the fit (which reads the last state back from the workers)
+    # returned long before the epoch would have ended.
+    epoch = net.history[0, "dur"]
+    assert stopped_after < epoch / 3, (stopped_after, epoch)
+    np.testing.assert_array_equal(params_vector(net.module_), net._training_state_.params)
 
 
 class _SlowFinalizer:

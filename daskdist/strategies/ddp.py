@@ -52,6 +52,8 @@ __all__ = ["DDP", "RankResult", "train_rank", "finish_ranks", "rank_layout"]
 
 #: Seconds between the rank-0 task's progress events.
 EMIT_S = 0.25
+#: Steps between the ranks' joint check that the driver still wants the epoch.
+STOP_CHECK_STEPS = 32
 #: Seconds between the driver's checks that every rank's worker is alive.
 _LIVENESS_S = 1.0
 #: Seconds the driver gives the other ranks to end after one failed.
@@ -114,7 +116,7 @@ def _finite(params) -> bool:
 
 
 def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tuple,
-               step_rows: tuple, holder: int, uneven: bool, options: dict) -> RankResult:
+               step_rows: tuple, holder: int, common_steps: int, options: dict) -> RankResult:
     """Train one rank's shards for the rest of an epoch in the process group ``group``.
 
     The ``daskdist-ddp`` task. ``plans`` holds one
@@ -122,18 +124,20 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
     the steps left in the epoch; ``step_rows`` the rows of each of those
     steps over all ranks. The rank ``holder`` (one that trains every step)
     returns the epoch's final parameters, buffers and optimizer state.
-    ``uneven``: some rank runs out of data before the last step, so every rank
-    trains inside DDP's ``join``. On failure the rank leaves the group, which
-    makes the other ranks' collectives fail at once, and the exception
-    carries ``daskdist_rank``, ``daskdist_step`` and ``daskdist_failed_at``.
+    ``common_steps``: the steps every rank trains; when some rank runs out of
+    data before the last step, every rank trains inside DDP's ``join``. Every
+    :data:`STOP_CHECK_STEPS` steps of those, the ranks check together whether
+    the driver gave the epoch up (interrupted, or a rank lost), and stop at
+    the same step if so. A failed rank's exception carries
+    ``daskdist_rank``, ``daskdist_step`` and ``daskdist_failed_at``.
     """
     t_start = time.time()
     progress = [0]
     member = None
     try:
         member = process_group.join(group, rank)
-        return _train(spec, state, shards, member, rank, plans, step_rows, holder, uneven,
-                      options, progress, t_start)
+        return _train(spec, state, shards, member, rank, plans, step_rows, holder,
+                      common_steps, options, progress, t_start)
     except BaseException as error:
         error.daskdist_rank, error.daskdist_step = rank, progress[0]
         error.daskdist_failed_at = time.time()
@@ -145,7 +149,7 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
             process_group.release(member)
 
 
-def _train(spec, state, shards, member, rank, plans, step_rows, holder, uneven, options,
+def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_steps, options,
            progress, t_start) -> RankResult:
     first = plans[0]
     world = member.spec.world_size
@@ -153,7 +157,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, uneven, 
     rep.load(state)
     rep.set_lr(first.lr)
     rep.module.train()
-    model = member.wrap(rep.module, **options)
+    model = member.wrap(rep.module, spec.device, **options)
     params = [p for p in rep.module.parameters() if p.requires_grad]
     batches = [shard.batches(plan) for shard, plan in zip(shards, plans)]
     n = len(step_rows)
@@ -162,8 +166,14 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, uneven, 
     finite = np.ones(n, dtype=bool)
     skipped, skipped_count = [], state.skipped
     emitter = _Progress(first, step_rows, member, rank == 0)
+    uneven = common_steps < n
+    abort = process_group.abort_event(member.spec.key) if rank == 0 else None
     with model.join() if uneven else contextlib.nullcontext():
         for k in range(n):
+            if k and k % STOP_CHECK_STEPS == 0 and k < common_steps \
+                    and _stopped(abort, spec.device):
+                raise process_group.GroupAborted(
+                    f"The driver gave up epoch {first.epoch}; rank {rank} stopped at step {k}.")
             parts = [next(b, None) for b in batches]
             counts = [0 if p is None else len(p[0]) for p in parts]
             rows = sum(counts)
@@ -198,6 +208,16 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, uneven, 
     final = module_to_state(rep.module, rep.optimizer) if rank == holder else None
     return RankResult(rank, tuple(p.replica for p in plans), _worker_address(), samples,
                       loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final)
+
+
+def _stopped(abort, device) -> bool:
+    """Whether the driver gave the epoch up, as rank 0 sees it, agreed by every rank."""
+    flag = torch.zeros(1, device=device)
+    if abort is not None:
+        with contextlib.suppress(Exception):  # (a client going away: go on)
+            flag += float(abort.is_set())
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _count_skipped(skipped: int, plans, counts, own_finite: bool, plan) -> int:
@@ -518,7 +538,6 @@ class _Epoch:
         rank_steps = [max(int(np.ceil(sizes[i] / batches[i])) for i in replicas) - first
                       for _, replicas in self.ranks]
         holder = rank_steps.index(max(rank_steps))
-        uneven = min(rank_steps) < steps
         max_non_finite = _max_non_finite()
         options = self.strategy.ddp_options(t.spec.device)
         futures = []
@@ -528,7 +547,7 @@ class _Epoch:
             futures.append(self.client.submit(
                 train_rank, t.spec_future, t._state, *[t.shards[i] for i in replicas],
                 group=group, rank=rank, plans=plans, step_rows=step_rows, holder=holder,
-                uneven=uneven, options=options, pure=False,
+                common_steps=max(min(rank_steps), 0), options=options, pure=False,
                 key=t.task_key("ddp", t.round, rank, epoch=t.epoch),
                 workers=[worker], allow_other_workers=False))
         self.plan = _plan(t, self.ranks[0][1][0], first, steps, self.lr, max_non_finite)
