@@ -185,7 +185,8 @@ def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digi
     assert len(net.recoveries_) >= 1  # (one, unless the restarted worker joined too early)
     recovery = net.recoveries_.iloc[0]
     assert recovery["epoch"] == 2 and recovery["round"] == 2 * len(baseline.rounds_) // 5
-    assert "left the ddp process group" in recovery["reason"]
+    # (the worker left, or, if the scheduler had not seen it leave yet, its group broke)
+    assert "ddp process group" in recovery["reason"]
     assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
     assert net.rounds_["samples"].sum() == baseline.rounds_["samples"].sum()
     assert abs(net.score(X_test, y_test) - baseline.score(X_test, y_test)) <= 0.02

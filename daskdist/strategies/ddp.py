@@ -360,7 +360,10 @@ class DDP(Strategy):
         CUDA, gloo otherwise).
     timeout : float
         Seconds a rendezvous or a collective may take before the epoch
-        fails (and the group is formed again).
+        fails (and the group is formed again). It also bounds how long the
+        other ranks wait when one fails in the user's code or hangs (gloo
+        cannot interrupt a collective), so it is short by default; raise it
+        for steps that take longer, or ranks that start far apart.
     bucket_cap_mb : float
         Size of DDP's gradient buckets, in MB.
     find_unused_parameters : bool
@@ -372,7 +375,7 @@ class DDP(Strategy):
 
     name = "ddp"
 
-    def __init__(self, backend: str | None = None, timeout: float = 300.0,
+    def __init__(self, backend: str | None = None, timeout: float = 60.0,
                  bucket_cap_mb: float = 25.0, find_unused_parameters: bool = False,
                  allow_insecure: bool = False):
         self.backend = backend
@@ -586,8 +589,10 @@ class _Epoch:
         """
         t = self.trainer
         errors = _errors(futures)
-        if all(_is_communication_error(e) for e in errors):
-            t.wait(futures, timeout=_GRACE_S)  # the other ranks fail too, the worker leaves
+        if not any(_is_root_cause(e) for e in errors):
+            # the other ranks fail too (the culprit of a non-finite step among them), or the
+            # scheduler sees the dead worker leave
+            t.wait(futures, timeout=_GRACE_S)
             errors = _errors(futures)
         self._abort(group)
         # the root cause first: a rank that blames itself, then the earliest to fail
@@ -605,6 +610,11 @@ class _Epoch:
         reason = f"the ddp process group failed ({errors[0]})" if errors else \
             "a ddp rank's result was lost"
         self._lost(reason, steps)
+
+
+def _is_root_cause(error) -> bool:
+    """An error of the user's code, raised by the rank it blames (if it blames one)."""
+    return not _is_communication_error(error) and getattr(error, "daskdist_culprit", True)
 
 
 def _errors(futures) -> list:
