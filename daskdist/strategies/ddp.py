@@ -78,7 +78,8 @@ class RankResult:
 
     def __sizeof__(self) -> int:
         state = 0 if self.state is None else self.state.nbytes
-        return object.__sizeof__(self) + state + self.samples.nbytes + 4 * self.loss_sums.nbytes
+        arrays = (self.samples, self.loss_sums, self.step_end, self.step_s, self.finite)
+        return object.__sizeof__(self) + state + sum(a.nbytes for a in arrays)
 
 
 def rank_layout(replica_workers: list) -> list[tuple[str, tuple]]:
@@ -541,7 +542,7 @@ class _Epoch:
         rank_steps = [max(int(np.ceil(sizes[i] / batches[i])) for i in replicas) - first
                       for _, replicas in self.ranks]
         holder = rank_steps.index(max(rank_steps))
-        max_non_finite = _max_non_finite()
+        max_non_finite = dask.config.get("daskdist.driver.max-non-finite")
         options = self.strategy.ddp_options(t.spec.device)
         futures = []
         for rank, (worker, replicas) in enumerate(self.ranks):
@@ -625,10 +626,6 @@ def _errors(futures) -> list:
 def _plan(t, replica: int, first: int, steps: int, lr, max_non_finite) -> RoundPlan:
     return RoundPlan(t.run_id, replica, t.epoch, t.round, first, steps, t.replica_batch[replica],
                      lr, t.random_state, t.shuffle, max_non_finite, t.steps_per_epoch)
-
-
-def _max_non_finite():
-    return dask.config.get("daskdist.driver.max-non-finite")
 
 
 def _module_nbytes(module) -> int:
