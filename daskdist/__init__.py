@@ -11,11 +11,13 @@ from .sharding import holdout_split, plan_shards
 from .spec import ModelSpec
 from .state import TrainingState
 from .strategies import (
+    DDP,
     SSP,
     STRATEGIES,
     Async,
     Hierarchical,
     LocalSGD,
+    Pipeline,
     Strategy,
     Sync,
     resolve_strategy,
@@ -39,6 +41,8 @@ __all__ = [
     "Hierarchical",
     "Async",
     "SSP",
+    "DDP",
+    "Pipeline",
     "STRATEGIES",
     "resolve_strategy",
     "plan_shards",

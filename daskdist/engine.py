@@ -193,8 +193,9 @@ class Trainer:
                                 buffer_chunks=self.buffer_chunks)
         self._wait_for_a_worker()
         workers = sorted(cluster_workers(self.client))
-        n = self.n_replicas or len(workers)
-        self.replica_workers = [workers[i % len(workers)] for i in range(n)]
+        n = self.n_replicas or self.strategy.replicas_for(len(workers))
+        self.strategy.check_model(self.spec)
+        self.replica_workers = self.strategy.place_replicas(workers, n)
         self.replica_batch = [self.batch_size // n + (1 if i < self.batch_size % n else 0)
                               for i in range(n)]
         if min(self.replica_batch) < 1:
@@ -351,13 +352,19 @@ class Trainer:
         self._placement[key] = [worker]
         return task
 
-    def flush(self) -> dict:
-        """Send the queued tasks to the scheduler as one graph; return their futures by key."""
+    def flush(self, strict: bool = False) -> dict:
+        """Send the queued tasks to the scheduler as one graph; return their futures by key.
+
+        With ``strict``, each task runs on its worker only (for tasks that
+        need what an earlier task left in that worker's memory); otherwise it
+        may run elsewhere when its worker is gone or busy.
+        """
         if not self._queued:
             return {}
         # The placement travels as a callable annotation (key -> workers); it
         # is a builtin dict method, so the scheduler needs nothing of ours.
-        with dask.annotate(workers=self._placement.__getitem__, allow_other_workers=True):
+        with dask.annotate(workers=self._placement.__getitem__,
+                           allow_other_workers=not strict):
             futures = self.client.compute(self._queued, optimize_graph=False)
         self._queued, self._placement = [], {}
         return {f.key: f for f in futures}

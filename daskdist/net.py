@@ -471,7 +471,7 @@ class DaskNet:
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))
-                n_replicas = max(1, min(n_workers, X.shape[0]))
+                n_replicas = max(1, min(strategy.replicas_for(n_workers), X.shape[0]))
             trainer = Trainer(
                 client, self._model_spec(), strategy, batch_size=self.batch_size,
                 n_replicas=n_replicas, sharding=self.sharding, random_state=self.random_state_,

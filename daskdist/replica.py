@@ -190,10 +190,15 @@ class _Replica:
         self.buffers_current = False
 
     def set_lr(self, lr) -> None:
-        groups = self.optimizer.param_groups
-        lrs = lr if isinstance(lr, (tuple, list)) else [lr] * len(groups)
-        for group, value in zip(groups, lrs):
-            group["lr"] = value
+        set_lr(self.optimizer, lr)
+
+
+def set_lr(optimizer, lr) -> None:
+    """Set each parameter group's learning rate (``lr``: one for all, or one per group)."""
+    groups = optimizer.param_groups
+    lrs = lr if isinstance(lr, (tuple, list)) else [lr] * len(groups)
+    for group, value in zip(groups, lrs):
+        group["lr"] = value
 
 
 def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
@@ -212,11 +217,14 @@ def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
 
 
 def drop_run(run_id: str) -> int:
-    """Free the cached replicas (chunk streams, ddp process group) of a finished fit.
+    """Free the cached replicas (stages, chunk streams, ddp process group) of a finished fit.
 
     Returns how many replicas were dropped.
     """
+    from . import stage_tasks  # (it imports this module)
+
     drop_streams(run_id)
+    stage_tasks.drop_run(run_id)
     residuals.drop_run(run_id)
     process_group.leave(run_id)
     with _cache_lock:

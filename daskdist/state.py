@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "TrainingState",
     "copy_flat",
+    "grads_finite",
     "module_to_state",
     "load_buffers",
     "load_params",
@@ -165,6 +166,17 @@ def mean_flat_into(tensors, vectors, weights) -> None:
         n = t.numel()
         _weighted_into(t, [f[offset:offset + n].view_as(t) for f in flats], weights)
         offset += n
+
+
+def grads_finite(params) -> bool:
+    """Whether every gradient of ``params`` is finite.
+
+    Checked on the sum of each gradient, one fast reduction (NaN and inf
+    entries make it non-finite; finite entries only if they sum beyond
+    float32's range, about 3e38, which also counts as not finite).
+    """
+    sums = [p.grad.float().sum() for p in params if p.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def buffers_to_numpy(module: torch.nn.Module) -> dict:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from distributed import WorkerPlugin
 
-__all__ = ["TinyNet", "StragglerNet", "make_classification", "KillWorkerOnTask"]
+__all__ = ["TinyNet", "TinySequential", "FailOnLargeInput", "StragglerNet", "make_classification",
+           "KillWorkerOnTask"]
 
 
 class TinyNet(torch.nn.Module):
@@ -32,6 +33,20 @@ class TinyNet(torch.nn.Module):
     def forward(self, X):
         """Class probabilities (or raw outputs) for a batch."""
         return torch.softmax(self.net(X), dim=-1)
+
+
+class TinySequential(torch.nn.Sequential):
+    """:class:`TinyNet`'s layers as one ``Sequential`` (which ``strategy="pipeline"`` splits).
+
+    Linear → Tanh → Linear → Tanh → Linear, then softmax (``n_outputs``
+    class probabilities) or, with ``softmax=False``, raw outputs.
+    """
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, softmax=True):
+        layers = [torch.nn.Linear(n_features, hidden), torch.nn.Tanh(),
+                  torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                  torch.nn.Linear(hidden, n_outputs)]
+        super().__init__(*layers, *([torch.nn.Softmax(dim=-1)] if softmax else []))
 
 
 class FailOnLargeInput(TinyNet):

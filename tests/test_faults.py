@@ -194,6 +194,43 @@ def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digi
 
 
 @pytest.mark.timeout(180)
+def test_worker_killed_mid_epoch_under_pipeline_runs_the_epoch_again(three_workers, digits,
+                                                                     tmp_path):
+    from sklearn.model_selection import train_test_split
+
+    from daskdist.testing import KillWorkerOnTask, TinySequential
+
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
+    X, y = digits
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
+    params = dict(max_epochs=4, batch_size=48, lr=0.1, strategy="pipeline", train_split=None,
+                  verbose=0, random_state=0, scheduler_address=three_workers.scheduler.address,
+                  module__n_features=64, module__hidden=32, module__n_outputs=10,
+                  strategy__n_stages=3, strategy__n_micro_batches=2)
+    baseline = DaskNeuralNetClassifier(TinySequential, **params).fit(X_train, y_train)
+    # the worker of the middle stage dies as it starts the fifth step of the third epoch
+    steps = len(baseline.rounds_) // 4
+    plugin = KillWorkerOnTask(
+        rf"^\('daskdist-stage-forward-.*-e2', {2 * steps + 4}, 0, 1, 0\)$", tmp_path)
+    three_workers.register_plugin(plugin)
+    try:
+        net = DaskNeuralNetClassifier(TinySequential, **params).fit(X_train, y_train)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    assert len(plugin.kills()) == 1
+    # the epoch ran again from its start, its stages on the two workers left
+    assert len(net.recoveries_) >= 1  # (one, unless the restarted worker joined too early)
+    recovery = net.recoveries_.iloc[0]
+    assert recovery["epoch"] == 2 and recovery["round"] == 2 * steps
+    assert 0 <= recovery["rounds_lost"] <= 4
+    assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
+    # the same steps on the same data from the same state: the same model
+    np.testing.assert_allclose(params_vector(net.module_), params_vector(baseline.module_),
+                               atol=1e-5)
+    assert baseline.score(X_test, y_test) > 0.9
+
+
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp"),
                                             ("numpy", "local_sgd-deadline")])
 def test_worker_killed_under_async_updates_applies_each_update_once(three_workers, digits,

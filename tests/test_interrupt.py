@@ -84,6 +84,36 @@ def test_ctrl_c_under_ddp_stops_the_ranks_on_the_workers(client):
     np.testing.assert_array_equal(params_vector(net.module_), net._training_state_.params)
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_under_pipeline_lets_go_of_the_stages(client):
+    from daskdist.testing import TinySequential
+
+    X, y = make_classification(12000)
+    interrupt = InterruptSoon()
+    net = DaskNeuralNetClassifier(TinySequential, max_epochs=3, batch_size=64, lr=0.1,
+                                  verbose=0, strategy="pipeline", random_state=0,
+                                  train_split=None, scheduler_address=client.scheduler.address,
+                                  callbacks=[("interrupt", interrupt)])
+    net.fit(X, y)
+    stopped_after = time.perf_counter() - interrupt.sent_at
+    assert len(net.history) == 2 and "train_loss" not in net.history[-1]
+    # the steps in flight were let go of; the estimator keeps the first epoch's state
+    epoch = net.history[0, "dur"]
+    assert stopped_after < epoch / 3, (stopped_after, epoch)
+    np.testing.assert_array_equal(params_vector(net.module_), net._training_state_.params)
+    assert net._training_state_.round == len(net.rounds_)
+
+    def busy(dask_scheduler=None):
+        return [str(k) for k, ts in dask_scheduler.tasks.items() if "daskdist-stage" in str(k)]
+
+    deadline = time.monotonic() + 10
+    while client.run_on_scheduler(busy) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.run_on_scheduler(busy) == []
+    assert set(client.run(lambda: len(__import__("daskdist").stage_tasks._stages)).values()) \
+        == {0}
+
+
 class _SlowFinalizer:
     def __del__(self):
         time.sleep(2.0)  # Ctrl-C lands here, where Python ignores exceptions

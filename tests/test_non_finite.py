@@ -6,6 +6,7 @@ import pytest
 
 from daskdist import MLP, DaskNeuralNetRegressor, NonFiniteError
 from daskdist.state import params_vector
+from daskdist.testing import TinySequential
 
 #: A sample whose target overflows the squared error in float32: its loss is inf.
 POISON_ROW = 605  # in replica 1's first batch of every epoch (sequential shards of 600)
@@ -25,6 +26,11 @@ def _net(client, strategy, **kwargs):
                   lr=0.05, strategy=strategy, sync_every=2, sharding="sequential",
                   train_split=None, verbose=0, random_state=0,
                   scheduler_address=client.scheduler.address)
+    if strategy == "pipeline":  # a Sequential to split, and two pipelines (two shards)
+        del params["module__output"]
+        params.update(module__hidden=16, module__n_features=8, module__n_outputs=1,
+                      module__softmax=False, n_replicas=2)
+        return DaskNeuralNetRegressor(TinySequential, **{**params, **kwargs})
     return DaskNeuralNetRegressor(MLP, **{**params, **kwargs})
 
 
@@ -47,13 +53,14 @@ def test_non_finite_update_is_skipped_and_logged(client, strategy, caplog):
     assert any("non-finite" in r.message and "(1,)" in r.message for r in caplog.records)
 
 
-def test_non_finite_step_is_skipped_as_a_whole_under_ddp(client):
+@pytest.mark.parametrize("strategy", ["ddp", "pipeline"])
+def test_non_finite_step_is_skipped_as_a_whole(client, strategy):
     X, y = _data()
-    net = _net(client, "ddp").fit(X, y)
+    net = _net(client, strategy).fit(X, y)
     rounds = net.rounds_
     skipped = rounds[rounds["skipped"].map(len) > 0]
-    # the allreduced gradient of replica 1's first step of every epoch is not finite:
-    # every rank skips that step, and it counts once
+    # the (allreduced, or summed) gradient of replica 1's first step of every epoch is not
+    # finite: every rank (every stage of every pipeline) skips that step, and it counts once
     assert skipped["round"].tolist() == rounds.groupby("epoch")["round"].min().tolist()
     assert set(skipped["skipped"]) == {(1,)}
     assert set(skipped["replicas"]) == {()} and (skipped["samples"] == 0).all()
@@ -75,7 +82,7 @@ def test_non_finite_update_is_left_out_under_updates_applied_as_they_arrive(clie
     assert net.score(np.delete(X, POISON_ROW, 0), np.delete(y, POISON_ROW)) > 0.8
 
 
-@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp", "ddp"])
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "ssp", "ddp", "pipeline"])
 def test_too_many_non_finite_updates_fail_the_fit(client, strategy):
     X, y = _data()
     net = _net(client, strategy, **({"strategy__staleness": 0} if strategy == "ssp" else {}))

@@ -99,7 +99,8 @@ BROKEN = {
         "train.max_epoch", "unknown estimator parameter (did you mean 'max_epochs'?)"),
     "unknown_strategy": (
         lambda c: c["train"].update(strategy="ring"),
-        "train.strategy", "expected one of: async, ddp, hierarchical, local_sgd, ssp, sync"),
+        "train.strategy",
+        "expected one of: async, ddp, hierarchical, local_sgd, pipeline, ssp, sync"),
     "bad_strategy_option": (
         lambda c: c["train"].update(strategy="ssp", strategy__staleness=-1),
         "train.strategy__staleness", "staleness must be an integer >= 0"),

@@ -10,15 +10,16 @@ from .ddp import DDP
 from .hierarchical import Hierarchical
 from .local_sgd import LocalSGD
 from .parameter_server import ParameterServer
+from .pipeline import Pipeline
 from .ssp import SSP
 from .sync import Sync
 
 __all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "ParameterServer", "Async", "SSP",
-           "DDP", "STRATEGIES", "resolve_strategy"]
+           "DDP", "Pipeline", "STRATEGIES", "resolve_strategy"]
 
 #: Strategies by name.
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP, DDP)}
+    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP, DDP, Pipeline)}
 
 
 def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:

@@ -44,6 +44,20 @@ class Strategy:
         """Rows an epoch adds to ``rounds_`` (about, where replicas go at their own pace)."""
         return len(self.round_sizes(steps_per_epoch))
 
+    def replicas_for(self, n_workers: int) -> int:
+        """Replicas a fit runs on ``n_workers`` workers when it is not told (one per worker)."""
+        return n_workers
+
+    def place_replicas(self, workers: list[str], n: int) -> list[str]:
+        """The worker of each of ``n`` replicas (and its shard): round the sorted workers."""
+        return [workers[i % len(workers)] for i in range(n)]
+
+    def check_model(self, spec) -> None:  # noqa: B027 - optional
+        """Raise ``ValueError`` if the strategy cannot train the model of ``spec``.
+
+        Called on the client before any data is sent.
+        """
+
     def check_replicas(self, replica_workers: list[str]) -> None:  # noqa: B027 - optional
         """Raise ``ValueError`` if the strategy cannot run these replicas.
 

@@ -45,7 +45,7 @@ from .._compat import workers as cluster_workers
 from ..aggregation import check_non_finite
 from ..dashboard.events import emit_from_worker, round_event
 from ..replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
-from ..state import TrainingState, module_to_state
+from ..state import TrainingState, grads_finite, module_to_state
 from .base import Strategy
 
 __all__ = ["DDP", "RankResult", "train_rank", "finish_ranks", "rank_layout"]
@@ -103,17 +103,6 @@ def _batch(parts, device):
         X = torch.cat([X for X, _ in parts])
         y = None if parts[0][1] is None else torch.cat([y for _, y in parts])
     return X.to(device), (None if y is None else y.to(device))
-
-
-def _finite(params) -> bool:
-    """Whether every gradient is finite.
-
-    Checked on the sum of each gradient, one fast reduction (NaN and inf
-    entries make it non-finite; finite entries only if they sum beyond
-    float32's range, about 3e38, which also counts as not finite).
-    """
-    sums = [p.grad.float().sum() for p in params if p.grad is not None]
-    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tuple,
@@ -194,7 +183,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             (loss * share).backward()
             loss_sums[k] = float(loss.item()) * rows
             finite[k] = np.isfinite(loss_sums[k])
-            if _finite(params):  # the mean gradient: the same on every rank
+            if grads_finite(params):  # the mean gradient: the same on every rank
                 rep.optimizer.step()
             else:  # the whole step is skipped, on every rank: one skipped update
                 skipped.append(k)

@@ -1,0 +1,367 @@
+"""The worker side of pipeline parallelism: a stage's module, micro-batches in and out.
+
+Each task here runs on the worker that holds one stage of one pipeline
+replica (``strategy="pipeline"``, :mod:`daskdist.strategies.pipeline`). The
+worker keeps the stage's live module and optimizer in a cache keyed by
+``(run, replica, stage)``, with the autograd graphs of the micro-batches whose
+backward pass has not come back yet — GPipe's stored activations (Huang et al.
+2019). What travels between stages through Dask is small: a micro-batch's
+activations forward (:class:`Activation`), the gradient with respect to them
+backward (:class:`Backward`).
+
+Within an epoch a stage is stateful: a step's tasks check the round its stage
+is at and raise :class:`~daskdist.replica.StateLost` when it is not there (a
+worker that restarted, a task that ran twice), so that the driver runs the
+epoch again from its starting state rather than training on a wrong one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .aggregation import check_non_finite
+from .dashboard.events import emit_from_worker, round_event
+from .replica import StateLost, _worker_address, set_lr
+from .spec import ModelSpec, seed_for
+from .stages import StageLayout, StagePart, build_stage
+from .state import (
+    _read_tensor,
+    buffers_to_numpy,
+    copy_flat,
+    grads_finite,
+    load_buffers,
+    mean_flat_into,
+    optimizer_state_from_numpy,
+    optimizer_state_to_numpy,
+)
+
+__all__ = ["Activation", "Backward", "StageGradient", "load_stage", "step_batch", "forward",
+           "backward", "stage_gradient", "update", "export_stage", "drop_run"]
+
+_stages: dict = {}
+_stages_lock = threading.Lock()
+
+
+@dataclass
+class Activation:
+    """A micro-batch on its way forward: a stage's output (and the targets, for the last)."""
+
+    x: np.ndarray | None
+    y: np.ndarray | None
+    rows: int
+    worker: str | None
+    bytes_moved: int
+    t_start: float
+    compute_s: tuple  # seconds each stage spent on this micro-batch so far
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + _nbytes(self.x) + _nbytes(self.y)
+
+
+@dataclass
+class Backward:
+    """A micro-batch on its way back: the gradient of the loss with respect to a stage's input.
+
+    ``finite``: the loss and every later stage's gradients were finite.
+    The first stage's message carries no gradient; it is what the step's
+    updates read (rows, loss, whether to step, the micro-batch's traffic and
+    time in each stage).
+    """
+
+    grad: np.ndarray | None
+    rows: int
+    loss_sum: float
+    finite: bool
+    worker: str | None
+    bytes_moved: int
+    t_start: float
+    compute_s: tuple
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + _nbytes(self.grad)
+
+
+@dataclass
+class StageGradient:
+    """A stage's gradient of one step on one replica, for its peers in other replicas."""
+
+    vector: np.ndarray
+    worker: str | None
+
+    def __sizeof__(self) -> int:
+        return object.__sizeof__(self) + self.vector.nbytes
+
+
+def _nbytes(array) -> int:
+    return 0 if array is None else int(array.nbytes)
+
+
+class _Stage:
+    """A stage's live module and optimizer on a worker, and its micro-batches in flight."""
+
+    def __init__(self, spec: ModelSpec, layout: StageLayout):
+        self.spec, self.layout = spec, layout
+        self.module, self.optimizer = build_stage(spec, layout)
+        self.params = list(self.module.parameters())
+        self.lock = threading.Lock()
+        self.saved: dict = {}  # micro-batch -> (input, output) of its forward pass
+        self.round: int | None = None  # the round whose step the stage is at
+        self.records: list = []  # the epoch's round log (replica 0, stage 0)
+        self.skipped = 0
+
+    def at(self, round_: int, what: str) -> None:
+        """Raise ``StateLost`` unless the stage is at ``round_``."""
+        if self.round != round_:
+            raise StateLost(
+                f"Stage {self.layout.index} is at round {self.round}, not {round_}, on this "
+                f"worker ({what}): its state was lost with a worker or a task ran twice.")
+
+
+def _stage(run_id: str, replica: int, stage: int) -> _Stage:
+    found = _stages.get((run_id, replica, stage))
+    if found is None:
+        raise StateLost(f"Stage {stage} of pipeline replica {replica} is not on this worker "
+                        "(its worker was lost).")
+    return found
+
+
+def drop_run(run_id: str) -> int:
+    """Free the stages of a finished fit on this worker; return how many were dropped."""
+    with _stages_lock:
+        keys = [k for k in _stages if k[0] == run_id]
+        for k in keys:
+            del _stages[k]
+    return len(keys)
+
+
+def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
+               layout: StageLayout, round: int) -> int:
+    """Load a stage's part of the epoch's starting state; return the round it is at.
+
+    The ``daskdist-stage-load`` task. The stage is built on first use, and
+    again when the fit's stage specification changed.
+    """
+    key = (run_id, replica, layout.index)
+    with _stages_lock:
+        stage = _stages.get(key)
+        if stage is None or stage.spec is not spec:
+            stage = _stages[key] = _Stage(spec, layout)
+    with stage.lock, torch.no_grad():
+        copy_flat(stage.params, part.params)
+        load_buffers(stage.module, part.buffers)
+        optimizer_state_from_numpy(stage.optimizer, part.optimizer)
+        stage.saved.clear()
+        stage.records, stage.skipped, stage.round = [], part.skipped, round
+    return round
+
+
+def step_batch(shard, plan):
+    """``(X, y)`` of a replica's slice of one step's batch (``None`` once the shard is used up)."""
+    return next(iter(shard.batches(plan)), None)
+
+
+def _micro(batch, micro: int, n_micro: int):
+    """Micro-batch ``micro`` of ``n_micro`` of a step's batch (nearly equal parts)."""
+    if batch is None:
+        return None, None
+    X, y = batch
+    X = X.tensor_split(n_micro)[micro]
+    y = None if y is None else y.tensor_split(n_micro)[micro]
+    return X, y
+
+
+def _arrive(message, size: int) -> int:
+    """Bytes moved so far, counting ``size`` more when ``message`` came from another worker."""
+    here = _worker_address()
+    return message.bytes_moved + (size if message.worker not in (None, here) else 0)
+
+
+def _add(times: tuple, stage: int, seconds: float) -> tuple:
+    return times[:stage] + (times[stage] + seconds,) + times[stage + 1:]
+
+
+def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, stage: int,
+            n_stages: int, micro: int, n_micro: int, plan, step_rows: int):
+    """A stage's forward pass of one micro-batch.
+
+    The ``daskdist-stage-forward`` task. ``source`` is the step's batch (the
+    first stage) or the previous stage's :class:`Activation`; ``ready`` the
+    round the stage's last update left it at. The last stage also computes
+    the loss, scaled by the micro-batch's share of the step's rows
+    (``step_rows``, over every replica), and its backward pass, and returns
+    the first :class:`Backward`; the others keep the autograd graph for the
+    backward pass and return their :class:`Activation`.
+    """
+    t_start = time.time()
+    state = _stage(run_id, replica, stage)
+    state.at(plan.round, "forward")
+    if ready != plan.round:
+        raise StateLost(f"Stage {stage} got the token of round {ready} in round {plan.round}.")
+    first, last = stage == 0, stage == n_stages - 1
+    if first:
+        X, y = _micro(source, micro, n_micro)
+        moved, t_first, times = 0, t_start, (0.0,) * n_stages
+        X = None if X is None or not len(X) else X
+    else:
+        X = None if source.x is None else _read_tensor(source.x)
+        y = None if source.y is None else _read_tensor(source.y)
+        moved = _arrive(source, _nbytes(source.x) + _nbytes(source.y))
+        t_first, times = source.t_start, source.compute_s
+    here = _worker_address()
+    if X is None:  # an empty micro-batch (the replica's slice is smaller than n_micro)
+        if last:
+            return Backward(None, 0, 0.0, True, here, moved, t_first, times)
+        return Activation(None, None, 0, here, moved, t_first, times)
+    device = spec.device
+    t0 = time.perf_counter()
+    with state.lock:
+        torch.default_generator.manual_seed(
+            seed_for(plan.random_state, 3, plan.round, replica, stage, micro))
+        state.module.train()
+        x = X.to(device)
+        if not first:
+            x.requires_grad_(True)
+        out = state.module(x)
+        if not last:
+            state.saved[micro] = (x, out)
+            times = _add(times, stage, time.perf_counter() - t0)
+            return Activation(out.detach().cpu().numpy(), None if y is None else y.numpy(),
+                              len(X), here, moved, t_first, times)
+        rows = len(X)
+        loss = spec.loss(out, None if y is None else y.to(device))
+        loss_sum = float(loss.item()) * rows
+        finite = bool(np.isfinite(loss_sum))
+        if finite:
+            (loss * (rows / step_rows)).backward()
+            finite = grads_finite(state.params)
+        grad = x.grad.cpu().numpy() if finite and not first else None
+    times = _add(times, stage, time.perf_counter() - t0)
+    return Backward(grad, rows, loss_sum, finite, here, moved, t_first, times)
+
+
+def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, stage: int,
+             micro: int, plan) -> Backward:
+    """A stage's backward pass of one micro-batch, from the next stage's :class:`Backward`.
+
+    The ``daskdist-stage-backward`` task: accumulates the stage's parameter
+    gradients and returns the gradient with respect to its input (none for
+    the first stage).
+    """
+    state = _stage(run_id, replica, stage)
+    state.at(plan.round, "backward")
+    moved = _arrive(message, _nbytes(message.grad))
+    here = _worker_address()
+    times, finite = message.compute_s, message.finite
+    t0 = time.perf_counter()
+    with state.lock:
+        saved = state.saved.pop(micro, None)
+        if message.rows and saved is None:
+            raise StateLost(f"Stage {stage} holds no forward pass of micro-batch {micro} of "
+                            f"round {plan.round}.")
+        grad = None
+        if saved is not None and finite:
+            x, out = saved
+            out.backward(_read_tensor(message.grad).to(out.device))
+            finite = grads_finite(state.params)
+            if finite and stage:
+                grad = x.grad.cpu().numpy()
+    times = _add(times, stage, time.perf_counter() - t0)
+    return Backward(grad, message.rows, message.loss_sum, finite, here, moved,
+                    message.t_start, times)
+
+
+def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: int,
+                   plan) -> StageGradient:
+    """A stage's accumulated gradient of one step (after its backward passes ``after``)."""
+    state = _stage(run_id, replica, stage)
+    state.at(plan.round, "gradient")
+    with state.lock:
+        vector = torch.nn.utils.parameters_to_vector(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params])
+    return StageGradient(vector.detach().cpu().numpy(), _worker_address())
+
+
+def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan,
+           n_replicas: int, n_micro: int, extra_bytes: int) -> int:
+    """A stage's optimizer step at the end of a step; return the round it is then at.
+
+    The ``daskdist-stage-update`` task. ``inputs`` are the first stage's
+    :class:`Backward` of every micro-batch of every replica (they say
+    whether the step is finite, and that every backward pass is done), then,
+    with several replicas, every replica's :class:`StageGradient` of this
+    stage, summed into the gradient (each is already scaled by its rows'
+    share of the step). A step whose loss or gradients were not finite on any
+    replica is skipped by every stage of every replica. Replica 0's first
+    stage logs the round and counts skipped steps
+    (``daskdist.driver.max-non-finite``).
+    """
+    state = _stage(run_id, replica, stage)
+    state.at(plan.round, "update")
+    messages = inputs[:n_replicas * n_micro]
+    gradients = inputs[n_replicas * n_micro:]
+    finite = all(m.finite for m in messages)
+    with state.lock:
+        if finite:
+            set_lr(state.optimizer, plan.lr)
+            if gradients:
+                for p in state.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                with torch.no_grad():
+                    mean_flat_into([p.grad for p in state.params],
+                                   [g.vector for g in gradients], [1.0] * len(gradients))
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.saved.clear()
+        state.round = plan.round + 1
+        if replica == 0 and stage == 0:
+            _log_step(state, plan, messages, n_micro, finite, gradients, extra_bytes)
+    return plan.round + 1
+
+
+def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool, gradients,
+              extra_bytes: int) -> None:
+    """Record a step in the epoch's round log (and count it if skipped)."""
+    per_replica, bad = [], []
+    for r in range(len(messages) // n_micro):
+        own = messages[r * n_micro:(r + 1) * n_micro]
+        rows = sum(m.rows for m in own)
+        compute = max(sum(m.compute_s[s] for m in own) for s in range(len(own[0].compute_s)))
+        per_replica.append((r, float(sum(m.loss_sum for m in own)), rows, float(compute)))
+        if not all(m.finite for m in own):
+            bad.append(r)
+    live = tuple(r for r, _, rows, _ in per_replica if rows)
+    if not finite:
+        state.skipped = check_non_finite(state.skipped, tuple(bad) or live, plan, count=1)
+    record = {
+        "round": plan.round, "epoch": plan.epoch,
+        "replicas": live if finite else (), "skipped": () if finite else (tuple(bad) or live),
+        "samples": sum(rows for r, _, rows, _ in per_replica if r in live) if finite else 0,
+        "steps": 1,
+        "loss_sum": sum(loss for _, loss, _, _ in per_replica) if finite else 0.0,
+        "bytes": int(sum(m.bytes_moved for m in messages) + extra_bytes),
+        # the busiest stage's compute: the rest of the step is the pipeline's bubble and
+        # the tasks' overhead
+        "compute_s": max(c for _, _, _, c in per_replica),
+        "t_start": min(m.t_start for m in messages), "t_end": time.time(),
+        "per_replica": tuple(per_replica),
+    }
+    state.records.append(record)
+    emit_from_worker(round_event(plan.run_id, record))
+
+
+def export_stage(spec: ModelSpec, ready: int, *, run_id: str, replica: int, stage: int,
+                 round: int) -> StagePart:
+    """A stage's part of the state at the end of an epoch (with the log, for the first)."""
+    state = _stage(run_id, replica, stage)
+    state.at(round, "end of epoch")
+    with state.lock, torch.no_grad():
+        params = torch.nn.utils.parameters_to_vector(state.params).detach().cpu().numpy()
+        return StagePart(stage, params.copy(), buffers_to_numpy(state.module),
+                         optimizer_state_to_numpy(state.optimizer), tuple(state.records),
+                         state.skipped)

@@ -1,0 +1,354 @@
+"""``pipeline``: pipeline (model) parallelism, GPipe-style, through Dask tasks.
+
+The model, a :class:`torch.nn.Sequential`, is cut into ``n_stages`` stages of
+consecutive children (:mod:`daskdist.stages`), each trained on a worker of its
+own; a worker holds only its stage's parameters and optimizer state. Every
+step, each replica's slice of the global batch is cut into
+``n_micro_batches`` micro-batches that flow forward through the stages and
+whose gradients flow back, as tasks pinned to the stages' workers
+(:mod:`daskdist.stage_tasks`): while stage 2 works on micro-batch 1, stage 1
+already works on micro-batch 2. When every micro-batch is back, each stage
+takes one optimizer step with its accumulated gradient (Huang et al. 2019,
+"GPipe"). Dask's scheduler runs the schedule: a task starts as soon as its
+micro-batch arrives and its worker is free.
+
+The micro-batches' losses are scaled by their share of the step's rows, so
+the accumulated gradient is that of the whole batch's mean loss, and a step
+equals one of the unsplit model (``sync``) to float tolerance, for modules
+without batch statistics (batch normalisation sees micro-batches) and without
+dropout (its masks are drawn per stage and micro-batch).
+
+With more workers than stages, the strategy also runs data parallelism:
+``n_replicas`` pipelines (by default ``n_workers // n_stages``), each on its
+own workers and its own shard of the data; after the backward passes, every
+stage sums its peers' gradients of the same stage (they are already scaled by
+their rows' share) before the step, so every pipeline takes the same step.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import dask
+
+from .. import stage_tasks
+from .._compat import workers as cluster_workers
+from ..replica import RoundPlan, StateLost
+from ..stages import StageLayout, join_states, plan_stages, split_state, stage_spec
+from ..state import TrainingState
+from .base import Strategy
+
+__all__ = ["Pipeline", "stage_grid", "finish_stages"]
+
+#: Seconds between the driver's checks that every stage's worker is alive.
+_LIVENESS_S = 1.0
+
+
+def stage_grid(replica_workers: list, workers: list, n_stages: int) -> list[list[str]]:
+    """The worker of each stage of each replica: ``grid[replica][stage]``.
+
+    A replica's first stage sits with its shard (``replica_workers``); the
+    later stages go to the workers that hold no first stage, then round the
+    cluster again, so that with ``n_replicas * n_stages`` workers each worker
+    holds one stage.
+    """
+    firsts = list(replica_workers)
+    others = [w for w in workers if w not in firsts] + list(dict.fromkeys(firsts))
+    grid, c = [], 0
+    for first in firsts:
+        row = [first]
+        for _ in range(1, n_stages):
+            row.append(others[c % len(others)])
+            c += 1
+        grid.append(row)
+    return grid
+
+
+def finish_stages(state: TrainingState, *parts, layouts, plan) -> TrainingState:
+    """The epoch's final state from every stage's part (the ``daskdist-average`` task)."""
+    first = min(parts, key=lambda p: p.stage)
+    records = first.records
+    applied = sum(1 for r in records if not r["skipped"])
+    return join_states(
+        state, parts, layouts, step=state.step + applied, round=state.round + plan.n_steps,
+        epoch=plan.epochs_completed(), skipped=first.skipped,
+        log=(state.log if plan.first_step else ()) + tuple(records), cursors=())
+
+
+@dataclass
+class _Fit:
+    """What a pipeline fit sends once: the stages' layouts and specification futures."""
+
+    layouts: list[StageLayout]
+    specs: list
+
+
+class Pipeline(Strategy):
+    """Pipeline parallelism: the model's stages on different workers, micro-batches between.
+
+    For models too large for one worker's memory (or device): each worker
+    holds one stage's parameters and optimizer state. A step costs two
+    messages per micro-batch and stage boundary (activations forward,
+    gradients back) and ``2 * n_micro_batches * n_stages`` small Dask tasks
+    per replica, so it pays off for models whose stages compute for much
+    longer than a task takes (milliseconds); the pipeline's bubble, the time
+    stages wait at the start and end of each step, is about
+    ``(n_stages - 1) / (n_micro_batches + n_stages - 1)`` of it.
+
+    Parameters
+    ----------
+    n_stages : int
+        Stages the ``Sequential`` is cut into.
+    n_micro_batches : int
+        Micro-batches each replica's slice of a step is cut into (more: a
+        smaller bubble, more and smaller tasks).
+    split_points : list of int, optional
+        Indices of the children at which stages 2, 3, ... begin (default:
+        stages with about equal parameter counts).
+
+    Notes
+    -----
+    The state is whole only at epoch ends, so round checkpoints
+    (``every_rounds``) are taken there; if a worker is lost, the epoch in
+    progress runs again from its starting state on the remaining workers.
+    Hold-out scores and ``predict`` run the whole model on one worker.
+    """
+
+    name = "pipeline"
+
+    def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None):
+        self.n_stages = n_stages
+        self.n_micro_batches = n_micro_batches
+        self.split_points = split_points
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("n_stages", "n_micro_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.split_points is not None:
+            points = list(self.split_points)
+            if len(points) != self.n_stages - 1:
+                raise ValueError(
+                    f"split_points {points} give {len(points) + 1} stages, but "
+                    f"n_stages={self.n_stages}.")
+
+    def round_sizes(self, steps_per_epoch: int) -> list[int]:
+        return [1] * steps_per_epoch
+
+    def replicas_for(self, n_workers: int) -> int:
+        return max(1, n_workers // self.n_stages)
+
+    def place_replicas(self, workers: list, n: int) -> list:
+        return [workers[(i * self.n_stages) % len(workers)] for i in range(n)]
+
+    def check_model(self, spec) -> None:
+        plan_stages(spec, self.n_stages, self.split_points)
+
+    def drive_epoch(self, trainer, lr, epoch_round: int) -> None:
+        """Run one epoch of pipelined steps; leave ``trainer._state`` as its final state."""
+        _Epoch(self, trainer, lr, epoch_round).run()
+
+
+class _Epoch:
+    """The driver's side of one ``pipeline`` epoch."""
+
+    def __init__(self, strategy: Pipeline, trainer, lr, epoch_round: int):
+        self.strategy, self.trainer, self.lr = strategy, trainer, lr
+        self.client = trainer.client
+        self.done = trainer.round - epoch_round  # steps the state already holds
+        self.settled = 0
+        self.held: list = []  # the futures to let go of if the epoch fails
+
+    def run(self) -> None:
+        t = self.trainer
+        steps = t.steps_per_epoch - self.done
+        if steps <= 0:
+            return
+        fit = self._fit()
+        self.grid = stage_grid(t.replica_workers, sorted(cluster_workers(self.client)),
+                               self.strategy.n_stages)
+        try:
+            ready = self._load(fit)
+            self.base = list(self.held)
+            last = self._steps(fit, ready, steps)
+            self._finish(fit, last, steps)
+        except BaseException:
+            for f in self.held:
+                f.release()
+            raise
+
+    def _fit(self) -> _Fit:
+        """The fit's stage layouts and specification futures (sent again if lost)."""
+        t, s = self.trainer, self.strategy
+        fit = getattr(t, "_pipeline", None)
+        if fit is None:
+            layouts = plan_stages(t.spec, s.n_stages, s.split_points)
+            fit = t._pipeline = _Fit(layouts, [None] * len(layouts))
+        for i, layout in enumerate(fit.layouts):
+            if fit.specs[i] is None or fit.specs[i].status in ("lost", "cancelled"):
+                fit.specs[i] = self.client.submit(
+                    _identity, stage_spec(t.spec, layout), pure=False,
+                    key=f"daskdist-stage-spec-{t.key_prefix}-{i}")
+        return fit
+
+    def _pinned(self, func, *args, key, worker, **kwargs):
+        future = self.client.submit(func, *args, key=key, workers=[worker],
+                                    allow_other_workers=False, pure=False, **kwargs)
+        self.held.append(future)
+        return future
+
+    def _load(self, fit: _Fit) -> list[list]:
+        """Send each stage its part of the epoch's starting state; the stages' ready tokens."""
+        t = self.trainer
+        parts = []
+        for layout in fit.layouts:
+            part = self.client.submit(split_state, t._state, layout, pure=False,
+                                      key=t.task_key("stage-split", layout.index, epoch=t.epoch))
+            self.held.append(part)
+            parts.append(part)
+        return [[self._pinned(stage_tasks.load_stage, fit.specs[s], parts[s], run_id=t.run_id,
+                              replica=i, layout=fit.layouts[s], round=t.round,
+                              key=t.task_key("stage-load", t.round, i, s, epoch=t.epoch),
+                              worker=self.grid[i][s])
+                 for s in range(len(fit.layouts))]
+                for i in range(len(self.grid))]
+
+    def _steps(self, fit: _Fit, ready, steps: int):
+        """Submit and follow the epoch's steps; return the last step's ready tokens."""
+        from ..engine import _resolve
+
+        t = self.trainer
+        per_flush = max(1, t.lookahead // 2)
+        max_non_finite = dask.config.get("daskdist.driver.max-non-finite")
+        inflight = []
+        for n in range(steps):
+            k = self.done + n
+            ready = self._submit_step(fit, ready, k, t.round + n, max_non_finite,
+                                      first=(n == 0))
+            inflight.append(ready[0][0])
+            if (n + 1) % per_flush == 0 or n == steps - 1:
+                futures = t.flush(strict=True)
+                ready = _resolve(ready, futures)
+                inflight = _resolve(inflight, futures)
+                self.held = [*self.base, *(f for row in ready for f in row), *inflight]
+                while len(inflight) > t.lookahead or (n == steps - 1 and inflight):
+                    self._settle(inflight.pop(0))
+        return ready
+
+    def _submit_step(self, fit: _Fit, ready, k: int, round_: int, max_non_finite,
+                     first: bool):
+        """Queue one step's tasks on every replica; return its update tokens."""
+        t, S, M = self.trainer, self.strategy.n_stages, self.strategy.n_micro_batches
+        D = len(self.grid)
+        sizes, batches = t.shard_sizes, t.replica_batch
+        step_rows = sum(max(0, min(batches[i], sizes[i] - k * batches[i])) for i in range(D))
+        plans = [RoundPlan(t.run_id, i, t.epoch, round_, k, 1, batches[i], self.lr,
+                           t.random_state, t.shuffle, max_non_finite, t.steps_per_epoch)
+                 for i in range(D)]
+        heads, grads = [], [[None] * D for _ in range(S)]
+        for i, plan in enumerate(plans):
+            row = self.grid[i]
+            batch = t.submit(stage_tasks.step_batch, t.shards[i], plan,
+                             key=t.task_key("stage-batch", round_, i, epoch=t.epoch),
+                             worker=row[0])
+            backs = [[None] * M for _ in range(S)]  # backs[s][m]: stage s's output going back
+            for m in range(M):
+                message = batch
+                for s in range(S):
+                    message = t.submit(
+                        stage_tasks.forward, fit.specs[s], message, ready[i][s], run_id=t.run_id,
+                        replica=i, stage=s, n_stages=S, micro=m, n_micro=M, plan=plan,
+                        step_rows=step_rows,
+                        key=t.task_key("stage-forward", round_, i, s, m, epoch=t.epoch),
+                        worker=row[s])
+                backs[S - 1][m] = message
+                for s in range(S - 2, -1, -1):
+                    backs[s][m] = t.submit(
+                        stage_tasks.backward, fit.specs[s], backs[s + 1][m], run_id=t.run_id,
+                        replica=i, stage=s, micro=m, plan=plan,
+                        key=t.task_key("stage-backward", round_, i, s, m, epoch=t.epoch),
+                        worker=row[s])
+            heads.extend(backs[0])
+            if D > 1:
+                for s in range(S):
+                    grads[s][i] = t.submit(
+                        stage_tasks.stage_gradient, fit.specs[s], *backs[s], run_id=t.run_id,
+                        replica=i, stage=s, plan=plan,
+                        key=t.task_key("stage-grad", round_, i, s, epoch=t.epoch),
+                        worker=row[s])
+        extra = self._exchange_bytes(fit) + (
+            t._epoch_state.nbytes * D if first else 0)
+        return [[t.submit(stage_tasks.update, fit.specs[s], *heads,
+                          *(grads[s] if D > 1 else ()), run_id=t.run_id, replica=i, stage=s,
+                          plan=plans[i], n_replicas=D, n_micro=M,
+                          extra_bytes=extra if (i, s) == (0, 0) else 0,
+                          key=t.task_key("stage-update", round_, i, s, epoch=t.epoch),
+                          worker=self.grid[i][s])
+                 for s in range(S)] for i in range(D)]
+
+    def _exchange_bytes(self, fit: _Fit) -> int:
+        """Bytes of one step's gradient exchange between replicas of the same stages."""
+        itemsize = self.trainer._epoch_state.params.dtype.itemsize
+        D = len(self.grid)
+        return sum(layout.n_params * itemsize
+                   for s, layout in enumerate(fit.layouts)
+                   for i in range(D) for j in range(D)
+                   if self.grid[i][s] != self.grid[j][s])
+
+    def _settle(self, future) -> None:
+        """Wait for a step's update, watching the stages' workers; raise what failed."""
+        t = self.trainer
+        while not t.wait([future], timeout=_LIVENESS_S):
+            self._check_alive()
+        if future.status == "error":
+            error = future.exception()
+            if isinstance(error, StateLost):
+                self._lost(str(error))
+            raise error
+        if future.status != "finished":
+            self._check_alive()
+            self._lost(f"the pipeline's step output {future.key} was lost with a worker")
+        self.settled += 1
+
+    def _check_alive(self) -> None:
+        live = set(cluster_workers(self.client))
+        for i, row in enumerate(self.grid):
+            for s, worker in enumerate(row):
+                if worker not in live:
+                    self._lost(f"worker {worker} (stage {s} of replica {i}) left")
+
+    def _lost(self, reason: str):
+        from ..engine import _WorkerLost
+
+        lost = _WorkerLost(reason)
+        lost.rounds_lost = self.settled
+        raise lost
+
+    def _finish(self, fit: _Fit, ready, steps: int) -> None:
+        """Gather the stages' parts into the epoch's final state."""
+        t = self.trainer
+        end = t.round + steps
+        parts = [self._pinned(stage_tasks.export_stage, fit.specs[s], ready[0][s],
+                              run_id=t.run_id, replica=0, stage=s, round=end,
+                              key=t.task_key("stage-export", end, s, epoch=t.epoch),
+                              worker=self.grid[0][s])
+                 for s in range(len(fit.layouts))]
+        plan = RoundPlan(t.run_id, 0, t.epoch, t.round, self.done, steps, t.replica_batch[0],
+                         self.lr, t.random_state, t.shuffle, None, t.steps_per_epoch)
+        final = self.client.submit(
+            finish_stages, t._state, *parts, layouts=fit.layouts, plan=plan, pure=False,
+            key=t.task_key("average", end, epoch=t.epoch), workers=[self.grid[0][0]],
+            allow_other_workers=True)
+        self.held.append(final)
+        self._settle(final)
+        t.round = end
+        t._state = t._latest = final
+        t._track((t.round, final))
+
+
+def _identity(x):
+    return x
+

@@ -1,0 +1,198 @@
+"""``pipeline``: the model's stages on different workers, micro-batches flowing between."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from daskdist import DaskNeuralNetClassifier
+from daskdist.engine import Trainer
+from daskdist.spec import ModelSpec
+from daskdist.stages import balanced_split, join_states, plan_stages, split_state, stage_spec
+from daskdist.state import module_to_state, params_vector
+from daskdist.strategies import Pipeline
+from daskdist.strategies.pipeline import stage_grid
+from daskdist.testing import TinyNet, TinySequential, make_classification
+
+
+def _net(client, strategy, **kwargs):
+    params = dict(max_epochs=2, lr=0.05, batch_size=64, optimizer__momentum=0.9,
+                  iterator_train__shuffle=True, strategy=strategy, train_split=None, verbose=0,
+                  random_state=0, scheduler_address=client.scheduler.address)
+    return DaskNeuralNetClassifier(TinySequential, **{**params, **kwargs})
+
+
+# -- where the stages split, and the state with them ---------------------------------------
+def test_balanced_split_evens_out_parameters_and_keeps_activations_with_their_layer():
+    assert balanced_split([10, 0, 10, 0], 2) == [2]
+    assert balanced_split([5, 5, 5, 5, 5, 5], 3) == [2, 4]
+    assert balanced_split([1, 0, 100, 0, 1, 0], 3) == [2, 4]
+    assert balanced_split([100, 1, 1, 1], 2) == [1]
+    with pytest.raises(ValueError, match="Cannot split 2 children into 3"):
+        balanced_split([1, 1], 3)
+
+
+def test_plan_stages_splits_where_told_or_balanced():
+    # Linear(20, 16), Tanh, Linear(16, 16), Tanh, Linear(16, 3), Softmax
+    spec = ModelSpec(TinySequential())
+    balanced = plan_stages(spec, 2)
+    assert [layout.children for layout in balanced] == [("0", "1"), ("2", "3", "4", "5")]
+    three = plan_stages(spec, 3, split_points=[2, 4])
+    assert [layout.children for layout in three] == [("0", "1"), ("2", "3"), ("4", "5")]
+    # the stages' slices tile the flat parameter vector, in order
+    n = sum(p.numel() for p in spec.module.parameters())
+    assert [(x.start, x.stop) for x in three] == [(0, 336), (336, 608), (608, n)]
+
+
+@pytest.mark.parametrize("module, n_stages, points, message", [
+    (TinyNet(), 2, None, "splits a torch.nn.Sequential.*TinyNet"),
+    (TinySequential(), 7, None, "n_stages=7 is more than the 6 children"),
+    (TinySequential(), 2, [0], "must increase strictly and lie in 1..5"),
+    (TinySequential(), 3, [4, 2], "must increase strictly"),
+    (TinySequential(), 3, [2], r"give 2 stages, but n_stages=3"),
+    (TinySequential(), 2, ["2"], "child indices"),
+    (TinySequential(), 2, [5], r"Stage 1 \(children \['5'\]\) has no parameters"),
+])
+def test_plan_stages_refuses_what_it_cannot_split(module, n_stages, points, message):
+    with pytest.raises(ValueError, match=message):
+        plan_stages(ModelSpec(module), n_stages, points)
+
+
+def test_plan_stages_refuses_a_parameter_shared_by_two_stages():
+    first, last = nn.Linear(4, 4), nn.Linear(4, 4)
+    last.weight = first.weight  # tied weights
+    with pytest.raises(ValueError, match="shared with stage 0"):
+        plan_stages(ModelSpec(nn.Sequential(first, nn.Tanh(), last)), 2, [2])
+
+
+def test_split_and_join_give_back_the_whole_state():
+    torch.manual_seed(0)
+    module = TinySequential()
+    # two parameter groups (skorch's patterns), one of them only in the last stage
+    spec = ModelSpec(module, torch.optim.Adam,
+                     {"param_groups": [("4.*", {"lr": 0.01})], "lr": 0.001})
+    built, optimizer = spec.build()
+    built(torch.randn(8, 20)).sum().backward()
+    optimizer.step()
+    state = module_to_state(built, optimizer, step=1, round=1)
+    layouts = plan_stages(spec, 3, [2, 4])
+    parts = [split_state(state, layout) for layout in layouts]
+    # a stage's optimizer has every group (maybe empty) and only its parameters' state
+    assert [len(p.optimizer["state"]) for p in parts] == [2, 2, 2]
+    assert [[len(g["params"]) for g in p.optimizer["param_groups"]] for p in parts] == [
+        [0, 2], [0, 2], [2, 0]]
+    whole = join_states(state, parts[::-1], layouts)
+    np.testing.assert_array_equal(whole.params, state.params)
+    assert whole.optimizer["param_groups"] == state.optimizer["param_groups"]
+    for i, entry in state.optimizer["state"].items():
+        for name, value in entry.items():
+            np.testing.assert_array_equal(whole.optimizer["state"][i][name], value)
+    # a stage's optimizer loads its part as a live optimizer of the stage's module
+    from daskdist.stages import build_stage
+    from daskdist.state import optimizer_state_from_numpy
+
+    stage_module, stage_optimizer = build_stage(stage_spec(spec, layouts[2]), layouts[2])
+    optimizer_state_from_numpy(stage_optimizer, parts[2].optimizer)
+    assert [g["lr"] for g in stage_optimizer.param_groups] == [0.01, 0.001]
+    assert [n for n, _ in stage_module.named_parameters()] == ["4.weight", "4.bias"]
+
+
+def test_stage_grid_gives_each_stage_its_own_worker_when_there_are_enough():
+    workers = ["a", "b", "c", "d"]
+    assert stage_grid(["a", "c"], workers, 2) == [["a", "b"], ["c", "d"]]
+    assert stage_grid(["a"], workers[:2], 3) == [["a", "b", "a"]]
+    assert Pipeline(n_stages=2).replicas_for(5) == 2
+    assert Pipeline(n_stages=3).place_replicas(workers, 2) == ["a", "d"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_stages": 0}, "n_stages must be a positive integer"),
+    ({"n_micro_batches": 1.5}, "n_micro_batches must be a positive integer"),
+    ({"n_stages": 3, "split_points": [2]}, "give 2 stages, but n_stages=3"),
+])
+def test_pipeline_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        Pipeline(**options)
+
+
+# -- on the cluster ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n_stages, n_micro, n_replicas, batch_size", [
+    (2, 4, None, 64),  # one pipeline of two stages, a stage per worker
+    (3, 3, None, 50),  # three stages on two workers; micro-batches of 17, 17 and 16 rows
+    (2, 4, 2, 37),  # two pipelines (data parallelism too); slices of 19 and 18 rows
+])
+def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size):
+    X, y = make_classification(600)
+    kwargs = dict(batch_size=batch_size, n_replicas=n_replicas or 1)
+    sync = _net(client, "sync", **kwargs).fit(X, y)
+    pipe = _net(client, "pipeline", strategy__n_stages=n_stages,
+                strategy__n_micro_batches=n_micro, **kwargs).fit(X, y)
+    np.testing.assert_allclose(params_vector(pipe.module_), params_vector(sync.module_),
+                               atol=1e-5)
+    np.testing.assert_allclose(pipe.history[:, "train_loss"], sync.history[:, "train_loss"],
+                               rtol=1e-5)
+    for column in ("round", "epoch", "replicas", "samples"):
+        assert pipe.rounds_[column].tolist() == sync.rounds_[column].tolist()
+    np.testing.assert_allclose(pipe.rounds_["loss"], sync.rounds_["loss"], rtol=1e-4)
+    # the optimizer state (momentum) came back whole too
+    assert pipe.optimizer_.state_dict()["param_groups"][0]["params"] == list(range(6))
+    # activations and gradients crossed workers
+    assert (pipe.rounds_["bytes"] > 0).all()
+
+
+def test_each_worker_holds_only_its_stage(client):
+    from daskdist import replica, stage_tasks
+
+    X, y = make_classification(600)
+    module = TinySequential()
+    spec = ModelSpec(module, torch.optim.SGD, {"momentum": 0.9}, nn.NLLLoss(), log_probs=True,
+                     classifier=True)
+    state = module_to_state(*spec.build())
+    trainer = Trainer(client, spec, Pipeline(n_stages=2), batch_size=64).start(X, y, state)
+    try:
+        trainer.run_epoch(0.05)
+
+        def held(run_id):
+            stages = {k[1:]: (sum(p.numel() for p in s.params),
+                              [n for n, _ in s.module.named_parameters()],
+                              len(s.optimizer.state))
+                      for k, s in stage_tasks._stages.items() if k[0] == run_id}
+            replicas = [k for k in replica._cache if k[0] == run_id]
+            return stages, replicas
+
+        found = client.run(held, trainer.run_id)
+        layouts = trainer._pipeline.layouts
+        grid = stage_grid(trainer.replica_workers, sorted(found), 2)
+        assert len({w for row in grid for w in row}) == 2  # a worker per stage
+        for s, worker in enumerate(grid[0]):
+            stages, replicas = found[worker]
+            # the stage alone: its parameters, and momentum for those only; no whole model
+            assert list(stages) == [(0, s)]
+            n_params, names, n_momenta = stages[(0, s)]
+            assert n_params == layouts[s].n_params < params_vector(module).size
+            assert {n.split(".")[0] for n in names} <= set(layouts[s].children)
+            assert n_momenta == len(names)
+            assert replicas == []
+    finally:
+        trainer.close()
+    assert set(client.run(lambda: len(__import__("daskdist").stage_tasks._stages)).values()) \
+        == {0}
+
+
+def test_pipeline_learns_digits_from_the_estimator(client, digits):
+    X, y = digits
+    net = _net(client, "pipeline", max_epochs=5, lr=0.1, batch_size=64,
+               module__n_features=64, module__hidden=32, module__n_outputs=10,
+               strategy__n_micro_batches=2).fit(X, y)
+    assert net.score(X, y) > 0.9
+    assert net.rounds_["round"].tolist() == list(range(len(net.rounds_)))
+    assert (net.rounds_["compute_s"] > 0).all()
+    assert net.predict_proba(X[:5]).shape == (5, 10)
+
+
+def test_pipeline_refuses_a_module_that_is_not_sequential(client):
+    X, y = make_classification(100)
+    net = _net(client, "pipeline")
+    net.set_params(module=TinyNet)
+    with pytest.raises(ValueError, match="splits a torch.nn.Sequential"):
+        net.fit(X, y)
