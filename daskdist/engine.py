@@ -37,6 +37,7 @@ from distributed.client import FutureCancelledError, FuturesCancelledError
 from . import interrupt
 from ._compat import reschedule_stranded, task_state
 from ._compat import workers as cluster_workers
+from .devices import is_cuda, plan_devices, worker_info
 from .replica import RoundPlan, StateLost, drop_run, evaluate
 from .sharding import holdout_split
 from .sources import as_source
@@ -192,6 +193,7 @@ class Trainer:
         self.source = as_source(X, y, direct=self.direct_scatter, streaming=self.streaming,
                                 buffer_chunks=self.buffer_chunks)
         self._wait_for_a_worker()
+        self._plan_devices()
         workers = sorted(cluster_workers(self.client))
         n = self.n_replicas or self.strategy.replicas_for(len(workers))
         self.strategy.check_model(self.spec)
@@ -233,6 +235,20 @@ class Trainer:
                     f", streamed with a buffer of {self.buffer_chunks} chunks"
                     if getattr(self.source, "streaming", False) else "")
         return self
+
+    def _plan_devices(self) -> None:
+        """Give each worker its device for ``spec.device`` (its own GPU for ``"cuda"``)."""
+        if not is_cuda(self.spec.device):
+            return
+        infos = self.client.run(worker_info)
+        placement, fallback = plan_devices(self.spec.device, infos)
+        if fallback:
+            warnings.warn(
+                f"device={self.spec.device!r}: {len(fallback)} of {len(infos)} workers have "
+                f"no CUDA device ({', '.join(fallback[:3])}{', ...' if len(fallback) > 3 else ''}"
+                "); replicas there train on their CPU.", UserWarning, stacklevel=3)
+        self.spec = replace(self.spec, placement=placement)
+        logger.info("daskdist run %s: devices %s", self.run_id, placement)
 
     def _gather_shard_sizes(self) -> list:
         """Wait for the shards to be built; re-send those lost with a worker."""

@@ -26,13 +26,16 @@ _DASK_PARAMS_DOC = """
         (``sync_every`` local steps, then average parameters),
         ``"hierarchical"`` (``local_sgd`` averaged within groups of replicas,
         by default per host, then across groups), ``"async"`` (each replica's
-        update applied as it arrives; no replica waits) or ``"ssp"`` (``async``
-        with replicas at most ``strategy__staleness`` rounds apart). Options
+        update applied as it arrives; no replica waits), ``"ssp"`` (``async``
+        with replicas at most ``strategy__staleness`` rounds apart),
+        ``"ddp"`` (``sync``'s maths in a torch.distributed process group) or
+        ``"pipeline"`` (the model's stages on different workers). Options
         of a strategy are set with ``strategy__<option>``
         (``strategy__compression`` and ``strategy__density`` for ``sync``,
         ``local_sgd`` and ``hierarchical``, ``strategy__deadline`` for
         ``sync`` and ``local_sgd``, ``strategy__groups``,
-        ``strategy__staleness``); see :mod:`daskdist.strategies`.
+        ``strategy__staleness``, ``strategy__n_stages``...); see
+        :mod:`daskdist.strategies`.
     sync_every : int (default=8)
         Local steps between averages, for strategies that take it.
     sharding : {"random", "sequential", "stratified"} (default="random")
@@ -64,6 +67,16 @@ _DASK_PARAMS_DOC = """
         Streaming only: chunks whose rows are shuffled together (with
         ``iterator_train__shuffle=True``); a worker holds about
         ``buffer_chunks + 1`` chunks per replica.
+    precision : {None, "bf16", "fp16"} (default=None)
+        Train the forward pass and loss under ``torch.autocast`` in bfloat16
+        or float16 (with a dynamic loss scale per replica); None trains in
+        float32. The parameters, optimizer state and what is averaged stay
+        float32. See :mod:`daskdist.devices`.
+
+    ``device`` is where the workers train: ``"cuda"`` gives each worker its
+    own GPU (workers of one host take its GPUs in turn); a worker without
+    CUDA trains on its CPU, with a warning. The estimator's own module stays
+    on the client's CPU when the client has no GPU.
 
     ``batch_size`` is the global batch per step, split across replicas.
 
@@ -91,13 +104,13 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
                  classes=None, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
-                 streaming="auto", buffer_chunks=4,
+                 streaming="auto", buffer_chunks=4, precision=None,
                  use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,
                          classes=classes, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks)
+                               buffer_chunks, precision)
 
     def _set_target_info(self, y, classes, found=None) -> None:
         if classes is not None and not self._in_partial_fit_:
@@ -158,12 +171,12 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
     def __init__(self, module, *args, criterion=torch.nn.MSELoss, strategy="sync",
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
-                 streaming="auto", buffer_chunks=4,
+                 streaming="auto", buffer_chunks=4, precision=None,
                  use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks)
+                               buffer_chunks, precision)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -9,6 +9,7 @@ before anything is sent to the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -40,6 +41,7 @@ from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clients import cluster_client
 from .dashboard.reporter import FitReporter
+from .devices import check_precision, is_cuda
 from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .inputs import to_arrays
 from .predict import predict_blocks
@@ -97,6 +99,32 @@ def _json_value(value):
     raise TypeError(f"{type(value).__name__} is not JSON-representable")
 
 
+@contextlib.contextmanager
+def _device_here(net, follow_module: bool = False):
+    """Run skorch's own code in this process on a device it has.
+
+    ``device`` names where the workers train. Here skorch's initialisation
+    uses the CPU when ``device`` is a GPU this process does not have (a
+    client without one); with ``follow_module`` (prediction here) it works
+    where the module is.
+    """
+    requested, here = net.device, None
+    if follow_module and getattr(net, "module_", None) is not None:
+        params = [p for p in net.module_.parameters()
+                  if not isinstance(p, torch.nn.parameter.UninitializedParameter)]
+        here = params[0].device if params else None
+    if here is None and is_cuda(requested) and not torch.cuda.is_available():
+        here = torch.device("cpu")
+    if here is None or str(here) == str(requested):
+        yield
+        return
+    net.device = str(here)
+    try:
+        yield
+    finally:
+        net.device = requested
+
+
 def _overrides(cb, method: str) -> bool:
     return getattr(type(cb), method) is not getattr(Callback, method)
 
@@ -118,7 +146,7 @@ class DaskNet:
     # -- parameters ---------------------------------------------------------------------------
     def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
                           random_state, preprocessor, sample_dim=None, features=None,
-                          streaming="auto", buffer_chunks=4):
+                          streaming="auto", buffer_chunks=4, precision=None):
         self.strategy = strategy
         self.sync_every = sync_every
         self.sharding = sharding
@@ -130,6 +158,7 @@ class DaskNet:
         self.features = features
         self.streaming = streaming
         self.buffer_chunks = buffer_chunks
+        self.precision = precision
 
     @property
     def _default_callbacks(self):
@@ -169,6 +198,7 @@ class DaskNet:
         See the README's table of skorch parameters. Called before any work is
         submitted.
         """
+        check_precision(self.precision)
         problems = []
         if self.dataset is not Dataset:
             problems.append("a custom dataset (replicas index arrays directly)")
@@ -255,6 +285,14 @@ class DaskNet:
                 torch.manual_seed(seed_for(self.random_state, 0))
                 self.module_ = self.initialized_instance(self.module, kwargs)
         return self
+
+    def _initialize_module(self, reason=None):
+        with _device_here(self):
+            return super()._initialize_module(reason)
+
+    def _initialize_criterion(self, reason=None):
+        with _device_here(self):
+            return super()._initialize_criterion(reason)
 
     def _get_param_names(self):
         # skorch lists every attribute without a trailing underscore; keep the
@@ -424,6 +462,7 @@ class DaskNet:
             criterion=self.criterion_,
             log_probs=self._classifier and isinstance(self.criterion_, torch.nn.NLLLoss),
             classifier=self._classifier, device=str(self.device),
+            precision=check_precision(self.precision),
         )
 
     def _current_state(self) -> TrainingState:
@@ -602,7 +641,8 @@ class DaskNet:
         X = np.asarray(apply_preprocessor(self.preprocessor, X), dtype=np.float32)
         if not X.flags.writeable:  # pandas and xarray hand out read-only views
             X = X.copy()
-        return self._skorch_base.predict_proba(self, X)
+        with _device_here(self, follow_module=True):
+            return self._skorch_base.predict_proba(self, X)
 
     def _blockwise(self, X, method, out_shape, dtype):
         # The fitted estimator itself enters the graph: it pickles without live handles.

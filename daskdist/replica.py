@@ -22,10 +22,12 @@ import torch
 
 from . import process_group
 from .compression import pack, residuals
+from .devices import autocast, grad_scaler, to_device
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
     buffers_to_numpy,
+    grads_finite,
     load_buffers,
     load_params,
     optimizer_state_from_numpy,
@@ -160,7 +162,9 @@ class _Replica:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        self.device = spec.device_here()
         self.module, self.optimizer = spec.build()
+        self.scaler = grad_scaler(spec.precision, self.device)  # fp16's loss scale
         self.state = None  # the TrainingState the module's parameters hold
         self.optimizer_current = False  # the optimizer holds ``state.optimizer``
         self.buffers_current = False  # the buffers hold ``state.buffers``
@@ -259,15 +263,24 @@ def _seed_round(plan: RoundPlan, device: str) -> None:
         torch.cuda.manual_seed(seed)
 
 
-def _train_batch(rep: _Replica, X, y, hook=None) -> float:
-    """One step: loss → backward → hook → optimizer step; returns the loss."""
-    module, optimizer = rep.module, rep.optimizer
+def _train_batch(rep: _Replica, X, y) -> float:
+    """One step: loss → backward → optimizer step; returns the loss.
+
+    In reduced precision the forward pass and loss run under autocast; with
+    ``"fp16"`` the loss is scaled, and the scaler skips a step whose
+    gradients overflowed (and lowers the scale).
+    """
+    module, optimizer, scaler = rep.module, rep.optimizer, rep.scaler
     optimizer.zero_grad()
-    loss = rep.spec.loss(module(X), y)
-    loss.backward()
-    if hook is not None:
-        hook()
-    optimizer.step()
+    with autocast(rep.spec.precision, rep.device):
+        loss = rep.spec.loss(module(X), y)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return float(loss.item())
 
 
@@ -284,12 +297,12 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
     rep.load(state)
     rep.set_lr(plan.lr)
     rep.module.train()
-    _seed_round(plan, spec.device)
-    device = spec.device
+    device = rep.device
+    _seed_round(plan, device)
     loss_sum, n, steps = 0.0, 0, 0
     t0 = time.perf_counter()
     for X, y in shard.batches(plan):
-        loss_sum += _train_batch(rep, X.to(device), y.to(device)) * len(X)
+        loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device)) * len(X)
         n += len(X)
         steps += 1
         if not np.isfinite(loss_sum):
@@ -333,17 +346,23 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     rep = _replica(spec, plan.run_id, plan.replica)
     rep.load(state, with_optimizer=False)
     rep.module.train()
-    _seed_round(plan, spec.device)
+    device = rep.device
+    _seed_round(plan, device)
     t0 = time.perf_counter()
     batch = next(iter(shard.batches(plan)), None)
     if batch is None:  # shard exhausted: weight zero
-        return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, 0, 0.0,
-                            t_start, time.time(), _worker_address())
+        return _sits_out(plan, 0, 0.0, t_start)
     X, y = batch
     module = rep.module
     module.zero_grad()
-    loss = spec.loss(module(X.to(spec.device)), y.to(spec.device))
-    loss.backward()
+    with autocast(spec.precision, device):
+        loss = spec.loss(module(to_device(X, device)), to_device(y, device))
+    if rep.scaler is None:
+        loss.backward()
+    elif _scaled_backward_overflowed(rep, loss):
+        # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
+        # step out (an overflow is not a non-finite update)
+        return _sits_out(plan, 1, time.perf_counter() - t0, t_start)
     grad = torch.nn.utils.parameters_to_vector(
         [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
     ).detach().cpu().numpy()
@@ -356,6 +375,24 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
         payload["grad"] = _pack(grad, plan)
     return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
                         compute_s, t_start, time.time(), _worker_address())
+
+
+def _sits_out(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
+    """The contribution of a replica with no gradient this step (weight zero, not flagged)."""
+    return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, steps,
+                        compute_s, t_start, time.time(), _worker_address())
+
+
+def _scaled_backward_overflowed(rep: _Replica, loss) -> bool:
+    """Backward of the scaled loss, gradients unscaled; whether they overflowed.
+
+    A non-finite loss is not an overflow: it is left to the non-finite checks.
+    """
+    rep.scaler.scale(loss).backward()
+    rep.scaler.unscale_(rep.optimizer)
+    overflow = bool(torch.isfinite(loss).item()) and not grads_finite(rep.module.parameters())
+    rep.scaler.update()
+    return overflow
 
 
 def _pack(update: np.ndarray, plan: RoundPlan):
@@ -374,12 +411,13 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
     rep = _replica(spec, run_id, ("eval", shard.replica))
     rep.load(state, with_optimizer=False)
     rep.module.eval()
+    device = rep.device
     n = shard.n_valid
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, n, max(batch_size, 1)):
-            X = torch.from_numpy(shard.X_valid[start:start + batch_size]).to(spec.device)
-            y = torch.from_numpy(shard.y_valid[start:start + batch_size]).to(spec.device)
+            X = to_device(torch.from_numpy(shard.X_valid[start:start + batch_size]), device)
+            y = to_device(torch.from_numpy(shard.y_valid[start:start + batch_size]), device)
             y_pred = rep.module(X)
             loss_sum += float(spec.loss(y_pred, y).item()) * len(X)
             if spec.classifier:

@@ -39,7 +39,12 @@ class ModelSpec:
     classifier : bool
         Targets are class indices (accuracy is reported).
     device : str
-        Device the replica trains on.
+        Device the replicas train on (``"cuda"``: each worker's own GPU).
+    precision : {None, "bf16", "fp16"}
+        Train the forward pass in reduced precision (:mod:`daskdist.devices`).
+    placement : dict
+        Worker address -> device, planned by the driver for ``device``
+        (:func:`daskdist.devices.plan_devices`); empty: ``device`` everywhere.
     """
 
     module: torch.nn.Module
@@ -49,10 +54,18 @@ class ModelSpec:
     log_probs: bool = False
     classifier: bool = False
     device: str = "cpu"
+    precision: str | None = None
+    placement: dict = field(default_factory=dict)
+
+    def device_here(self) -> str:
+        """The device replicas train on in this worker process."""
+        from .devices import device_here
+
+        return device_here(self.device, self.placement)
 
     def build(self):
         """Return a fresh ``(module, optimizer)`` pair for a replica."""
-        module = copy.deepcopy(self.module).to(self.device)
+        module = copy.deepcopy(self.module).to(self.device_here())
         kwargs = dict(self.optimizer_kwargs)
         groups = _param_groups(module.named_parameters(), kwargs.pop("param_groups", []))
         return module, self.optimizer(groups, **kwargs)

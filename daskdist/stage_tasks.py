@@ -26,6 +26,7 @@ import torch
 
 from .aggregation import check_non_finite
 from .dashboard.events import emit_from_worker, round_event
+from .devices import autocast, to_device
 from .replica import StateLost, _worker_address, set_lr
 from .spec import ModelSpec, seed_for
 from .stages import StageLayout, StagePart, build_stage
@@ -106,6 +107,7 @@ class _Stage:
 
     def __init__(self, spec: ModelSpec, layout: StageLayout):
         self.spec, self.layout = spec, layout
+        self.device = spec.device_here()
         self.module, self.optimizer = build_stage(spec, layout)
         self.params = list(self.module.parameters())
         self.lock = threading.Lock()
@@ -217,23 +219,27 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
         if last:
             return Backward(None, 0, 0.0, True, here, moved, t_first, times)
         return Activation(None, None, 0, here, moved, t_first, times)
-    device = spec.device
+    device = state.device
     t0 = time.perf_counter()
     with state.lock:
         torch.default_generator.manual_seed(
             seed_for(plan.random_state, 3, plan.round, replica, stage, micro))
         state.module.train()
-        x = X.to(device)
+        x = to_device(X, device)
         if not first:
             x.requires_grad_(True)
-        out = state.module(x)
+        with autocast(spec.precision, device):
+            out = state.module(x)
+            if last:
+                loss = spec.loss(out, to_device(y, device))
         if not last:
             state.saved[micro] = (x, out)
             times = _add(times, stage, time.perf_counter() - t0)
-            return Activation(out.detach().cpu().numpy(), None if y is None else y.numpy(),
-                              len(X), here, moved, t_first, times)
+            # (float32 on the way: numpy has no bfloat16)
+            return Activation(out.detach().float().cpu().numpy(),
+                              None if y is None else y.numpy(), len(X), here, moved, t_first,
+                              times)
         rows = len(X)
-        loss = spec.loss(out, None if y is None else y.to(device))
         loss_sum = float(loss.item()) * rows
         finite = bool(np.isfinite(loss_sum))
         if finite:
@@ -266,7 +272,7 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
         grad = None
         if saved is not None and finite:
             x, out = saved
-            out.backward(_read_tensor(message.grad).to(out.device))
+            out.backward(_read_tensor(message.grad).to(out.device, out.dtype))
             finite = grads_finite(state.params)
             if finite and stage:
                 grad = x.grad.cpu().numpy()

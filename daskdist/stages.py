@@ -233,7 +233,7 @@ def build_stage(spec: ModelSpec, layout: StageLayout):
     """A stage's live module and optimizer (every group of the whole model's, maybe empty)."""
     import copy
 
-    module = copy.deepcopy(spec.module).to(spec.device)
+    module = copy.deepcopy(spec.module).to(spec.device_here())
     named = dict(module.named_parameters())
     groups = [{"params": [named[n] for n in names], **options}
               for names, options in zip(layout.groups, layout.group_options)]

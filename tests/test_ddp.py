@@ -130,6 +130,10 @@ def test_ddp_options_are_checked():
     assert DDP().backend_for("cuda:1") == "nccl"
     assert DDP(backend="gloo").backend_for("cuda") == "gloo"
     assert DDP().ddp_options("cuda:1")["device_ids"] == [1]
+    assert "device_ids" not in DDP().ddp_options("cpu")
+    # NCCL only when every rank trains on CUDA (a worker that fell back to its CPU: gloo)
+    assert DDP().backend_for(["cuda:0", "cuda:1"]) == "nccl"
+    assert DDP().backend_for(["cuda:0", "cpu"]) == "gloo"
     with pytest.raises(ValueError, match="allow_insecure"):
         DDP().check_replicas(["tls://10.0.0.1:4000", "tls://10.0.0.2:4000"])
     DDP(allow_insecure=True).check_replicas(["tls://10.0.0.1:4000"])

@@ -44,11 +44,12 @@ from .. import process_group
 from .._compat import workers as cluster_workers
 from ..aggregation import check_non_finite
 from ..dashboard.events import emit_from_worker, round_event
+from ..devices import autocast, is_cuda, to_device
 from ..replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
 from ..state import TrainingState, grads_finite, module_to_state
 from .base import Strategy
 
-__all__ = ["DDP", "RankResult", "train_rank", "finish_ranks", "rank_layout"]
+__all__ = ["DDP", "RankResult", "train_rank", "finish_ranks", "rank_layout", "device_options"]
 
 #: Seconds between the rank-0 task's progress events.
 EMIT_S = 0.25
@@ -102,7 +103,7 @@ def _batch(parts, device):
     else:
         X = torch.cat([X for X, _ in parts])
         y = None if parts[0][1] is None else torch.cat([y for _, y in parts])
-    return X.to(device), (None if y is None else y.to(device))
+    return to_device(X, device), to_device(y, device)
 
 
 def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tuple,
@@ -147,7 +148,8 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
     rep.load(state)
     rep.set_lr(first.lr)
     rep.module.train()
-    model = member.wrap(rep.module, spec.device, **options)
+    device = rep.device
+    model = member.wrap(rep.module, device, **options, **device_options(device))
     params = [p for p in rep.module.parameters() if p.requires_grad]
     batches = [shard.batches(plan) for shard, plan in zip(shards, plans)]
     n = len(step_rows)
@@ -161,7 +163,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
     with model.join() if uneven else contextlib.nullcontext():
         for k in range(n):
             if k and k % STOP_CHECK_STEPS == 0 and k < common_steps \
-                    and _stopped(abort, spec.device):
+                    and _stopped(abort, device):
                 raise process_group.GroupAborted(
                     f"The driver gave up epoch {first.epoch}; rank {rank} stopped at step {k}.")
             parts = [next(b, None) for b in batches]
@@ -172,23 +174,38 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
                     raise RuntimeError(f"Rank {rank} ran out of data at step {k} of {n}.")
                 break  # DDP's join stands in for this rank in the remaining steps
             t0 = time.perf_counter()
-            X, y = _batch([p for p in parts if p is not None], spec.device)
-            _seed_round(replace(first, round=first.round + k), spec.device)
+            X, y = _batch([p for p in parts if p is not None], device)
+            _seed_round(replace(first, round=first.round + k), device)
             rep.optimizer.zero_grad()
-            loss = spec.loss(model(X), y)
+            with autocast(spec.precision, device):
+                loss = spec.loss(model(X), y)
             # this rank's share of the step's mean; a non-finite loss makes every rank's
             # mean gradient NaN, so that all of them skip the step (no sync with the device)
             share = torch.where(torch.isfinite(loss.detach()), rows * world / step_rows[k],
                                 float("nan"))
-            (loss * share).backward()
+            scaled = loss * share
+            (scaled if rep.scaler is None else rep.scaler.scale(scaled)).backward()
             loss_sums[k] = float(loss.item()) * rows
             finite[k] = np.isfinite(loss_sums[k])
+            if rep.scaler is not None:
+                rep.scaler.unscale_(rep.optimizer)
+            step_plan = replace(first, round=first.round + k)
             if grads_finite(params):  # the mean gradient: the same on every rank
-                rep.optimizer.step()
-            else:  # the whole step is skipped, on every rank: one skipped update
+                if rep.scaler is None:
+                    rep.optimizer.step()
+                else:
+                    rep.scaler.step(rep.optimizer)  # (the gradients are unscaled already)
+            elif rep.scaler is None:  # skipped on every rank: one skipped update
                 skipped.append(k)
                 skipped_count = _count_skipped(skipped_count, plans, counts, finite[k],
-                                               replace(first, round=first.round + k))
+                                               step_plan)
+            else:  # fp16: the same loss scale on every rank decides (see _check_scale)
+                skipped.append(k)
+                skipped_count += 1
+            if rep.scaler is not None:
+                rep.scaler.update()
+                if k in skipped[-1:]:
+                    _check_scale(rep.scaler, plans, counts, finite[k], step_plan)
             samples[k] = counts
             step_s[k] = time.perf_counter() - t0
             step_end[k] = time.time()
@@ -198,6 +215,40 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
     final = module_to_state(rep.module, rep.optimizer) if rank == holder else None
     return RankResult(rank, tuple(p.replica for p in plans), _worker_address(), samples,
                       loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final)
+
+
+def device_options(device) -> dict:
+    """DDP's ``device_ids`` for a module on a CUDA ``device`` (nothing on the CPU)."""
+    if not is_cuda(device):
+        return {}
+    index = torch.device(device).index
+    return {"device_ids": [torch.cuda.current_device() if index is None else index]}
+
+
+#: Under fp16, the loss scale below which steps whose gradients are not finite fail the fit.
+MIN_LOSS_SCALE = 2.0 ** -8
+
+
+def _check_scale(scaler, plans, counts, own_finite: bool, plan) -> None:
+    """Raise ``NonFiniteError`` once fp16's loss scale fell below :data:`MIN_LOSS_SCALE`.
+
+    Under fp16 a step whose mean gradient is not finite may be an overflow
+    of the scaled loss, which the scaler answers by halving the scale; ranks
+    cannot tell that from a non-finite loss without another collective (which
+    DDP's ``join`` would not shadow). Every rank holds the same scale, so they
+    all fail at the same step when the gradients keep being non-finite.
+    """
+    scale = scaler.get_scale()
+    if scale >= MIN_LOSS_SCALE:
+        return
+    replicas = tuple(p.replica for p, n in zip(plans, counts) if n)
+    error = NonFiniteError(
+        f"Replica(s) {list(replicas)} kept producing non-finite gradients up to round "
+        f"{plan.round} (epoch {plan.epoch}): fp16's loss scale fell to {scale:g}. The "
+        "parameters are those of the last finite step; lower the learning rate, clip "
+        "gradients, check the data or train in bf16.")
+    error.daskdist_culprit = not own_finite
+    raise error
 
 
 def _stopped(abort, device) -> bool:
@@ -401,21 +452,21 @@ class DDP(Strategy):
                 "network, or use a strategy whose traffic stays in Dask's TLS (sync, "
                 "local_sgd, hierarchical, async, ssp).")
 
-    def backend_for(self, device: str) -> str:
-        """The backend used for a model on ``device``."""
+    def backend_for(self, devices) -> str:
+        """The backend for ranks on ``devices`` (one device, or each rank's).
+
+        NCCL when every rank trains on CUDA, gloo otherwise.
+        """
         if self.backend is not None:
             return self.backend
-        return "nccl" if torch.device(device).type == "cuda" else "gloo"
+        devices = [devices] if isinstance(devices, (str, torch.device)) else list(devices)
+        return "nccl" if devices and all(is_cuda(d) for d in devices) else "gloo"
 
     def ddp_options(self, device: str) -> dict:
         """Keyword arguments of ``DistributedDataParallel`` for a model on ``device``."""
-        options = {"bucket_cap_mb": float(self.bucket_cap_mb),
-                   "find_unused_parameters": bool(self.find_unused_parameters)}
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            options["device_ids"] = [dev.index if dev.index is not None
-                                     else torch.cuda.current_device()]
-        return options
+        return {"bucket_cap_mb": float(self.bucket_cap_mb),
+                "find_unused_parameters": bool(self.find_unused_parameters),
+                **device_options(device)}
 
     def drive_epoch(self, trainer, lr, epoch_round: int) -> None:
         """Run one epoch in the process group; leave ``trainer._state`` as its final state."""
@@ -472,7 +523,9 @@ class _Epoch:
             future.release()
         spec = t.spec
         group = process_group.GroupSpec(key, t.run_id, host, int(port), len(self.workers),
-                                        self.strategy.backend_for(spec.device), timeout,
+                                        self.strategy.backend_for(
+                                            [spec.placement.get(w, spec.device)
+                                             for w in self.workers]), timeout,
                                         tuple(self.workers))
         t._ddp_group = group
         return group
@@ -532,7 +585,7 @@ class _Epoch:
                       for _, replicas in self.ranks]
         holder = rank_steps.index(max(rank_steps))
         max_non_finite = dask.config.get("daskdist.driver.max-non-finite")
-        options = self.strategy.ddp_options(t.spec.device)
+        options = self.strategy.ddp_options("cpu")  # (each rank adds its own device)
         futures = []
         for rank, (worker, replicas) in enumerate(self.ranks):
             plans = tuple(

@@ -145,6 +145,10 @@ class Pipeline(Strategy):
         return [workers[(i * self.n_stages) % len(workers)] for i in range(n)]
 
     def check_model(self, spec) -> None:
+        if spec.precision == "fp16":
+            raise ValueError(
+                "strategy='pipeline' does not train in precision='fp16' (its stages would "
+                "need one loss scale between them); use precision='bf16'.")
         plan_stages(spec, self.n_stages, self.split_points)
 
     def drive_epoch(self, trainer, lr, epoch_round: int) -> None:

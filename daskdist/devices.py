@@ -1,0 +1,154 @@
+"""Where a replica trains: each worker's device, mixed precision, host-to-device copies.
+
+The estimators' ``device`` names where the *workers* train. ``"cuda"`` gives
+each worker its own GPU: the driver asks every worker what it sees
+(:func:`worker_info`) and places workers of one host on its GPUs in turn
+(:func:`plan_devices`; with dask-cuda, or any worker started with
+``CUDA_VISIBLE_DEVICES`` set to one GPU, that is the worker's GPU). A worker
+without CUDA trains on its CPU, and the fit warns about it. The plan travels
+with the model specification, and a task asks :func:`device_here` for its
+worker's device.
+
+``precision="bf16"`` or ``"fp16"`` runs the forward pass and the loss under
+:func:`torch.autocast`; ``"fp16"`` also scales the loss with a
+:class:`torch.amp.GradScaler` per replica (:func:`grad_scaler`), whose
+skipped steps are its own (an overflow is not a non-finite update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+__all__ = ["PRECISIONS", "check_precision", "is_cuda", "worker_info", "plan_devices",
+           "device_here", "autocast", "grad_scaler", "to_device"]
+
+#: Values of the estimators' ``precision``: None (float32) or a reduced float type.
+PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+_warned: set = set()
+
+
+def check_precision(precision) -> str | None:
+    """``precision`` if valid (``"fp32"`` reads as None); raise ``ValueError`` otherwise."""
+    if precision == "fp32":
+        return None
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None, 'fp32', 'bf16' or 'fp16', got {precision!r}.")
+    return precision
+
+
+def is_cuda(device) -> bool:
+    """Whether ``device`` (a string or ``torch.device``) names a CUDA device."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def worker_info() -> dict:
+    """What this process sees: its host, CUDA devices and the worker's ``GPU`` resource."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu = None
+    with contextlib.suppress(ValueError, ImportError):
+        from distributed import get_worker
+
+        gpu = get_worker().state.total_resources.get("GPU")
+    return {"host": _host(), "cuda": count, "gpu_resource": gpu,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _host() -> str:
+    with contextlib.suppress(ValueError, ImportError):
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        return get_address_host(get_worker().address)
+    return "localhost"
+
+
+def plan_devices(requested: str, infos: dict) -> tuple[dict, list]:
+    """Each worker's device for a fit that asks for ``requested``.
+
+    Parameters
+    ----------
+    requested : str
+        The estimator's ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+    infos : dict
+        Worker address -> :func:`worker_info` of that worker.
+
+    Returns
+    -------
+    placement : dict
+        Worker address -> device. ``"cuda"`` places the CUDA workers of each
+        host on its devices in turn (in address order); ``"cuda:N"`` keeps
+        the index where the worker has that device.
+    fallback : list of str
+        Workers that were asked for CUDA and train on their CPU.
+    """
+    if not is_cuda(requested):
+        return {w: requested for w in infos}, []
+    index = torch.device(requested).index
+    placement, fallback, seen = {}, [], {}
+    for worker in sorted(infos):
+        info = infos[worker]
+        count = info.get("cuda", 0)
+        if index is not None and index < count:
+            placement[worker] = f"cuda:{index}"
+        elif index is None and count:
+            host = info.get("host")
+            nth = seen[host] = seen.get(host, -1) + 1
+            placement[worker] = f"cuda:{nth % count}"
+        else:
+            placement[worker] = "cpu"
+            fallback.append(worker)
+    return placement, fallback
+
+
+def device_here(requested: str, placement: dict | None = None) -> str:
+    """This worker's device: its place in ``placement``, or ``requested`` if it can run here.
+
+    A worker missing from the plan (one that joined after the fit started)
+    falls back to its CPU when it has no CUDA device, with a warning in its
+    log.
+    """
+    if placement:
+        from .replica import _worker_address
+
+        found = placement.get(_worker_address())
+        if found is not None:
+            return found
+    if is_cuda(requested):
+        index = torch.device(requested).index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            if requested not in _warned:
+                _warned.add(requested)
+                warnings.warn(f"device={requested!r} is not available on this worker; "
+                              "training on its CPU.", RuntimeWarning, stacklevel=2)
+            return "cpu"
+    return requested
+
+
+def autocast(precision: str | None, device: str):
+    """A context that runs the forward pass (and loss) in ``precision``."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
+
+
+def grad_scaler(precision: str | None, device: str):
+    """A dynamic loss scaler for ``"fp16"`` (None otherwise)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def to_device(tensor, device: str):
+    """``tensor`` on ``device``; to a GPU through pinned memory, without blocking."""
+    if tensor is None:
+        return None
+    if is_cuda(device):
+        if tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
