@@ -113,11 +113,20 @@ class _Stage:
         self.lock = threading.Lock()
         self.saved: dict = {}  # micro-batch -> (input, output) of its forward pass
         self.round: int | None = None  # the round whose step the stage is at
+        self.attempt: str | None = None  # the driver's attempt at the epoch it loaded
         self.records: list = []  # the epoch's round log (replica 0, stage 0)
         self.skipped = 0
 
-    def at(self, round_: int, what: str) -> None:
-        """Raise ``StateLost`` unless the stage is at ``round_``."""
+    def at(self, round_: int, attempt: str, what: str) -> None:
+        """Raise ``StateLost`` unless the stage is at ``round_`` of the driver's ``attempt``.
+
+        A task of an attempt that the driver gave up (a worker was lost, the
+        epoch runs again) may still start after the new attempt loaded the
+        stage: it must not touch it.
+        """
+        if self.attempt != attempt:
+            raise StateLost(f"Stage {self.layout.index} was loaded for attempt {self.attempt}, "
+                            f"not {attempt} ({what}): this task's attempt was given up.")
         if self.round != round_:
             raise StateLost(
                 f"Stage {self.layout.index} is at round {self.round}, not {round_}, on this "
@@ -142,7 +151,7 @@ def drop_run(run_id: str) -> int:
 
 
 def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
-               layout: StageLayout, round: int) -> int:
+               layout: StageLayout, round: int, attempt: str) -> int:
     """Load a stage's part of the epoch's starting state; return the round it is at.
 
     The ``daskdist-stage-load`` task. The stage is built on first use, and
@@ -159,6 +168,7 @@ def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
         optimizer_state_from_numpy(stage.optimizer, part.optimizer)
         stage.saved.clear()
         stage.records, stage.skipped, stage.round = [], part.skipped, round
+        stage.attempt = attempt
     return round
 
 
@@ -188,7 +198,7 @@ def _add(times: tuple, stage: int, seconds: float) -> tuple:
 
 
 def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, stage: int,
-            n_stages: int, micro: int, n_micro: int, plan, step_rows: int):
+            n_stages: int, micro: int, n_micro: int, plan, step_rows: int, attempt: str):
     """A stage's forward pass of one micro-batch.
 
     The ``daskdist-stage-forward`` task. ``source`` is the step's batch (the
@@ -201,7 +211,7 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
     """
     t_start = time.time()
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, "forward")
+    state.at(plan.round, attempt, "forward")
     if ready != plan.round:
         raise StateLost(f"Stage {stage} got the token of round {ready} in round {plan.round}.")
     first, last = stage == 0, stage == n_stages - 1
@@ -251,7 +261,7 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
 
 
 def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, stage: int,
-             micro: int, plan) -> Backward:
+             micro: int, plan, attempt: str) -> Backward:
     """A stage's backward pass of one micro-batch, from the next stage's :class:`Backward`.
 
     The ``daskdist-stage-backward`` task: accumulates the stage's parameter
@@ -259,7 +269,7 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
     the first stage).
     """
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, "backward")
+    state.at(plan.round, attempt, "backward")
     moved = _arrive(message, _nbytes(message.grad))
     here = _worker_address()
     times, finite = message.compute_s, message.finite
@@ -282,10 +292,10 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
 
 
 def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: int,
-                   plan) -> StageGradient:
+                   plan, attempt: str) -> StageGradient:
     """A stage's accumulated gradient of one step (after its backward passes ``after``)."""
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, "gradient")
+    state.at(plan.round, attempt, "gradient")
     with state.lock:
         vector = torch.nn.utils.parameters_to_vector(
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params])
@@ -293,7 +303,7 @@ def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: in
 
 
 def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan,
-           n_replicas: int, n_micro: int, extra_bytes: int) -> int:
+           n_replicas: int, n_micro: int, extra_bytes: int, attempt: str) -> int:
     """A stage's optimizer step at the end of a step; return the round it is then at.
 
     The ``daskdist-stage-update`` task. ``inputs`` are the first stage's
@@ -307,7 +317,7 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
     (``daskdist.driver.max-non-finite``).
     """
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, "update")
+    state.at(plan.round, attempt, "update")
     messages = inputs[:n_replicas * n_micro]
     gradients = inputs[n_replicas * n_micro:]
     finite = all(m.finite for m in messages)
@@ -362,10 +372,10 @@ def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool, gradien
 
 
 def export_stage(spec: ModelSpec, ready: int, *, run_id: str, replica: int, stage: int,
-                 round: int) -> StagePart:
+                 round: int, attempt: str) -> StagePart:
     """A stage's part of the state at the end of an epoch (with the log, for the first)."""
     state = _stage(run_id, replica, stage)
-    state.at(round, "end of epoch")
+    state.at(round, attempt, "end of epoch")
     with state.lock, torch.no_grad():
         params = torch.nn.utils.parameters_to_vector(state.params).detach().cpu().numpy()
         return StagePart(stage, params.copy(), buffers_to_numpy(state.module),

@@ -172,6 +172,8 @@ class _Epoch:
         if steps <= 0:
             return
         fit = self._fit()
+        # stale tasks of an attempt given up must not touch the stages this one loads
+        self.ids = {"run_id": t.run_id, "attempt": f"{t.key_prefix}-{t.round}"}
         self.grid = stage_grid(t.replica_workers, sorted(cluster_workers(self.client)),
                                self.strategy.n_stages)
         try:
@@ -213,7 +215,7 @@ class _Epoch:
                                       key=t.task_key("stage-split", layout.index, epoch=t.epoch))
             self.held.append(part)
             parts.append(part)
-        return [[self._pinned(stage_tasks.load_stage, fit.specs[s], parts[s], run_id=t.run_id,
+        return [[self._pinned(stage_tasks.load_stage, fit.specs[s], parts[s], **self.ids,
                               replica=i, layout=fit.layouts[s], round=t.round,
                               key=t.task_key("stage-load", t.round, i, s, epoch=t.epoch),
                               worker=self.grid[i][s])
@@ -263,7 +265,7 @@ class _Epoch:
                 message = batch
                 for s in range(S):
                     message = t.submit(
-                        stage_tasks.forward, fit.specs[s], message, ready[i][s], run_id=t.run_id,
+                        stage_tasks.forward, fit.specs[s], message, ready[i][s], **self.ids,
                         replica=i, stage=s, n_stages=S, micro=m, n_micro=M, plan=plan,
                         step_rows=step_rows,
                         key=t.task_key("stage-forward", round_, i, s, m, epoch=t.epoch),
@@ -271,7 +273,7 @@ class _Epoch:
                 backs[S - 1][m] = message
                 for s in range(S - 2, -1, -1):
                     backs[s][m] = t.submit(
-                        stage_tasks.backward, fit.specs[s], backs[s + 1][m], run_id=t.run_id,
+                        stage_tasks.backward, fit.specs[s], backs[s + 1][m], **self.ids,
                         replica=i, stage=s, micro=m, plan=plan,
                         key=t.task_key("stage-backward", round_, i, s, m, epoch=t.epoch),
                         worker=row[s])
@@ -279,14 +281,14 @@ class _Epoch:
             if D > 1:
                 for s in range(S):
                     grads[s][i] = t.submit(
-                        stage_tasks.stage_gradient, fit.specs[s], *backs[s], run_id=t.run_id,
+                        stage_tasks.stage_gradient, fit.specs[s], *backs[s], **self.ids,
                         replica=i, stage=s, plan=plan,
                         key=t.task_key("stage-grad", round_, i, s, epoch=t.epoch),
                         worker=row[s])
         extra = self._exchange_bytes(fit) + (
             t._epoch_state.nbytes * D if first else 0)
         return [[t.submit(stage_tasks.update, fit.specs[s], *heads,
-                          *(grads[s] if D > 1 else ()), run_id=t.run_id, replica=i, stage=s,
+                          *(grads[s] if D > 1 else ()), **self.ids, replica=i, stage=s,
                           plan=plans[i], n_replicas=D, n_micro=M,
                           extra_bytes=extra if (i, s) == (0, 0) else 0,
                           key=t.task_key("stage-update", round_, i, s, epoch=t.epoch),
@@ -336,7 +338,7 @@ class _Epoch:
         t = self.trainer
         end = t.round + steps
         parts = [self._pinned(stage_tasks.export_stage, fit.specs[s], ready[0][s],
-                              run_id=t.run_id, replica=0, stage=s, round=end,
+                              **self.ids, replica=0, stage=s, round=end,
                               key=t.task_key("stage-export", end, s, epoch=t.epoch),
                               worker=self.grid[0][s])
                  for s in range(len(fit.layouts))]
