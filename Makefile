@@ -35,6 +35,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_zarr.py
 	$(BIN)/python benchmarks/bench_strategies.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_multihost.py
+	$(BIN)/python benchmarks/cost_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -69,8 +69,8 @@ def unavailable() -> str | None:
 
 def netem_available() -> tuple[bool, str]:
     """Whether the kernel offers ``netem`` (added latency), and what ``tc`` said."""
-    name = f"{PREFIX}nm{os.getpid()}"
-    _ip("link", "add", name, "type", "dummy", check=False)
+    name = f"{PREFIX}nm{os.getpid() % 100000}"
+    _ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p", check=False)
     try:
         done = subprocess.run(["tc", "qdisc", "add", "dev", name, "root", "netem",
                                "delay", "1ms"], capture_output=True, text=True)
