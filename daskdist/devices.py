@@ -24,7 +24,7 @@ import warnings
 import torch
 
 __all__ = ["PRECISIONS", "check_precision", "is_cuda", "worker_info", "plan_devices",
-           "device_here", "autocast", "grad_scaler", "to_device"]
+           "device_here", "autocast", "grad_scaler", "use_device", "to_device"]
 
 #: Values of the estimators' ``precision``: None (float32) or a reduced float type.
 PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,25 +46,17 @@ def is_cuda(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
-def worker_info() -> dict:
-    """What this process sees: its host, CUDA devices and the worker's ``GPU`` resource."""
+def worker_info(dask_worker=None) -> dict:
+    """What a worker sees: its host, CUDA devices and ``GPU`` resource (``Client.run``)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu = None
-    with contextlib.suppress(ValueError, ImportError):
-        from distributed import get_worker
-
-        gpu = get_worker().state.total_resources.get("GPU")
-    return {"host": _host(), "cuda": count, "gpu_resource": gpu,
-            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
-
-
-def _host() -> str:
-    with contextlib.suppress(ValueError, ImportError):
-        from distributed import get_worker
+    host, gpu = "localhost", None
+    if dask_worker is not None:
         from distributed.comm import get_address_host
 
-        return get_address_host(get_worker().address)
-    return "localhost"
+        host = get_address_host(dask_worker.address)
+        gpu = dask_worker.state.total_resources.get("GPU")
+    return {"host": host, "cuda": count, "gpu_resource": gpu,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def plan_devices(requested: str, infos: dict) -> tuple[dict, list]:
@@ -136,11 +128,25 @@ def autocast(precision: str | None, device: str):
     return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
 
 
-def grad_scaler(precision: str | None, device: str):
+def grad_scaler(precision: str | None, device: str, init_scale: float = 2.0 ** 16):
     """A dynamic loss scaler for ``"fp16"`` (None otherwise)."""
     if precision != "fp16":
         return None
-    return torch.amp.GradScaler(torch.device(device).type)
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=init_scale)
+
+
+def use_device(device: str) -> bool:
+    """Make ``device`` this thread's current GPU if it is one; whether it is.
+
+    Without it, work a task does not place explicitly (a pinned copy, a
+    seed) lands on GPU 0.
+    """
+    if not is_cuda(device):
+        return False
+    index = torch.device(device).index
+    if index is not None and torch.cuda.current_device() != index:
+        torch.cuda.set_device(index)
+    return True
 
 
 def to_device(tensor, device: str):

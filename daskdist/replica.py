@@ -22,7 +22,7 @@ import torch
 
 from . import process_group
 from .compression import pack, residuals
-from .devices import autocast, grad_scaler, to_device
+from .devices import autocast, grad_scaler, to_device, use_device
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
@@ -255,11 +255,17 @@ def _worker_address():
 
 
 def _seed_round(plan: RoundPlan, device: str) -> None:
-    # Only the generators this replica uses: torch.manual_seed also queues a
-    # lazy seeding of every CUDA device, which costs milliseconds on each call.
-    seed = seed_for(plan.random_state, 2, plan.round, plan.replica)
+    seed_generators(seed_for(plan.random_state, 2, plan.round, plan.replica), device)
+
+
+def seed_generators(seed: int, device: str) -> None:
+    """Seed the generators a replica on ``device`` uses (and make it the current GPU).
+
+    Only those: ``torch.manual_seed`` also queues a lazy seeding of every
+    CUDA device, which costs milliseconds on each call.
+    """
     torch.default_generator.manual_seed(seed)
-    if torch.device(device).type == "cuda":
+    if use_device(device):
         torch.cuda.manual_seed(seed)
 
 

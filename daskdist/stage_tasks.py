@@ -27,7 +27,7 @@ import torch
 from .aggregation import check_non_finite
 from .dashboard.events import emit_from_worker, round_event
 from .devices import autocast, to_device
-from .replica import StateLost, _worker_address, set_lr
+from .replica import StateLost, _worker_address, seed_generators, set_lr
 from .spec import ModelSpec, seed_for
 from .stages import StageLayout, StagePart, build_stage
 from .state import (
@@ -42,7 +42,7 @@ from .state import (
 )
 
 __all__ = ["Activation", "Backward", "StageGradient", "load_stage", "step_batch", "forward",
-           "backward", "stage_gradient", "update", "export_stage", "drop_run"]
+           "backward", "stage_gradient", "update", "export_stage", "keep_stages", "drop_run"]
 
 _stages: dict = {}
 _stages_lock = threading.Lock()
@@ -141,6 +141,23 @@ def _stage(run_id: str, replica: int, stage: int) -> _Stage:
     return found
 
 
+def keep_stages(run_id: str, grid, dask_worker=None) -> int:
+    """Drop this worker's stages of ``run_id`` that ``grid`` no longer places here.
+
+    Run on every worker (``Client.run``) when a recovery moved stages, so
+    that a worker does not hold a stage it gave up until the fit ends.
+    Returns how many were dropped.
+    """
+    here = dask_worker.address if dask_worker is not None else _worker_address()
+    with _stages_lock:
+        gone = [k for k in _stages if k[0] == run_id
+                and not (k[1] < len(grid) and k[2] < len(grid[k[1]])
+                         and grid[k[1]][k[2]] == here)]
+        for k in gone:
+            del _stages[k]
+    return len(gone)
+
+
 def drop_run(run_id: str) -> int:
     """Free the stages of a finished fit on this worker; return how many were dropped."""
     with _stages_lock:
@@ -166,6 +183,8 @@ def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
         copy_flat(stage.params, part.params)
         load_buffers(stage.module, part.buffers)
         optimizer_state_from_numpy(stage.optimizer, part.optimizer)
+        # (what a given-up attempt accumulated must not add to this one's gradients)
+        stage.optimizer.zero_grad(set_to_none=True)
         stage.saved.clear()
         stage.records, stage.skipped, stage.round = [], part.skipped, round
         stage.attempt = attempt
@@ -211,7 +230,6 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
     """
     t_start = time.time()
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, attempt, "forward")
     if ready != plan.round:
         raise StateLost(f"Stage {stage} got the token of round {ready} in round {plan.round}.")
     first, last = stage == 0, stage == n_stages - 1
@@ -232,8 +250,9 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
     device = state.device
     t0 = time.perf_counter()
     with state.lock:
-        torch.default_generator.manual_seed(
-            seed_for(plan.random_state, 3, plan.round, replica, stage, micro))
+        state.at(plan.round, attempt, "forward")
+        seed_generators(seed_for(plan.random_state, 3, plan.round, replica, stage, micro),
+                        device)
         state.module.train()
         x = to_device(X, device)
         if not first:
@@ -269,12 +288,12 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
     the first stage).
     """
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, attempt, "backward")
     moved = _arrive(message, _nbytes(message.grad))
     here = _worker_address()
     times, finite = message.compute_s, message.finite
     t0 = time.perf_counter()
     with state.lock:
+        state.at(plan.round, attempt, "backward")
         saved = state.saved.pop(micro, None)
         if message.rows and saved is None:
             raise StateLost(f"Stage {stage} holds no forward pass of micro-batch {micro} of "
@@ -295,8 +314,8 @@ def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: in
                    plan, attempt: str) -> StageGradient:
     """A stage's accumulated gradient of one step (after its backward passes ``after``)."""
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, attempt, "gradient")
     with state.lock:
+        state.at(plan.round, attempt, "gradient")
         vector = torch.nn.utils.parameters_to_vector(
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params])
     return StageGradient(vector.detach().cpu().numpy(), _worker_address())
@@ -317,11 +336,11 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
     (``daskdist.driver.max-non-finite``).
     """
     state = _stage(run_id, replica, stage)
-    state.at(plan.round, attempt, "update")
     messages = inputs[:n_replicas * n_micro]
     gradients = inputs[n_replicas * n_micro:]
     finite = all(m.finite for m in messages)
     with state.lock:
+        state.at(plan.round, attempt, "update")
         if finite:
             set_lr(state.optimizer, plan.lr)
             if gradients:
@@ -336,11 +355,11 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
         state.saved.clear()
         state.round = plan.round + 1
         if replica == 0 and stage == 0:
-            _log_step(state, plan, messages, n_micro, finite, gradients, extra_bytes)
+            _log_step(state, plan, messages, n_micro, finite, extra_bytes)
     return plan.round + 1
 
 
-def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool, gradients,
+def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool,
               extra_bytes: int) -> None:
     """Record a step in the epoch's round log (and count it if skipped)."""
     per_replica, bad = [], []
@@ -375,8 +394,8 @@ def export_stage(spec: ModelSpec, ready: int, *, run_id: str, replica: int, stag
                  round: int, attempt: str) -> StagePart:
     """A stage's part of the state at the end of an epoch (with the log, for the first)."""
     state = _stage(run_id, replica, stage)
-    state.at(round, attempt, "end of epoch")
     with state.lock, torch.no_grad():
+        state.at(round, attempt, "end of epoch")
         params = torch.nn.utils.parameters_to_vector(state.params).detach().cpu().numpy()
         return StagePart(stage, params.copy(), buffers_to_numpy(state.module),
                          optimizer_state_to_numpy(state.optimizer), tuple(state.records),

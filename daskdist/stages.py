@@ -2,10 +2,12 @@
 
 A pipeline-parallel fit (``strategy="pipeline"``) trains each stage — a run of
 consecutive children of the model's :class:`torch.nn.Sequential` — on a worker
-of its own. This module owns the bookkeeping that makes that possible without
-any worker holding the whole model: where the stages split
-(:func:`plan_stages`), the per-stage model specification sent to the stage's
-worker (:func:`stage_spec`), and how the fit's one
+of its own. This module owns the bookkeeping that lets every step run
+without any worker holding the whole model (only at an epoch's start and end
+does one worker cut the whole state into parts and put it together again):
+where the stages split (:func:`plan_stages`), the per-stage model
+specification sent to the stage's worker (:func:`stage_spec`), and how the
+fit's one
 :class:`~daskdist.state.TrainingState` (a flat parameter vector, buffers by
 name, an optimizer ``state_dict``) is cut into stage parts at the start of an
 epoch (:func:`split_state`) and put together again at its end

@@ -146,7 +146,8 @@ def _weighted_into(out: torch.Tensor, parts, weights) -> None:
     if weights[0] != 1.0:
         out.mul_(weights[0])
     for part, w in zip(parts[1:], weights[1:]):
-        out.add_(part, alpha=w)
+        # (parts are host arrays; ``out`` may be on a GPU, where add_ needs them too)
+        out.add_(part.to(out.device, non_blocking=True), alpha=w)
 
 
 def copy_flat(tensors, vector: np.ndarray) -> None:

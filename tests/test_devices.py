@@ -34,6 +34,14 @@ def test_plan_devices_gives_each_worker_of_a_host_its_own_gpu():
     assert plan_devices("cpu", infos) == ({w: "cpu" for w in infos}, [])
 
 
+def test_each_worker_says_its_host(client):
+    from daskdist.devices import worker_info
+
+    infos = client.run(worker_info)
+    assert {i["host"] for i in infos.values()} == {"127.0.0.1"}
+    assert {i["cuda"] for i in infos.values()} == {torch.cuda.device_count()}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this process has CUDA")
 def test_a_process_without_cuda_trains_on_its_cpu_with_a_warning():
     with pytest.warns(RuntimeWarning, match="not available on this worker; training on its CPU"):

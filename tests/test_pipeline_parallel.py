@@ -196,3 +196,32 @@ def test_pipeline_refuses_a_module_that_is_not_sequential(client):
     net.set_params(module=TinyNet)
     with pytest.raises(ValueError, match="splits a torch.nn.Sequential"):
         net.fit(X, y)
+
+
+def test_loading_a_stage_drops_what_a_given_up_attempt_left():
+    from types import SimpleNamespace
+
+    from daskdist import stage_tasks
+
+    spec = ModelSpec(TinySequential(), torch.optim.SGD, {"momentum": 0.9})
+    state = module_to_state(*spec.build())
+    layouts = plan_stages(spec, 2)
+    try:
+        args = dict(run_id="given-up", replica=0, layout=layouts[1], round=3)
+        specs = stage_spec(spec, layouts[1])
+        stage_tasks.load_stage(specs, split_state(state, layouts[1]), attempt="first", **args)
+        stage = stage_tasks._stages[("given-up", 0, 1)]
+        for p in stage.params:  # a backward pass of the first attempt, never stepped
+            p.grad = torch.ones_like(p)
+        stage.saved[0] = "graph"
+        stage_tasks.load_stage(specs, split_state(state, layouts[1]), attempt="again", **args)
+        assert all(p.grad is None for p in stage.params) and stage.saved == {}
+        with pytest.raises(Exception, match="loaded for attempt again, not first"):
+            stage.at(3, "first", "update")
+        # a recovery that moved stage 1 elsewhere: this worker lets go of it
+        here = SimpleNamespace(address="tcp://here:1")
+        assert stage_tasks.keep_stages("given-up", [["tcp://here:1", "tcp://there:2"]],
+                                       dask_worker=here) == 1
+        assert ("given-up", 0, 1) not in stage_tasks._stages
+    finally:
+        stage_tasks.drop_run("given-up")

@@ -44,7 +44,7 @@ from .. import process_group
 from .._compat import workers as cluster_workers
 from ..aggregation import check_non_finite
 from ..dashboard.events import emit_from_worker, round_event
-from ..devices import autocast, is_cuda, to_device
+from ..devices import autocast, grad_scaler, is_cuda, to_device
 from ..replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
 from ..state import TrainingState, grads_finite, module_to_state
 from .base import Strategy
@@ -150,6 +150,8 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
     rep.module.train()
     device = rep.device
     model = member.wrap(rep.module, device, **options, **device_options(device))
+    if rep.scaler is not None:  # fp16: every rank starts the epoch with the same loss scale
+        rep.scaler = _agreed_scaler(rep.scaler, spec.precision, device)
     params = [p for p in rep.module.parameters() if p.requires_grad]
     batches = [shard.batches(plan) for shard, plan in zip(shards, plans)]
     n = len(step_rows)
@@ -217,6 +219,14 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
                       loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final)
 
 
+def _agreed_scaler(scaler, precision, device):
+    """A fresh loss scaler at the smallest scale of any rank (ranks' scalers may differ:
+    a rebuilt replica's starts afresh, a rank in DDP's ``join`` skips updates)."""
+    scale = torch.tensor([scaler.get_scale()], device=device)
+    torch.distributed.all_reduce(scale, op=torch.distributed.ReduceOp.MIN)
+    return grad_scaler(precision, device, init_scale=float(scale.item()))
+
+
 def device_options(device) -> dict:
     """DDP's ``device_ids`` for a module on a CUDA ``device`` (nothing on the CPU)."""
     if not is_cuda(device):
@@ -235,8 +245,9 @@ def _check_scale(scaler, plans, counts, own_finite: bool, plan) -> None:
     Under fp16 a step whose mean gradient is not finite may be an overflow
     of the scaled loss, which the scaler answers by halving the scale; ranks
     cannot tell that from a non-finite loss without another collective (which
-    DDP's ``join`` would not shadow). Every rank holds the same scale, so they
-    all fail at the same step when the gradients keep being non-finite.
+    DDP's ``join`` would not shadow). The ranks agree on the scale when an
+    epoch starts and then update it alike, so they all fail at the same step
+    when the gradients keep being non-finite.
     """
     scale = scaler.get_scale()
     if scale >= MIN_LOSS_SCALE:

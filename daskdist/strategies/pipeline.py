@@ -82,6 +82,7 @@ class _Fit:
 
     layouts: list[StageLayout]
     specs: list
+    grid: list | None = None  # the workers of the last epoch's stages
 
 
 class Pipeline(Strategy):
@@ -176,6 +177,9 @@ class _Epoch:
         self.ids = {"run_id": t.run_id, "attempt": f"{t.key_prefix}-{t.round}"}
         self.grid = stage_grid(t.replica_workers, sorted(cluster_workers(self.client)),
                                self.strategy.n_stages)
+        if fit.grid is not None and fit.grid != self.grid:  # (a recovery moved stages)
+            self.client.run(stage_tasks.keep_stages, t.run_id, self.grid, on_error="ignore")
+        fit.grid = self.grid
         try:
             ready = self._load(fit)
             self.base = list(self.held)

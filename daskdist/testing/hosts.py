@@ -24,7 +24,7 @@ Example::
         with Client(hosts.scheduler_address) as client:
             before = hosts.counters()
             ...  # a fit
-            moved = hosts.bytes_since(before)
+            moved = hosts.bytes_since(before, hosts.counters())
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ def unavailable() -> str | None:
         return "iproute2 (ip, tc) is not installed"
     if os.geteuid() != 0:
         return "building network namespaces needs root"
-    name = f"{PREFIX}probe{os.getpid()}"
+    name = f"{PREFIX}{os.getpid()}pr"
     made = _ip("netns", "add", name, check=False)
     if made.returncode != 0:
         return f"'ip netns add' is not allowed here: {made.stderr.strip()}"
@@ -69,7 +70,7 @@ def unavailable() -> str | None:
 
 def netem_available() -> tuple[bool, str]:
     """Whether the kernel offers ``netem`` (added latency), and what ``tc`` said."""
-    name = f"{PREFIX}nm{os.getpid() % 100000}"
+    name = f"{PREFIX}{os.getpid()}nm"
     _ip("link", "add", name, "type", "veth", "peer", "name", f"{name}p", check=False)
     try:
         done = subprocess.run(["tc", "qdisc", "add", "dev", name, "root", "netem",
@@ -122,10 +123,11 @@ class NamespaceHosts:
         self.env = dict(env or {})
         # names and a subnet of this object's own (several may live in one process)
         n = next(_instances)
-        self.tag = f"{PREFIX}{os.getpid() % 100000}{chr(97 + n % 26)}"
+        self.tag = f"{PREFIX}{os.getpid()}{chr(97 + n % 26)}"
         self.bridge = f"{self.tag}br"
         self.hosts: list[Host] = []
         self.subnet = f"{_SUBNET}.{(os.getpid() + n) % 200 + 20}"
+        self._logs: str | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def __enter__(self) -> NamespaceHosts:
@@ -195,9 +197,15 @@ class NamespaceHosts:
 
     def _spawn(self, host: Host, *args: str) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
-        process = subprocess.Popen(host.exec(sys.executable, *args), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   start_new_session=True, text=True)
+        # the processes log to files (a pipe nobody reads would block them once full)
+        if self._logs is None:
+            self._logs = tempfile.mkdtemp(prefix=f"{self.tag}-logs-")
+        log = open(os.path.join(self._logs, f"h{host.index}-{len(host.processes)}.log"), "wb")
+        with log:
+            process = subprocess.Popen(host.exec(sys.executable, *args), env=env,
+                                       stdout=subprocess.DEVNULL, stderr=log,
+                                       start_new_session=True)
+        process.log = log.name
         host.processes.append(process)
         return process
 
@@ -232,8 +240,8 @@ class NamespaceHosts:
     def _stderr(processes) -> str:
         out = []
         for p in processes:
-            with contextlib.suppress(Exception):
-                out.append(p.stderr.read()[-2000:])
+            with contextlib.suppress(OSError), open(p.log, errors="replace") as f:
+                out.append(f.read()[-2000:])
         return "\n".join(out)
 
     # -- during a run -----------------------------------------------------------------------
@@ -293,14 +301,16 @@ class NamespaceHosts:
                     process.wait(timeout=max(deadline - time.monotonic(), 0.1))
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)
-                    process.stderr.close()
             _kill_all(_pids_in(host.namespace))
             _ip("netns", "del", host.namespace, check=False)
             _ip("link", "del", host.outer, check=False)
         _ip("link", "del", self.bridge, check=False)
         self.hosts = []
+        if self._logs is not None:
+            shutil.rmtree(self._logs, ignore_errors=True)
+            self._logs = None
 
 
 def _pids_in(namespace: str) -> list[int]:
@@ -340,9 +350,6 @@ def _kill_all(pids: list[int], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _alive(pid_tag: int) -> bool:
-    """Whether a process whose id ends in ``pid_tag`` (mod 100000) is running."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) % 100000 == pid_tag and int(entry) != os.getpid():
-            return True
-    return pid_tag == os.getpid() % 100000
+def _alive(pid: int) -> bool:
+    """Whether the process ``pid`` (the one that made a namespace) is running."""
+    return os.path.exists(f"/proc/{pid}")
