@@ -492,23 +492,26 @@ class Trainer:
 
         Futures lost with a worker count as done (their status says so).
         While waiting, this run's tasks stranded for dead workers are
-        rescheduled, and Ctrl-C is noticed. After ``timeout`` seconds (None:
-        no limit) returns those done so far, maybe none.
+        rescheduled. After ``timeout`` seconds (None: no limit) returns those
+        done so far, maybe none. A safe point for Ctrl-C: an interrupt that a
+        finalizer swallowed meanwhile is raised here, however the wait ends.
         """
         end = None if timeout is None else time.monotonic() + timeout
         while True:
+            interrupt.raise_if_interrupted()
             poll = _POLL_S if end is None else min(_POLL_S, max(end - time.monotonic(), 0.0))
             try:
                 with self.client.as_current():
                     done, _ = distributed.wait(futures, timeout=poll, return_when=return_when)
-                return done
             except FuturesCancelledError:
-                return {f for f in futures if f.status != "pending"}
+                done = {f for f in futures if f.status != "pending"}
             except TimeoutError:
-                if end is not None and time.monotonic() >= end:
-                    return {f for f in futures if f.done()}
-                interrupt.raise_if_interrupted()
-                self._reschedule_stranded()
+                if end is None or time.monotonic() < end:
+                    self._reschedule_stranded()
+                    continue
+                done = {f for f in futures if f.done()}
+            interrupt.raise_if_interrupted()
+            return done
 
     def _reschedule_stranded(self) -> None:
         """Get this run's tasks out of ``no-worker`` when they wait for workers that are gone.

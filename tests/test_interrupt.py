@@ -8,6 +8,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import torch
 from skorch.callbacks import Callback
 
 from daskdist import DaskNeuralNetClassifier
@@ -131,6 +132,42 @@ def test_ctrl_c_swallowed_by_a_finalizer_is_raised_at_the_next_safe_point():
             interrupt.raise_if_interrupted()  # ... and raised here instead
         interrupt.raise_if_interrupted()  # once
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _BriefFinalizer:
+    def __del__(self):
+        time.sleep(0.3)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_the_driver_raises_a_swallowed_ctrl_c_however_its_waits_end(client):
+    """Waits that end before the driver's poll interval are safe points too.
+
+    Pipeline and ddp epochs wait a second at a time, and a pipeline's steps
+    finish within milliseconds: an interrupt that a future's finalizer
+    swallowed has to surface from those waits as well.
+    """
+    from daskdist import interrupt
+    from daskdist.engine import Trainer
+    from daskdist.spec import ModelSpec
+    from daskdist.strategies import LocalSGD
+
+    trainer = Trainer(client, ModelSpec(module=TinyNet(), optimizer=torch.optim.SGD),
+                      LocalSGD(), batch_size=8)
+    done = client.submit(int, 1, pure=False)
+    done.result()
+    pending = client.submit(time.sleep, 5, pure=False)
+    try:
+        with interrupt.guard():
+            for futures, timeout in (([done], None), ([done], 1.0), ([pending], 0.2)):
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+                obj = _BriefFinalizer()
+                del obj  # the interrupt lands in its finalizer, which drops it
+                with pytest.raises(KeyboardInterrupt):
+                    trainer.wait(futures, timeout=timeout)
+            assert trainer.wait([done], timeout=1.0) == {done}  # raised once only
+    finally:
+        pending.cancel()
 
 
 def test_the_guard_leaves_an_application_handler_alone():
