@@ -7,6 +7,7 @@ from sklearn.model_selection import GridSearchCV, train_test_split
 
 from daskdist import DaskNeuralNetClassifier
 from daskdist.models import MLP
+from daskdist.state import module_to_state
 from daskdist.strategies import Hierarchical, resolve_strategy
 from daskdist.strategies.hierarchical import groups_by_host, relay_sources
 from daskdist.testing import TinyNet
@@ -36,6 +37,18 @@ def _digits_net(**kwargs):
 
 def _params(net):
     return torch.nn.utils.parameters_to_vector(net.module_.parameters()).detach().numpy()
+
+
+def _split_first_rounds(net):
+    """``(bytes of each epoch's first round, of the others)`` as sets, and the state's bytes.
+
+    An epoch's first round also counts the starting state (parameters,
+    buffers, optimizer state) fetched by the worker that does not hold it.
+    """
+    rounds = net.rounds_
+    first = rounds["round"] == rounds.groupby("epoch")["round"].transform("min")
+    start = module_to_state(net.module_, net.optimizer_).nbytes
+    return set(rounds["bytes"][first]), set(rounds["bytes"][~first]), start
 
 
 def test_hierarchical_equals_flat_averaging(client, tiny_data):
@@ -97,10 +110,14 @@ def test_half_precision_sync_keeps_accuracy_and_halves_the_bytes(client, digits_
     packed = _digits_net(strategy="sync", strategy__compression=compression).fit(
         X_train, y_train)
     assert packed.score(X_test, y_test) >= plain.score(X_test, y_test) - 0.01
-    # each of the two replicas fetches the other's gradient every step
-    assert set(plain.rounds_["bytes"]) == {2 * N_PARAMS * 4}
-    assert set(packed.rounds_["bytes"]) == {2 * N_PARAMS * 2}
-    assert packed.history[-1, "bytes_sent"] == 2 * N_PARAMS * 2 * packed.history[-1, "rounds"]
+    # each of the two replicas fetches the other's gradient every step; the epoch's first
+    # step also fetches the starting state to the worker that does not hold it
+    for net, sent in ((plain, 2 * N_PARAMS * 4), (packed, 2 * N_PARAMS * 2)):
+        first, others, start = _split_first_rounds(net)
+        assert others == {sent} and first == {sent + start}
+        assert start >= N_PARAMS * 4
+    assert packed.history[-1, "bytes_sent"] == \
+        2 * N_PARAMS * 2 * packed.history[-1, "rounds"] + start
 
 
 def test_topk_sync_with_error_feedback_converges_on_a_fiftieth_of_the_bytes(client,
@@ -110,7 +127,8 @@ def test_topk_sync_with_error_feedback_converges_on_a_fiftieth_of_the_bytes(clie
     net.fit(X_train, y_train)
     assert net.score(X_test, y_test) >= 0.9
     k = round(0.01 * N_PARAMS)
-    assert set(net.rounds_["bytes"]) == {2 * k * 8}  # int32 index + float32 value each
+    first, others, start = _split_first_rounds(net)
+    assert others == {2 * k * 8} and first == {2 * k * 8 + start}  # int32 + float32 each
     assert (2 * N_PARAMS * 4) / (2 * k * 8) >= 20
     assert net.history[-1, "sync_time"] > 0
 
@@ -140,8 +158,8 @@ def test_compressed_local_sgd_exchanges_packed_deltas(client, digits_split, plai
     # state back; compressed: each replica fetches the other's packed delta, nothing more
     entry = {"fp16": 2, "bf16": 2, "topk": 8}[compression]
     sent = 2 * (round(density * N_PARAMS) if compression == "topk" else N_PARAMS) * entry
-    trained = packed.rounds_[packed.rounds_["samples"] > 0]
-    assert set(trained["bytes"]) == {sent}
+    first, others, start = _split_first_rounds(packed)
+    assert others == {sent} and first == {sent + start}
     assert plain.rounds_["bytes"].min() >= 2 * N_PARAMS * 4
     assert packed.history[-1, "bytes_sent"] == packed.rounds_[
         packed.rounds_["epoch"] == packed.rounds_["epoch"].max()]["bytes"].sum()
@@ -171,7 +189,8 @@ def test_compressed_hierarchical_sends_one_packed_delta_per_group(client, digits
     # other group's packed delta: 2 packed deltas per round, where flat averaging of packed
     # deltas would send each replica the two of the other worker's replicas (8)
     k = round(0.01 * N_PARAMS)
-    assert set(net.rounds_["bytes"]) == {2 * k * 8}
+    first, others, start = _split_first_rounds(net)
+    assert others == {2 * k * 8} and first == {2 * k * 8 + start}
     assert set(net.rounds_["replicas"]) == {(0, 1, 2, 3)}
 
 

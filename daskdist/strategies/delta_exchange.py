@@ -37,6 +37,8 @@ class DeltaResult:
     replica's optimizer state after the round) stay on the worker that made
     them: a copy that leaves it (fetched by a peer or the client, or spilled
     to disk) carries the contribution, the round counter and the plan only.
+    ``start_nbytes``: the bytes of the epoch's starting state when the round
+    began from it (every other worker fetched it), else 0.
     """
 
     state: TrainingState | None
@@ -44,9 +46,11 @@ class DeltaResult:
     contribution: Contribution
     round: int
     plan: RoundPlan
+    start_nbytes: int = 0
 
     def __reduce__(self):
-        return (DeltaResult, (None, None, self.contribution, self.round, self.plan))
+        return (DeltaResult, (None, None, self.contribution, self.round, self.plan,
+                              self.start_nbytes))
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +78,8 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
 
     ``updates`` are ``(weight, payload)`` pairs, payloads holding a packed
     ``delta`` and ``buffers``; ``total`` is their combined statistics (a
-    :class:`~daskdist.aggregation.WeightedSum`), logged as the round.
+    :class:`~daskdist.aggregation.WeightedSum`), logged as the round. An
+    epoch's first round also logs the starting state its workers fetched.
     """
     if own.state is None:
         raise StateLost(
@@ -97,8 +102,8 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
     else:  # no replica trained (shards exhausted, or no finite update)
         new = replace(state, optimizer=optimizer, **counters)
     # every replica logs the round; one of them tells the scheduler
-    return replace(new, log=log_round(state.log, total, plan, 0, replica_workers,
-                                      emit=replica == 0))
+    return replace(new, log=log_round(state.log, total, plan, own.start_nbytes,
+                                      replica_workers, emit=replica == 0))
 
 
 def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> DeltaResult:
@@ -109,10 +114,8 @@ def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> Del
     replica applies to its own state first. Then it runs ``plan.n_steps``
     local steps and packs the change they made to the parameters.
     """
-    if isinstance(previous[0], TrainingState):
-        state = previous[0]
-    else:
-        state = _average(previous, plan.replica, replica_workers)
+    start = isinstance(previous[0], TrainingState)
+    state = previous[0] if start else _average(previous, plan.replica, replica_workers)
     contribution = local_steps(spec, shard, state, plan)
     optimizer = None
     if contribution.weight and not contribution.non_finite:
@@ -120,7 +123,8 @@ def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> Del
         optimizer = after["optimizer"]
         contribution.payload = {"delta": _pack(after["params"] - state.params, plan),
                                 "buffers": after["buffers"]}
-    return DeltaResult(state, optimizer, contribution, state.round, plan)
+    return DeltaResult(state, optimizer, contribution, state.round, plan,
+                       state.nbytes if start else 0)
 
 
 def finish_deltas(spec, *previous, plan: RoundPlan, replica_workers) -> TrainingState:

@@ -71,8 +71,8 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
     group's worker). Then it runs ``plan.n_steps`` local steps and returns the
     change they made, unpacked.
     """
-    state = own if isinstance(own, TrainingState) else _apply_groups(
-        own, groups, plan.replica, replica_workers)
+    start = isinstance(own, TrainingState)
+    state = own if start else _apply_groups(own, groups, plan.replica, replica_workers)
     contribution = local_steps(spec, shard, state, plan)
     optimizer = None
     if contribution.weight and not contribution.non_finite:
@@ -80,7 +80,8 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
         optimizer = after["optimizer"]
         contribution.payload = {"delta": after["params"] - state.params,
                                 "buffers": after["buffers"]}
-    return DeltaResult(state, optimizer, contribution, state.round, plan)
+    return DeltaResult(state, optimizer, contribution, state.round, plan,
+                       state.nbytes if start else 0)
 
 
 def group_delta(*members: DeltaResult, group: int, plan: RoundPlan) -> GroupDelta:

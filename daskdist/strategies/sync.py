@@ -32,15 +32,18 @@ class StepResult:
     already holds the same state, so a copy of a step result that leaves its
     worker (fetched by a peer or the client, or spilled to disk) carries the
     gradient and the state's round counter only. Peers need the gradient
-    alone, which halves what a step moves.
+    alone, which halves what a step moves. ``start_nbytes``: the bytes of the
+    epoch's starting state when the step began from it (every other worker
+    fetched it), else 0.
     """
 
     state: TrainingState | None
     contribution: Contribution
     round: int
+    start_nbytes: int = 0
 
     def __reduce__(self):
-        return (StepResult, (None, self.contribution, self.round))
+        return (StepResult, (None, self.contribution, self.round, self.start_nbytes))
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +113,8 @@ def apply_gradients(spec, state, *contributions, record: dict, cursors: tuple, t
 
 def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     """Apply the averaged gradients of the previous step to its state."""
-    state = _own_state(spec, previous[plan.replica], plan)
+    own = previous[plan.replica]
+    state = _own_state(spec, own, plan)
     contributions = [r.contribution for r in previous]
     total = combine(*contributions, payload=False)
     # every replica fetches every other replica's gradient from another worker
@@ -128,9 +132,10 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     else:  # no replica contributed a finite gradient: no step
         new = replace(state, round=state.round + 1, epoch=step_plan.epochs_completed(),
                       skipped=skipped)
-    # every replica logs the round; one of them tells the scheduler
-    new = replace(new, log=log_round(state.log, total, step_plan, 0, replica_workers,
-                                     emit=plan.replica == 0))
+    # every replica logs the round (an epoch's first, with the starting state its workers
+    # fetched); one of them tells the scheduler
+    new = replace(new, log=log_round(state.log, total, step_plan, own.start_nbytes,
+                                     replica_workers, emit=plan.replica == 0))
     rep.adopt(new)
     return new
 
@@ -145,11 +150,10 @@ def sync_step(spec, shard, *previous, plan, replica_workers) -> StepResult:
     separate aggregation task is needed — and then computes its gradient on
     its slice of this step's batch.
     """
-    if isinstance(previous[0], TrainingState):
-        state = previous[0]
-    else:
-        state = _apply(spec, previous, plan, replica_workers)
-    return StepResult(state, gradient(spec, shard, state, plan), state.round)
+    start = isinstance(previous[0], TrainingState)
+    state = previous[0] if start else _apply(spec, previous, plan, replica_workers)
+    return StepResult(state, gradient(spec, shard, state, plan), state.round,
+                      state.nbytes if start else 0)
 
 
 def finish_steps(spec, *previous, plan, replica_workers) -> TrainingState:
