@@ -7,7 +7,9 @@ worker keeps the stage's live module and optimizer in a cache keyed by
 backward pass has not come back yet — GPipe's stored activations (Huang et al.
 2019). What travels between stages through Dask is small: a micro-batch's
 activations forward (:class:`Activation`), the gradient with respect to them
-backward (:class:`Backward`).
+backward (:class:`Backward`). Under ``precision="bf16"`` both travel as
+bfloat16 (:class:`BFloat16Array`), the dtype autocast gave them: half the
+bytes of float32, and the values the unsplit model would pass on.
 
 Within an epoch a stage is stateful: a step's tasks check the round its stage
 is at and raise :class:`~daskdist.replica.StateLost` when it is not there (a
@@ -41,18 +43,46 @@ from .state import (
     optimizer_state_to_numpy,
 )
 
-__all__ = ["Activation", "Backward", "StageGradient", "load_stage", "step_batch", "forward",
-           "backward", "stage_gradient", "update", "export_stage", "keep_stages", "drop_run"]
+__all__ = ["Activation", "BFloat16Array", "Backward", "StageGradient", "load_stage",
+           "step_batch", "forward", "backward", "stage_gradient", "update", "export_stage",
+           "keep_stages", "drop_run"]
 
 _stages: dict = {}
 _stages_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class BFloat16Array:
+    """A bfloat16 tensor between stages, as its raw 16-bit patterns (numpy has no bfloat16)."""
+
+    bits: np.ndarray  # int16, the tensor's shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array data (2 per entry)."""
+        return int(self.bits.nbytes)
+
+
+def to_wire(tensor: torch.Tensor):
+    """``tensor`` as it travels to another stage: bfloat16 stays bfloat16, else float32."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return BFloat16Array(tensor.view(torch.int16).numpy())
+    return tensor.float().numpy()
+
+
+def from_wire(array) -> torch.Tensor:
+    """The tensor :func:`to_wire` sent (a view of the received data)."""
+    if isinstance(array, BFloat16Array):
+        return _read_tensor(array.bits).view(torch.bfloat16)
+    return _read_tensor(array)
 
 
 @dataclass
 class Activation:
     """A micro-batch on its way forward: a stage's output (and the targets, for the last)."""
 
-    x: np.ndarray | None
+    x: np.ndarray | BFloat16Array | None
     y: np.ndarray | None
     rows: int
     worker: str | None
@@ -74,7 +104,7 @@ class Backward:
     time in each stage).
     """
 
-    grad: np.ndarray | None
+    grad: np.ndarray | BFloat16Array | None
     rows: int
     loss_sum: float
     finite: bool
@@ -238,7 +268,7 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
         moved, t_first, times = 0, t_start, (0.0,) * n_stages
         X = None if X is None or not len(X) else X
     else:
-        X = None if source.x is None else _read_tensor(source.x)
+        X = None if source.x is None else from_wire(source.x)
         y = None if source.y is None else _read_tensor(source.y)
         moved = _arrive(source, _nbytes(source.x) + _nbytes(source.y))
         t_first, times = source.t_start, source.compute_s
@@ -264,17 +294,15 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
         if not last:
             state.saved[micro] = (x, out)
             times = _add(times, stage, time.perf_counter() - t0)
-            # (float32 on the way: numpy has no bfloat16)
-            return Activation(out.detach().float().cpu().numpy(),
-                              None if y is None else y.numpy(), len(X), here, moved, t_first,
-                              times)
+            return Activation(to_wire(out), None if y is None else y.numpy(), len(X), here,
+                              moved, t_first, times)
         rows = len(X)
         loss_sum = float(loss.item()) * rows
         finite = bool(np.isfinite(loss_sum))
         if finite:
             (loss * (rows / step_rows)).backward()
             finite = grads_finite(state.params)
-        grad = x.grad.cpu().numpy() if finite and not first else None
+        grad = to_wire(x.grad) if finite and not first else None
     times = _add(times, stage, time.perf_counter() - t0)
     return Backward(grad, rows, loss_sum, finite, here, moved, t_first, times)
 
@@ -301,10 +329,10 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
         grad = None
         if saved is not None and finite:
             x, out = saved
-            out.backward(_read_tensor(message.grad).to(out.device, out.dtype))
+            out.backward(from_wire(message.grad).to(out.device, out.dtype))
             finite = grads_finite(state.params)
             if finite and stage:
-                grad = x.grad.cpu().numpy()
+                grad = to_wire(x.grad)
     times = _add(times, stage, time.perf_counter() - t0)
     return Backward(grad, message.rows, message.loss_sum, finite, here, moved,
                     message.t_start, times)
