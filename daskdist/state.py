@@ -308,8 +308,12 @@ def tree_add(base, delta, scale: float = 1.0):
     """``base + scale * delta`` leaf by leaf, for the floating-point arrays of ``delta``.
 
     A leaf missing from ``base`` counts as zero; other leaves are taken from
-    ``delta``.
+    ``delta``. A packed leaf (:class:`~daskdist.compression.Packed`) is
+    unpacked first.
     """
+    from .compression import unpacked  # (it imports nothing of daskdist's)
+
+    delta = unpacked(delta)
     if isinstance(delta, dict):
         base = base if isinstance(base, dict) else {}
         return {k: tree_add(base.get(k), v, scale) for k, v in delta.items()}

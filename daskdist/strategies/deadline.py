@@ -26,7 +26,14 @@ the newest state then. No update is lost and none is applied twice;
 Replicas go through their shards at their own pace (the cursors of
 :mod:`~daskdist.strategies.parameter_server`); an epoch ends once the
 applied updates cover the training set, after the late rounds still running
-have been applied. (Chen et al. 2016, "Revisiting Distributed Synchronous
+have been applied.
+
+With ``compression``, what a replica sends is packed as without a deadline
+(``sync``: its gradient; ``local_sgd``: its parameters' delta, while buffers
+and optimizer state travel as they are), with the replica's error-feedback
+memory; the new state replicas fetch from the apply task stays full size.
+
+(Chen et al. 2016, "Revisiting Distributed Synchronous
 SGD", close each step without its slowest replicas and drop their updates;
 here they are kept, and folded into a later round.)
 """
@@ -159,11 +166,8 @@ class DeadlineOption:
     deadline_tasks = (local_delta, apply_deltas)
 
     def check_deadline(self) -> None:
-        """Raise ``ValueError`` for a bad ``deadline``, or one set with compression."""
+        """Raise ``ValueError`` for a bad ``deadline``."""
         check_deadline(self.deadline)
-        if self.deadline is not None and self.compression is not None:
-            raise ValueError(f"{self.name} with a deadline sends uncompressed updates: set "
-                             "strategy__compression=None, or strategy__deadline=None.")
 
     @property
     def asynchronous(self) -> bool:

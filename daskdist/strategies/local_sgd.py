@@ -57,7 +57,10 @@ class LocalSGD(DeadlineOption, Strategy):
     updates are folded into a later round, never lost
     (:mod:`daskdist.strategies.deadline`). Without a straggler it trains like
     plain ``local_sgd`` (replicas exchange deltas through the client's loop
-    instead of meeting in an averaging task).
+    instead of meeting in an averaging task). With a deadline and
+    ``compression``, the parameters' deltas are packed, and optimizer state
+    is averaged with them unpacked (every replica starts each round from the
+    newest global state).
 
     Parameters
     ----------

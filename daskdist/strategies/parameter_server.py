@@ -35,7 +35,7 @@ from distributed.client import FutureCancelledError
 
 from ..aggregation import combine, count_skipped
 from ..dashboard.events import emit_from_worker, round_event
-from ..replica import RoundPlan, _worker_address, local_steps
+from ..replica import RoundPlan, _pack, _worker_address, local_steps
 from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
 from .base import Strategy
 
@@ -47,13 +47,19 @@ def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
 
     The ``daskdist-round`` task of parameter-server strategies: a
     :class:`~daskdist.replica.Contribution` whose payload is the new
-    parameters, buffers and optimizer state minus the starting ones.
+    parameters, buffers and optimizer state minus the starting ones. With
+    ``plan.compression`` the parameters' delta is packed, with the replica's
+    error-feedback memory on this worker (buffers and optimizer state travel
+    as they are).
     """
     contribution = local_steps(spec, shard, state, plan)
     if contribution.weight and not contribution.non_finite:
         before = {"params": state.params, "buffers": state.buffers,
                   "optimizer": state.optimizer}
-        contribution.payload = tree_diff(contribution.payload, before)
+        delta = tree_diff(contribution.payload, before)
+        if plan.compression:
+            delta["params"] = _pack(delta["params"], plan)
+        contribution.payload = delta
     return contribution
 
 
@@ -231,7 +237,9 @@ class _Epoch:
         plan = RoundPlan(t.run_id, i, passes, self.started[i], step, n_steps,
                          t.replica_batch[i], self.lr,
                          t.random_state, t.shuffle,
-                         dask.config.get("daskdist.driver.max-non-finite"), self.steps[i])
+                         dask.config.get("daskdist.driver.max-non-finite"), self.steps[i],
+                         getattr(self.strategy, "compression", None),
+                         getattr(self.strategy, "density", 0.01))
         return plan, self._rows(i, step)
 
     def _launch(self) -> None:

@@ -191,7 +191,9 @@ class Sync(DeadlineOption, Strategy):
     late by more than ``deadline`` times the running median of round
     durations; a late gradient is averaged into a later step, never lost
     (:mod:`daskdist.strategies.deadline`). The driver then applies each step
-    in a ``daskdist-apply`` task, and replicas fetch the new state from it.
+    in a ``daskdist-apply`` task, and replicas fetch the new state from it;
+    with ``compression`` too, the gradients they send are packed as without
+    a deadline.
 
     Parameters
     ----------
