@@ -51,7 +51,7 @@ _stages: dict = {}
 _stages_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BFloat16Array:
     """A bfloat16 tensor between stages, as its raw 16-bit patterns (numpy has no bfloat16)."""
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .compression import Packed, unpacked
+
 __all__ = [
     "TrainingState",
     "copy_flat",
@@ -234,7 +236,7 @@ def tree_nbytes(tree) -> int:
         return sum(tree_nbytes(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):
         return sum(tree_nbytes(v) for v in tree)
-    if isinstance(tree, np.ndarray) or type(tree).__name__ == "Packed":
+    if isinstance(tree, (np.ndarray, Packed)):
         return int(tree.nbytes)
     return 0
 
@@ -311,8 +313,6 @@ def tree_add(base, delta, scale: float = 1.0):
     ``delta``. A packed leaf (:class:`~daskdist.compression.Packed`) is
     unpacked first.
     """
-    from .compression import unpacked  # (it imports nothing of daskdist's)
-
     delta = unpacked(delta)
     if isinstance(delta, dict):
         base = base if isinstance(base, dict) else {}

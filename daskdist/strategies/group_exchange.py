@@ -10,7 +10,8 @@ holds, as compressed ``local_sgd`` does with the replicas' deltas
 (:mod:`daskdist.strategies.delta_exchange`); each group's worker gathers the
 groups' packed deltas once, and its group's other workers read them there.
 So what crosses between groups is one packed delta per group for each other
-group, and no full-size state is broadcast. Buffers are averaged
+group, and no full-size state is broadcast (except the epoch's starting
+state, which every worker fetches once). Buffers are averaged
 uncompressed; optimizer state stays on each replica.
 """
 
