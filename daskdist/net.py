@@ -30,9 +30,10 @@ from skorch.callbacks import (
     PassthroughScoring,
     PrintLog,
 )
-from skorch.dataset import Dataset, ValidSplit
+from skorch.dataset import Dataset, ValidSplit, unpack_data
 from skorch.history import History
 from skorch.net import NeuralNet
+from skorch.utils import to_device
 from torch.utils.data import DataLoader
 
 from . import interrupt
@@ -44,7 +45,7 @@ from .dashboard.reporter import FitReporter
 from .devices import check_precision, is_cuda
 from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .inputs import to_arrays
-from .predict import predict_blocks
+from .predict import pad_rows, predict_blocks, take_rows
 from .shards import apply_preprocessor
 from .sources import check_streaming
 from .spec import ModelSpec, seed_for
@@ -635,6 +636,24 @@ class DaskNet:
                                                                          None))
         X = check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
         return X, labels
+
+    def forward_iter(self, X, training=False, device="cpu"):
+        """Yield the module's outputs batch by batch, every forward pass of one shape.
+
+        As skorch's ``forward_iter``, but a short last batch is filled up
+        to the batch size with copies of its own rows and their outputs are
+        dropped (:func:`daskdist.predict.pad_rows`), so that a row's output
+        does not depend on how many rows shared its batch. With
+        ``iterator_valid__batch_size=-1`` (one batch of everything) there is
+        no fixed shape and nothing is padded.
+        """
+        dataset = self.get_dataset(X)
+        rows = self.get_params_for("iterator_valid").get("batch_size", self.batch_size)
+        for batch in self.get_iterator(dataset, training=training):
+            Xi, yi = unpack_data(batch)
+            Xi, n = pad_rows(Xi, rows) if rows and rows > 0 else (Xi, None)
+            yp = self.evaluation_step((Xi, yi), training=training)
+            yield to_device(take_rows(yp, n, rows), device=device)
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""

@@ -4,15 +4,89 @@ The per-block function is module-level so it pickles cleanly; the fitted
 predictor enters the graph once, as a delayed object shared by every block, so
 the result is computed by whatever scheduler is current — also after the
 cluster used for training has closed.
+
+Every forward pass of a prediction sees the same number of rows
+(:func:`pad_rows`): a short last batch is filled up with copies of its own
+rows, and their outputs are dropped (:func:`take_rows`). BLAS libraries pick
+their matrix-multiply kernel by the matrix's shape, and kernels for different
+shapes sum in different orders (MKL's single-row path differs from its
+many-row one in the last bit of float32, measured here; on other CPUs the
+threshold sits elsewhere). Without the padding, a row's prediction would
+depend on how many rows shared its batch, so on the row's position in the
+input and on the chunking of a dask array.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import dask
 import dask.array as da
 import numpy as np
+import torch
 
-__all__ = ["predict_blocks"]
+__all__ = ["predict_blocks", "pad_rows", "take_rows"]
+
+
+def _leaves(batch):
+    if isinstance(batch, Mapping):
+        return [leaf for value in batch.values() for leaf in _leaves(value)]
+    if isinstance(batch, (tuple, list)):
+        return [leaf for value in batch for leaf in _leaves(value)]
+    return [batch]
+
+
+def _map_rows(batch, fn):
+    if isinstance(batch, Mapping):
+        return type(batch)((k, _map_rows(v, fn)) for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map_rows(v, fn) for v in batch)
+    return fn(batch)
+
+
+def pad_rows(batch, rows: int):
+    """Fill a batch of inputs up to ``rows`` rows with copies of its own rows.
+
+    Parameters
+    ----------
+    batch : torch.Tensor, or a dict, tuple or list of them
+        One batch of model inputs, samples along the first axis.
+    rows : int
+        The number of rows every batch of a prediction has.
+
+    Returns
+    -------
+    padded : same type as ``batch``
+        ``batch`` itself when it has ``rows`` rows or more, or when it holds
+        anything but tensors of one length; else every tensor with its rows
+        repeated cyclically up to ``rows``.
+    n : int or None
+        The real rows, for :func:`take_rows`; None when nothing was padded.
+    """
+    leaves = _leaves(batch)
+    if not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in leaves):
+        return batch, None
+    lengths = {len(t) for t in leaves}
+    if len(lengths) != 1:
+        return batch, None
+    (n,) = lengths
+    if n == 0 or n >= rows:
+        return batch, None
+    index = torch.arange(rows) % n
+    return _map_rows(batch, lambda t: t.index_select(0, index.to(t.device))), n
+
+
+def take_rows(output, n: int | None, rows: int):
+    """Drop the outputs of the padding rows that :func:`pad_rows` added.
+
+    Tensors (also inside tuples, lists and dicts) of ``rows`` rows are cut to
+    their first ``n``; anything else, a scalar auxiliary output for example,
+    is returned as it is.
+    """
+    if n is None:
+        return output
+    return _map_rows(output, lambda t: t[:n] if isinstance(t, torch.Tensor) and t.ndim >= 1
+                     and len(t) == rows else t)
 
 
 def _predict_block(block, predictor, method):
