@@ -274,6 +274,12 @@ def _from_frame(X, y, features):
     for column in columns:
         _check_numeric(X[column].dtype, f"column {column!r}")
     frame = X[columns]
+    # one dtype for all columns (int and bool columns beside floats: float64), so
+    # that the values are numbers, not objects; feature_dtype converts them on the workers
+    common = np.result_type(*(np.dtype(getattr(frame[c].dtype, "numpy_dtype", frame[c].dtype))
+                              for c in columns))
+    if any(frame[c].dtype != common for c in columns):
+        frame = frame.astype(common)
     y_series = y if y is not None and hasattr(y, "index") and hasattr(y, "dtype") else None
     if y_series is not None and not lazy and not y_series.index.equals(frame.index):
         raise ValueError("X and y have different indexes; align them first.")

@@ -46,7 +46,7 @@ from .devices import check_precision, is_cuda
 from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .inputs import to_arrays
 from .predict import pad_rows, predict_blocks, take_rows
-from .shards import apply_preprocessor
+from .shards import apply_preprocessor, feature_dtype, takes_indices
 from .sources import check_streaming
 from .spec import ModelSpec, seed_for
 from .state import (
@@ -264,7 +264,8 @@ class DaskNet:
         """Record target facts; ``found`` are the classes of a scanned dask ``y``."""
 
     def _shard_kwargs(self) -> dict:
-        return {"preprocessor": self.preprocessor, "x_dtype": np.float32}
+        return {"preprocessor": self.preprocessor, "x_dtype": np.float32,
+                "index_features": takes_indices(self.module_)}
 
     # -- fit ----------------------------------------------------------------------------------
     def initialize_module(self):
@@ -452,7 +453,8 @@ class DaskNet:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             if self.random_state is not None:
                 torch.manual_seed(seed_for(self.random_state, 0))
-            self.module_(torch.zeros((1, *sample_shape)))
+            dtype = torch.int64 if takes_indices(self.module_) else torch.float32
+            self.module_(torch.zeros((1, *sample_shape), dtype=dtype))
         self._initialize_optimizer()
 
     def _model_spec(self) -> ModelSpec:
@@ -657,7 +659,9 @@ class DaskNet:
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""
-        X = np.asarray(apply_preprocessor(self.preprocessor, X), dtype=np.float32)
+        X = np.asarray(apply_preprocessor(self.preprocessor, X))
+        X = X.astype(feature_dtype(X.dtype, index_features=takes_indices(self.module_)),
+                     copy=False)
         if not X.flags.writeable:  # pandas and xarray hand out read-only views
             X = X.copy()
         with _device_here(self, follow_module=True):

@@ -21,6 +21,7 @@ import torch
 from .sharding import holdout_split
 
 __all__ = ["Shard", "RawShard", "make_shard", "convert_rows", "apply_preprocessor", "aligned",
+           "feature_dtype", "takes_indices",
            "aligned_empty"]
 
 #: Byte boundary every shard array starts on.
@@ -127,9 +128,36 @@ def apply_preprocessor(preprocessor, X):
     return preprocessor(X)
 
 
+def takes_indices(module: torch.nn.Module) -> bool:
+    """Whether ``module`` starts with an embedding, so integer features are indices.
+
+    The first submodule (in registration order) that holds parameters of its
+    own decides: ``nn.Embedding`` or ``nn.EmbeddingBag``.
+    """
+    for sub in module.modules():
+        if next(sub.parameters(recurse=False), None) is not None:
+            return isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    return False
+
+
+def feature_dtype(dtype, *, x_dtype=np.float32, index_features: bool = False) -> np.dtype:
+    """The dtype features of ``dtype`` reach the module in.
+
+    Floating features become ``x_dtype`` (the module's float type). Integer
+    and boolean features become ``x_dtype`` as well, as scikit-learn
+    estimators take them, whether they come as NumPy or dask arrays, xarray
+    or dataframes; with ``index_features`` (a module that starts with an
+    embedding, :func:`takes_indices`) they become int64 indices instead.
+    """
+    kind = np.dtype(dtype).kind
+    if index_features and kind in "biu":
+        return np.dtype(np.int64)
+    return np.dtype(x_dtype)
+
+
 def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype=np.float32,
-               classes=None, y_dtype=None, y_2d: bool = False, holdout: float | None = None,
-               stratify: bool = False, seed: int = 0) -> Shard:
+               index_features: bool = False, classes=None, y_dtype=None, y_2d: bool = False,
+               holdout: float | None = None, stratify: bool = False, seed: int = 0) -> Shard:
     """Build a :class:`Shard` on the worker.
 
     Parameters
@@ -142,6 +170,9 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
         Applied to the features of the shard (training and hold-out rows).
     x_dtype, y_dtype : numpy dtype
         Dtypes the module expects; ``y_dtype=None`` keeps ``y`` as it is.
+    index_features : bool
+        Integer features stay integers (int64) for an embedding; see
+        :func:`feature_dtype`.
     classes : numpy.ndarray, optional
         Sorted class labels; ``y`` is replaced by indices into it.
     y_2d : bool
@@ -158,7 +189,8 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
         raw = RawShard(np.concatenate([p.X for p in raw]),
                        None if raw[0].y is None else np.concatenate([p.y for p in raw]))
     X, y = convert_rows(raw.X, raw.y, preprocessor=preprocessor, x_dtype=x_dtype,
-                        classes=classes, y_dtype=y_dtype, y_2d=y_2d)
+                        index_features=index_features, classes=classes, y_dtype=y_dtype,
+                        y_2d=y_2d)
     valid = raw.valid_positions
     if valid is None and holdout:
         _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
@@ -171,8 +203,8 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
                  y_valid=None if y is None else y[valid], replica=replica)
 
 
-def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, classes=None, y_dtype=None,
-                 y_2d: bool = False):
+def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, index_features: bool = False,
+                 classes=None, y_dtype=None, y_2d: bool = False):
     """Preprocess features and convert features and targets to what the module expects.
 
     Parameters
@@ -181,7 +213,7 @@ def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, classes=None, y
         Raw feature rows.
     y : numpy.ndarray or None
         Raw targets of the same rows.
-    preprocessor, x_dtype, classes, y_dtype, y_2d
+    preprocessor, x_dtype, index_features, classes, y_dtype, y_2d
         As in :func:`make_shard`.
 
     Returns
@@ -189,8 +221,9 @@ def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, classes=None, y
     X, y : numpy.ndarray
     """
     X = np.asarray(apply_preprocessor(preprocessor, X))
-    if np.issubdtype(X.dtype, np.floating) and x_dtype is not None:
-        X = X.astype(x_dtype, copy=False)
+    if x_dtype is not None:
+        X = X.astype(feature_dtype(X.dtype, x_dtype=x_dtype, index_features=index_features),
+                     copy=False)
     if y is not None:
         if classes is not None:
             y = np.searchsorted(classes, y)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +75,18 @@ class ModelSpec:
         """The training loss of a batch, as the estimator defines it."""
         if self.log_probs:
             y_pred = torch.log(y_pred + torch.finfo(y_pred.dtype).eps)
-        return self.criterion(y_pred, y_true)
+        return self.criterion_on(y_pred.device)(y_pred, y_true)
+
+    def criterion_on(self, device) -> torch.nn.Module:
+        """The criterion with its tensors (``criterion__weight``, say) on ``device``.
+
+        Moved in place the first time a loss is computed on a device: the
+        spec is unpickled once per worker process, and its replicas share it.
+        """
+        held = next(itertools.chain(self.criterion.buffers(), self.criterion.parameters()), None)
+        if held is not None and held.device != torch.device(device):
+            self.criterion.to(device)
+        return self.criterion
 
 
 def _param_groups(named_parameters, patterns):

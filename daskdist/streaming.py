@@ -187,8 +187,9 @@ class StreamShard:
 
 
 def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
-                      preprocessor=None, x_dtype=np.float32, classes=None, y_dtype=None,
-                      y_2d: bool = False, holdout: float | None = None, stratify: bool = False,
+                      preprocessor=None, x_dtype=np.float32, index_features: bool = False,
+                      classes=None, y_dtype=None, y_2d: bool = False,
+                      holdout: float | None = None, stratify: bool = False,
                       seed: int = 0) -> StreamShard:
     """Build a :class:`StreamShard` on the worker (the ``daskdist-shard`` task).
 
@@ -196,8 +197,9 @@ def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
     each chunk's hold-out rows; otherwise reads nothing. The parameters are
     those of :func:`daskdist.shards.make_shard`.
     """
-    convert = {"preprocessor": preprocessor, "x_dtype": x_dtype, "classes": classes,
-               "y_dtype": y_dtype, "y_2d": y_2d}
+    convert = {"preprocessor": preprocessor, "x_dtype": x_dtype,
+               "index_features": index_features, "classes": classes, "y_dtype": y_dtype,
+               "y_2d": y_2d}
     valid_positions, xs, ys = [], [], []
     for slot, (size, chunk) in enumerate(zip(reader.sizes, reader.chunk_ids)):
         if not holdout:

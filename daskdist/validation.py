@@ -23,7 +23,11 @@ def _is_dask(a) -> bool:
 
 
 def check_features(X, *, n_features=None, what: str = "X", estimator: str = "the estimator"):
-    """Validate features; return numpy features as float32 (dask arrays as they are).
+    """Validate features; return numpy floats as float32, anything else as it is.
+
+    Integer and boolean features keep their type here: the workers convert
+    every shard (and prediction its input) with
+    :func:`daskdist.shards.feature_dtype`, for NumPy and dask inputs alike.
 
     Parameters
     ----------
@@ -44,15 +48,14 @@ def check_features(X, *, n_features=None, what: str = "X", estimator: str = "the
                 f"Expected a 2-d {what} (samples, features) or more dims, got a {X.ndim}-d "
                 "dask array; reshape it with X.reshape(-1, 1) for a single feature."
             )
-        if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        if X.dtype.kind not in "biuf":
             raise ValueError(f"{what} must hold numbers, got dtype {X.dtype}.")
     else:
         if hasattr(X, "dtype") and np.issubdtype(np.asarray(X).dtype, np.complexfloating):
             raise ValueError(f"Complex data not supported in {what}.")
         X = check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True,
                         input_name=what)
-        if np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer) \
-                or X.dtype == bool:
+        if X.dtype.kind == "f":
             X = X.astype(np.float32, copy=False)
     if n_features is not None and X.ndim == 2 and X.shape[1] != n_features:
         raise ValueError(

@@ -3,9 +3,11 @@
 import dask.array as da
 import numpy as np
 import pytest
+import torch
 from distributed import get_worker
 
 from daskdist import DaskNeuralNetClassifier
+from daskdist.state import params_vector
 from daskdist.testing import TinyNet, make_classification
 
 
@@ -131,3 +133,68 @@ def test_too_few_or_uneven_chunks_are_rechunked_with_a_log_line(client, caplog):
     with caplog.at_level("INFO", logger="daskdist.sources"):
         net.fit(da.from_array(X, chunks=(30, -1)), y)  # ten: 5 and 5
     assert "rechunking" not in caplog.text
+
+
+class _Bag(torch.nn.Module):
+    """Token ids in, class probabilities out: a module that starts with an embedding."""
+
+    def __init__(self, vocabulary=6, n_outputs=2):
+        super().__init__()
+        self.embed = torch.nn.EmbeddingBag(vocabulary, 8)
+        self.head = torch.nn.Linear(8, n_outputs)
+
+    def forward(self, X):
+        return torch.softmax(self.head(self.embed(X)), dim=-1)
+
+
+def _integer_inputs(kind, X, y):
+    import dask.dataframe as dd
+    import pandas as pd
+
+    if kind == "numpy":
+        return X, y
+    if kind == "dask":
+        return da.from_array(X, chunks=(100, -1)), da.from_array(y, chunks=100)
+    frame = pd.DataFrame({f"f{i}": X[:, i] for i in range(X.shape[1])})
+    if X.dtype != bool:  # a bool column beside the integer ones
+        frame["f0"] = frame["f0"] > 2
+        X = frame.to_numpy().astype(np.int64)
+    if kind == "pandas":
+        return frame, y
+    return dd.from_pandas(frame, npartitions=4), dd.from_pandas(pd.Series(y), npartitions=4)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int8", "bool"])
+@pytest.mark.parametrize("kind", ["numpy", "dask", "pandas", "dask-dataframe"])
+def test_integer_and_boolean_features_train_and_predict_as_their_float32_values(client, kind,
+                                                                                dtype):
+    X, y = make_classification(400, n_features=5)
+    X = (X > 0) if dtype == "bool" else np.round(X * 2).astype(dtype)
+    Xin, yin = _integer_inputs(kind, X, y)
+    if kind in ("pandas", "dask-dataframe") and dtype != "bool":
+        X = _integer_inputs("pandas", X, y)[0].to_numpy().astype(np.int64)
+    params = dict(max_epochs=2, lr=0.2, batch_size=32, verbose=0, strategy="sync",
+                  sharding="sequential", random_state=3, train_split=None,
+                  module__n_features=5)
+    net = DaskNeuralNetClassifier(TinyNet, **params).fit(Xin, yin)
+    # the same values as float32, in numpy, make the same shards and the same model
+    reference = DaskNeuralNetClassifier(TinyNet, **params).fit(X.astype(np.float32), y)
+    np.testing.assert_array_equal(params_vector(net.module_), params_vector(reference.module_))
+    proba = net.predict_proba(Xin)
+    proba = np.asarray(proba.compute() if hasattr(proba, "compute") else proba)
+    np.testing.assert_array_equal(proba, reference.predict_proba(X.astype(np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "dask"])
+def test_integer_features_reach_a_module_that_starts_with_an_embedding_as_indices(client,
+                                                                                  kind):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 6, size=(300, 4))
+    y = (X == 5).any(axis=1).astype(np.int64)  # is token 5 in the bag?
+    Xin, yin = _integer_inputs(kind, X, y)
+    net = DaskNeuralNetClassifier(_Bag, max_epochs=8, lr=0.5, batch_size=32, verbose=0,
+                                  random_state=0, train_split=None).fit(Xin, yin)
+    assert net.score(X, y) > 0.9
+    proba = net.predict_proba(Xin)
+    proba = np.asarray(proba.compute() if hasattr(proba, "compute") else proba)
+    np.testing.assert_array_equal(proba, net.predict_proba(X))

@@ -135,3 +135,27 @@ def test_ddp_on_cuda_trains_with_nccl(client, digits):
     X, y = digits
     net = _digits_net(client, "ddp", device="cuda").fit(X, y)
     assert net.score(X, y) > 0.9
+
+
+def test_the_criterion_follows_the_loss_to_the_replicas_device():
+    # class weights live in the criterion: on a GPU worker they must move there with it
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    spec = ModelSpec(module=TinyNet(), criterion=torch.nn.NLLLoss(weight=weight))
+    y_pred = torch.randn(4, 3).log_softmax(-1)
+    y_true = torch.tensor([0, 1, 2, 2])
+    expected = torch.nn.functional.nll_loss(y_pred, y_true, weight=weight)
+    assert spec.loss(y_pred, y_true) == expected
+    # "meta" stands in for a second device on a machine without one
+    loss = spec.loss(y_pred.to("meta"), y_true.to("meta"))
+    assert loss.device.type == "meta" and spec.criterion.weight.device.type == "meta"
+
+
+@needs_cuda
+def test_class_weights_train_on_cuda(client, digits):
+    X, y = digits
+    weight = torch.linspace(0.5, 1.5, 10)
+    cpu = _digits_net(client, "sync", max_epochs=2, criterion__weight=weight).fit(X, y)
+    gpu = _digits_net(client, "sync", max_epochs=2, criterion__weight=weight,
+                      device="cuda").fit(X, y)
+    np.testing.assert_allclose(params_vector(gpu.module_), params_vector(cpu.module_),
+                               atol=1e-4)
