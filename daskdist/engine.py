@@ -167,7 +167,11 @@ class Trainer:
         self._placement: dict = {}
         self._latest = None
         self._state = None
-        self._last_done = None  # (round, future) of the newest settled round output
+        # (round, future) of the two newest settled round outputs. Two, because a
+        # round's state lives on one worker (the root of its average rotates
+        # over the workers): when that worker dies, the round before it is
+        # still held by another, and a recovery loses one finished round.
+        self._settled: deque = deque(maxlen=2)
         self._generation = 0
         self._epoch_round = 0  # the round the current epoch started at
         self._shard_losses: list[int] = []
@@ -352,7 +356,8 @@ class Trainer:
             self._state = self.client.submit(
                 _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}",
                 pure=False)
-        self._last_done = (state.round, self._state)
+        self._settled.clear()
+        self._settled.append((state.round, self._state))
 
     # -- rounds ---------------------------------------------------------------------------------
     def submit(self, func, *args, key: str, worker: str, **kwargs):
@@ -466,7 +471,7 @@ class Trainer:
             raise self._shard_failed(error) from error
         if error is not None:
             raise error
-        self._last_done = item
+        self._settled.append(item)
         if self.round_hooks:
             self._call_round_hook(item)
 
@@ -576,7 +581,9 @@ class Trainer:
     def _recover(self, lost, epoch_round: int, epoch_state: TrainingState) -> None:
         """Continue from the newest state a live worker still holds."""
         self._count_shard_losses(str(lost))
-        newest = max((r for r, f in self._held() if f.status == "finished"), default=None)
+        # the newest round known to have finished: settled ones count even if lost since
+        newest = max([r for r, _ in self._settled]
+                     + [r for r, f in self._inflight if f.status == "finished"], default=None)
         state = self._newest_state()  # also stops the rounds in flight
         if state is None or state.round < epoch_round:
             state = epoch_state
@@ -708,7 +715,7 @@ class Trainer:
 
     def _held(self) -> list:
         """``(state round, future)`` of the round outputs the driver holds, oldest first."""
-        return [item for item in (self._last_done, *self._inflight) if item is not None]
+        return [*self._settled, *self._inflight]
 
     def _newest_state(self) -> TrainingState | None:
         """Stop the rounds in flight; read back the newest finished round's state."""
@@ -759,7 +766,8 @@ class Trainer:
         self.cancel()
         # Dropping the last references releases the keys on the scheduler.
         self.shards = []
-        self.spec_future = self._state = self._last_done = self._latest = None
+        self.spec_future = self._state = self._latest = None
+        self._settled.clear()
         try:
             self.client.run(drop_run, self.run_id)
         except Exception:  # a closing cluster must not mask the fit's own outcome

@@ -7,7 +7,10 @@ import torch
 from distributed import get_worker
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.state import params_vector
+from daskdist.engine import Trainer
+from daskdist.spec import ModelSpec
+from daskdist.state import module_to_state, params_vector
+from daskdist.strategies import Sync
 from daskdist.testing import TinyNet, make_classification
 
 
@@ -45,12 +48,39 @@ def test_dask_and_numpy_inputs_with_the_same_shards_train_alike(client):
                                atol=1e-5)
 
 
-def test_stratified_sharding_of_a_dask_input(client):
-    X, y = make_classification(500)
+@pytest.mark.parametrize("sharding, balanced", [("stratified", True), ("sequential", False)])
+def test_stratified_sharding_of_a_dask_input(client, sharding, balanced):
+    # chunks of one class each, the first four of class 0: whole-chunk shards in order
+    # hold one class each; stratified shards hold two chunks of each class
+    X, _ = make_classification(400)
+    y = np.repeat([0, 0, 0, 0, 1, 1, 1, 1], 50)
+    Xd, yd = da.from_array(X, chunks=(50, 5)), da.from_array(y, chunks=50)
+    spec = ModelSpec(TinyNet(n_outputs=2), criterion=torch.nn.NLLLoss(), classifier=True)
+    trainer = Trainer(client, spec, Sync(), batch_size=32, n_replicas=2, sharding=sharding,
+                      random_state=0, shard_kwargs={"classes": np.array([0, 1])})
+    try:
+        trainer.start(Xd, yd, module_to_state(*spec.build()))
+        counts = [np.bincount(shard.y, minlength=2).tolist()
+                  for shard in client.gather(trainer.shards)]
+    finally:
+        trainer.close()
+    assert counts == ([[100, 100], [100, 100]] if balanced else [[200, 0], [0, 200]])
+    # the estimator passes the plan on: its shards took the same chunks
+    before = _take_keys(client)
     net = DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
-                                  sharding="stratified", random_state=0)
-    net.fit(da.from_array(X, chunks=(100, 5)), da.from_array(y, chunks=100))
-    assert len(net.history) == 1
+                                  sharding=sharding, random_state=0, train_split=None)
+    net.fit(Xd, yd)
+    taken = _take_keys(client) - before
+    chunk_classes = [sorted(c // 4 for _, shard, c in taken if shard == s) for s in (0, 1)]
+    assert chunk_classes == ([[0, 0, 1, 1]] * 2 if balanced else [[0] * 4, [1] * 4])
+
+
+def _take_keys(client) -> set:
+    """``(name, shard, chunk)`` keys of the chunk-taking tasks the scheduler has seen."""
+    def keys(dask_scheduler):
+        return [list(entry[0]) for entry in dask_scheduler.transition_log
+                if isinstance(entry[0], tuple) and str(entry[0][0]).startswith("daskdist-take-")]
+    return {tuple(k) for k in client.run_on_scheduler(keys)}
 
 
 def test_shards_are_tasks_named_after_what_they_do(client):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from distributed import Client
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from skorch.callbacks import BatchScoring, EarlyStopping, EpochScoring, LRScheduler
@@ -112,13 +112,25 @@ def test_inside_a_pipeline_with_a_scaler(client, tiny_data):
     assert pipe.score(X * 10 + 3, y) > 0.5
 
 
+def _rounds(estimator, X, y):
+    return len(estimator.rounds_)
+
+
 def test_grid_search_over_sync_every(client, tiny_data):
     X, y = tiny_data
-    search = GridSearchCV(_clf(strategy="local_sgd", max_epochs=2, train_split=None),
-                          {"sync_every": [1, 4]}, cv=2, refit=False)
+    net = _clf(strategy="local_sgd", max_epochs=2, train_split=None)
+    search = GridSearchCV(net, {"sync_every": [1, 4]}, cv=2, refit=False,
+                          scoring={"accuracy": "accuracy", "rounds": _rounds})
     search.fit(X, y)
-    assert len(search.cv_results_["mean_test_score"]) == 2
-    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    results = search.cv_results_
+    # each candidate trained with its own sync_every: 120 samples, global batches of 32,
+    # 4 steps an epoch: 4 rounds an epoch at sync_every=1, 1 at sync_every=4
+    assert results["mean_test_rounds"].tolist() == [8, 2]
+    # and each split's score is what the same fit gives outside the search
+    for i, sync_every in enumerate([1, 4]):
+        for split, (train, test) in enumerate(StratifiedKFold(2).split(X, y)):
+            direct = clone(net).set_params(sync_every=sync_every).fit(X[train], y[train])
+            assert results[f"split{split}_test_accuracy"][i] == direct.score(X[test], y[test])
 
 
 def test_partial_fit_continues_training(client, tiny_data):
@@ -144,11 +156,22 @@ def test_epoch_callbacks_run_on_the_client(client, tiny_data):
             ("stop", EarlyStopping(monitor="train_loss", patience=1, threshold=10.0)),
         ],
     ).fit(X, y)
-    # The learning rate reached the replicas: it halves every epoch on the client.
-    assert net.optimizer_.param_groups[0]["lr"] < 0.5
-    assert "client_acc" in net.history[-1]
     # EarlyStopping stopped the run after patience epochs without a 10.0 improvement.
     assert len(net.history) == 2
+    # EpochScoring scored each epoch's model on the client, on the workers' hold-out rows
+    assert net.history[:, "client_acc"] == net.history[:, "valid_acc"]
+    assert net.optimizer_.param_groups[0]["lr"] == 0.25  # halved for the second epoch
+
+    # The learning rate reached the replicas: stepping it on the client trains as two
+    # epochs at 0.5 and 0.25 do, and not as two epochs at 0.5.
+    scheduled = _clf(max_epochs=2, lr=0.5, callbacks=[
+        ("lr", LRScheduler(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))]).fit(X, y)
+    by_hand = _clf(max_epochs=1, lr=0.5).fit(X, y)
+    by_hand.set_params(lr=0.25).partial_fit(X, y)
+    constant = _clf(max_epochs=2, lr=0.5).fit(X, y)
+    np.testing.assert_array_equal(params_vector(scheduled.module_),
+                                  params_vector(by_hand.module_))
+    assert not np.allclose(params_vector(scheduled.module_), params_vector(constant.module_))
 
 
 def test_per_batch_features_are_refused_before_work(client, tiny_data):
