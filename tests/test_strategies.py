@@ -251,3 +251,28 @@ def test_hyperband_search(client, tiny_data):
         {"lr": [0.1, 0.3], "strategy": ["local_sgd", "async"]}, max_iter=3, random_state=0)
     search.fit(da.from_array(X, chunks=60), da.from_array(y, chunks=60))
     assert search.best_score_ > 0.5
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("sync", {}), ("sync", {"strategy__compression": "fp16"}), ("local_sgd", {}),
+    ("local_sgd", {"strategy__compression": "topk", "strategy__density": 0.1}),
+    ("hierarchical", {}), ("ddp", {}), ("pipeline", {}),
+])
+def test_the_same_random_state_gives_the_same_fit(client, tiny_data, strategy, options):
+    # (async and ssp apply updates in the order they arrive, and a round deadline closes
+    # rounds by arrival: those fits are not repeatable bit for bit, as the README says)
+    from daskdist.testing import TinySequential
+
+    X, y = tiny_data
+    module = TinySequential if strategy == "pipeline" else TinyNet
+    params = dict(max_epochs=2, lr=0.2, batch_size=32, verbose=0, random_state=7,
+                  strategy=strategy, sync_every=2, iterator_train__shuffle=True,
+                  optimizer__momentum=0.9, **options)
+    first = DaskNeuralNetClassifier(module, **params).fit(X, y)
+    second = DaskNeuralNetClassifier(module, **params).fit(X, y)
+    if strategy == "pipeline":  # a stage adds its micro-batches' gradients as they come back
+        np.testing.assert_allclose(_params(first), _params(second), rtol=0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(_params(first), _params(second))
+    other = DaskNeuralNetClassifier(module, **{**params, "random_state": 8}).fit(X, y)
+    assert not np.array_equal(_params(first), _params(other))
