@@ -196,7 +196,7 @@ class DaskNet:
     def check_worker_support(self) -> None:
         """Raise ``ValueError`` for skorch features that cannot act on the workers.
 
-        See the README's table of skorch parameters. Called before any work is
+        See the table of skorch parameters in docs/skorch.md. Called before any work is
         submitted.
         """
         check_precision(self.precision)
@@ -232,7 +232,7 @@ class DaskNet:
         if problems:
             raise ValueError(
                 f"{type(self).__name__} cannot train with: " + "; ".join(problems) + ". "
-                "See the README's table of skorch parameters on workers."
+                "See the table of skorch parameters on workers in docs/skorch.md."
             )
 
     # -- data ---------------------------------------------------------------------------------

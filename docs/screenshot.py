@@ -1,4 +1,4 @@
-"""Take the README's screenshot of the ``/daskdist`` page during the main job.
+"""Take the screenshot of the ``/daskdist`` page (docs/dashboard.md) during the main job.
 
 Runs the default pipeline (``pipelines/digits-mlp.yaml``) on an embedded
 two-worker cluster and, once half its epochs are done, has headless Chromium

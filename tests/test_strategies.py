@@ -260,7 +260,7 @@ def test_hyperband_search(client, tiny_data):
 ])
 def test_the_same_random_state_gives_the_same_fit(client, tiny_data, strategy, options):
     # (async and ssp apply updates in the order they arrive, and a round deadline closes
-    # rounds by arrival: those fits are not repeatable bit for bit, as the README says)
+    # rounds by arrival: those fits are not repeatable bit for bit, as docs/strategies.md says)
     from daskdist.testing import TinySequential
 
     X, y = tiny_data
