@@ -38,7 +38,8 @@ from . import interrupt
 from ._compat import reschedule_stranded, task_state
 from ._compat import workers as cluster_workers
 from .devices import is_cuda, plan_devices, worker_info
-from .replica import RoundPlan, StateLost, drop_run, evaluate
+from .errors import ShardFailedError, StateLost, WorkerLost
+from .replica import RoundPlan, drop_run, evaluate
 from .sharding import holdout_split
 from .sources import as_source
 from .spec import ModelSpec
@@ -77,20 +78,6 @@ class EpochResult:
 
 def _shard_sizes(shard):
     return len(shard), shard.n_valid
-
-
-class ShardFailedError(RuntimeError):
-    """The tasks of one shard killed every worker they ran on (a poison shard).
-
-    Raised instead of retrying for ever: when Dask gives up on a task of the
-    shard (:class:`distributed.KilledWorker`, chained as the cause) or when
-    the workers that held the shard died more times in a row than
-    ``distributed.scheduler.allowed-failures``. ``replica`` is the shard's index.
-    """
-
-    def __init__(self, message: str, replica: int | None):
-        super().__init__(message)
-        self.replica = replica
 
 
 class Trainer:
@@ -464,9 +451,9 @@ class Trainer:
         except FutureCancelledError:
             error = None
         if future.status in _LOST:
-            raise _WorkerLost(f"training state {future.key} was lost with a worker")
+            raise WorkerLost(f"training state {future.key} was lost with a worker")
         if isinstance(error, StateLost):
-            raise _WorkerLost(str(error))
+            raise WorkerLost(str(error))
         if isinstance(error, KilledWorker):
             raise self._shard_failed(error) from error
         if error is not None:
@@ -569,7 +556,7 @@ class Trainer:
         for attempt in range(limit + 1):
             try:
                 return self._run_epoch_once(lr, epoch_round, t0)
-            except _WorkerLost as lost:
+            except WorkerLost as lost:
                 if attempt == limit:
                     raise RuntimeError(
                         f"Epoch {self.epoch} lost workers {limit + 1} times ({lost}); giving up "
@@ -588,7 +575,7 @@ class Trainer:
         if state is None or state.round < epoch_round:
             state = epoch_state
         # (a strategy that runs an epoch's rounds inside one task says how many it lost)
-        lost_rounds = getattr(lost, "rounds_lost", None)
+        lost_rounds = lost.rounds_lost
         if lost_rounds is None:
             lost_rounds = max((newest or state.round) - state.round, 0)
         record = {"epoch": self.epoch, "round": state.round, "rounds_lost": lost_rounds,
@@ -613,7 +600,7 @@ class Trainer:
             try:  # an untracked round of the last ones may have lost its replica's state
                 final = self._state.result()
             except StateLost as lost:
-                raise _WorkerLost(str(lost)) from None
+                raise WorkerLost(str(lost)) from None
         except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
             _release(self._latest)
             raise
@@ -800,10 +787,6 @@ def _resolve(output, futures: dict):
 def _state_of(value):
     """The training state in a round's output (a strategy's round result or a state)."""
     return getattr(value, "state", value)
-
-
-class _WorkerLost(Exception):
-    """A round's inputs were lost with a worker and cannot be recomputed."""
 
 
 #: Seconds to wait for a worker to hand back a finished round's state on Ctrl-C.

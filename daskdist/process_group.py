@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import GroupAborted
+
 __all__ = ["GroupSpec", "GroupAborted", "rendezvous", "join", "release", "leave",
            "abort_event", "abort_event_name", "current"]
 
@@ -46,10 +48,6 @@ _group = None
 
 #: Seconds between checks of the driver's abort event while waiting for the other ranks.
 _ABORT_POLL_S = 0.5
-
-
-class GroupAborted(RuntimeError):
-    """The driver gave up on forming this group (a member is gone)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from . import process_group
 from .compression import pack, residuals
 from .devices import autocast, grad_scaler, to_device, use_device
+from .errors import NonFiniteError, StateLost
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
@@ -43,25 +44,6 @@ __all__ = ["RoundPlan", "Contribution", "StateLost", "NonFiniteError", "local_st
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
 _cache_lock = threading.Lock()
-
-
-class StateLost(RuntimeError):
-    """A round's starting state is gone with the worker that held it.
-
-    The driver treats it like a lost worker: the epoch is run again from its
-    starting state.
-    """
-
-
-class NonFiniteError(FloatingPointError):
-    """Too many replica updates were not finite.
-
-    A replica whose loss, parameters or gradient become NaN or infinite in a
-    round contributes nothing to that round (its update is skipped and the
-    round log names it); the fit fails with this error once more than
-    ``daskdist.driver.max-non-finite`` updates were skipped. The global
-    parameters stay those of the last finite round.
-    """
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from .._compat import workers as cluster_workers
 from ..aggregation import check_non_finite
 from ..dashboard.events import emit_from_worker, round_event
 from ..devices import autocast, grad_scaler, is_cuda, to_device
+from ..errors import WorkerLost
 from ..replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
 from ..state import TrainingState, grads_finite, module_to_state
 from .base import Strategy
@@ -568,12 +569,8 @@ class _Epoch:
             self._lost(f"worker {worker} (rank {rank}) left the ddp process group", 0)
 
     def _lost(self, reason: str, steps_lost: int):
-        from ..engine import _WorkerLost
-
         self.trainer._ddp_group = None
-        lost = _WorkerLost(reason)
-        lost.rounds_lost = steps_lost
-        raise lost
+        raise WorkerLost(reason, steps_lost)
 
     def _abort(self, group) -> None:
         """Tell ranks still waiting or training in ``group`` to stop."""

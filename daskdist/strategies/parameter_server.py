@@ -35,6 +35,7 @@ from distributed.client import FutureCancelledError
 
 from ..aggregation import combine, count_skipped
 from ..dashboard.events import emit_from_worker, round_event
+from ..errors import WorkerLost
 from ..replica import RoundPlan, _pack, _worker_address, local_steps
 from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
 from .base import Strategy
@@ -295,16 +296,14 @@ class _Epoch:
 
     def _check(self, future) -> None:
         """Raise if a replica's round failed or was lost with its worker."""
-        from ..engine import _WorkerLost
-
         if future.status == "finished":
             return
         if future.status in ("cancelled", "lost"):
-            raise _WorkerLost(f"round {future.key} was lost with a worker")
+            raise WorkerLost(f"round {future.key} was lost with a worker")
         try:
             error = future.exception()  # (done: returns at once)
         except FutureCancelledError:
-            raise _WorkerLost(f"round {future.key} was lost with a worker") from None
+            raise WorkerLost(f"round {future.key} was lost with a worker") from None
         if isinstance(error, KilledWorker):
             raise self.trainer._shard_failed(error) from error
         raise error

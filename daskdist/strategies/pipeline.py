@@ -34,7 +34,8 @@ import dask
 
 from .. import stage_tasks
 from .._compat import workers as cluster_workers
-from ..replica import RoundPlan, StateLost
+from ..errors import StateLost, WorkerLost
+from ..replica import RoundPlan
 from ..stages import StageLayout, join_states, plan_stages, split_state, stage_spec
 from ..state import TrainingState
 from .base import Strategy
@@ -331,11 +332,7 @@ class _Epoch:
                     self._lost(f"worker {worker} (stage {s} of replica {i}) left")
 
     def _lost(self, reason: str):
-        from ..engine import _WorkerLost
-
-        lost = _WorkerLost(reason)
-        lost.rounds_lost = self.settled
-        raise lost
+        raise WorkerLost(reason, self.settled)
 
     def _finish(self, fit: _Fit, ready, steps: int) -> None:
         """Gather the stages' parts into the epoch's final state."""
