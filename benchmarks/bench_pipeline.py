@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     X, y = _data()
     stages = 2

@@ -84,7 +84,7 @@ def _bytes(net) -> float:
 def _cluster(n):
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     cluster = embedded_cluster(n_workers=n)
     return cluster, Client(cluster, set_as_default=False)

@@ -169,7 +169,7 @@ def _measure_all(X, y, epochs, results, details):
     """One pass over every row; appends each row's steady-state epoch rates."""
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     n = len(X)
 

@@ -146,7 +146,7 @@ def measure(counts) -> list[dict]:
     """Rounds of each strategy, model size and worker count on this machine."""
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     rows = []
     for workers in counts:
@@ -186,7 +186,7 @@ def hops_and_transfers(repeats: int = 40, mb: float = 8.0) -> dict:
     """
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     with embedded_cluster(n_workers=2) as cluster, Client(cluster, set_as_default=False) as c:
         workers = sorted(c.scheduler_info()["workers"])

@@ -48,7 +48,7 @@ def equivalence(device: str) -> bool:
     from distributed import Client
     from sklearn.datasets import load_digits
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
     from daskdist.state import params_vector
 
     X, y = load_digits(return_X_y=True)
@@ -105,7 +105,7 @@ def throughput(device: str, samples: int, epochs: int, batch: int) -> list:
     """Rows of (run, samples/s, ratio to the plain loop of the same precision)."""
     from distributed import Client
 
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(samples, 784)).astype(np.float32)

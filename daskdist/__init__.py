@@ -1,13 +1,13 @@
 """daskdist: data-parallel PyTorch training on Dask, behind scikit-learn estimators."""
 
-from . import config  # noqa: F401  (registers daskdist's Dask config defaults)
+from . import _moved, config  # noqa: F401  (config registers daskdist's Dask config defaults)
 from .callbacks import Checkpoint
-from .clients import cluster_client, embedded_cluster
-from .engine import EpochResult, ShardFailedError, Trainer
+from .clusters.embedded import cluster_client, embedded_cluster
+from .data.sharding import holdout_split, plan_shards
+from .driver.trainer import EpochResult, Trainer
+from .errors import NonFiniteError, ShardFailedError
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from .models import MLP, SmallCNN
-from .replica import NonFiniteError
-from .sharding import holdout_split, plan_shards
 from .spec import ModelSpec
 from .state import TrainingState
 from .strategies import (
@@ -22,6 +22,8 @@ from .strategies import (
     Sync,
     resolve_strategy,
 )
+
+_moved.install()  # old import paths of moved modules, for one release
 
 __version__ = "0.1.0"
 

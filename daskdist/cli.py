@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     """Entry point of the ``daskdist`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    from .cluster_spec import ClusterSpecError
-    from .pipeline import PipelineError
+    from .batch import PipelineError
+    from .clusters import ClusterSpecError
 
     command = {"run": _run, "validate": _validate, "cluster": _cluster}[args.command]
     try:
@@ -98,8 +98,8 @@ def _spec_overrides(args) -> dict:
 
 
 def _run(args) -> int:
-    from .cluster_spec import load_cluster_spec
-    from .pipeline import load_pipeline, parse_overrides, run_pipeline
+    from .batch import load_pipeline, parse_overrides, run_pipeline
+    from .clusters import load_cluster_spec
 
     pipeline = load_pipeline(args.pipeline, parse_overrides(args.overrides))
     spec = load_cluster_spec(args.cluster, overrides=_spec_overrides(args))
@@ -119,7 +119,7 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
-    from .pipeline import PipelineError, load_pipeline
+    from .batch import PipelineError, load_pipeline
 
     failed = 0
     for path in args.pipelines:
@@ -134,7 +134,7 @@ def _validate(args) -> int:
 
 
 def _cluster(args) -> int:
-    from .cluster_spec import load_cluster_spec
+    from .clusters import load_cluster_spec
 
     spec = load_cluster_spec(args.spec, overrides=_spec_overrides(args))
     if args.dry_run:

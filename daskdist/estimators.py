@@ -53,7 +53,7 @@ _DASK_PARAMS_DOC = """
         prediction.
     sample_dim : str or None (default=None)
         For xarray inputs: the dimension that indexes samples; default the
-        first dimension. See :mod:`daskdist.inputs`.
+        first dimension. See :mod:`daskdist.data.inputs`.
     features : list of str or None (default=None)
         For Dataset and DataFrame inputs: the feature variables or columns;
         default all but the target (``y`` may name the target).
@@ -62,7 +62,7 @@ _DASK_PARAMS_DOC = """
         its worker instead of keeping it in worker memory, for data larger
         than the workers' memory. ``"auto"`` streams when a worker's shards
         would take more than half its memory limit (config
-        ``daskdist.shards.stream-above``). See :mod:`daskdist.streaming`.
+        ``daskdist.shards.stream-above``). See :mod:`daskdist.data.streaming`.
     buffer_chunks : int (default=4)
         Streaming only: chunks whose rows are shuffled together (with
         ``iterator_train__shuffle=True``); a worker holds about
@@ -71,7 +71,7 @@ _DASK_PARAMS_DOC = """
         Train the forward pass and loss under ``torch.autocast`` in bfloat16
         or float16 (with a dynamic loss scale per replica); None trains in
         float32. The parameters, optimizer state and what is averaged stay
-        float32. See :mod:`daskdist.devices`.
+        float32. See :mod:`daskdist.worker.devices`.
 
     ``device`` is where the workers train: ``"cuda"`` gives each worker its
     own GPU (workers of one host take its GPUs in turn); a worker without
@@ -201,7 +201,7 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
 
         numpy in → numpy out; dask array in → dask array out, computed
         block-wise by whatever scheduler is current; xarray and dataframes
-        in → the same, labelled like the input (:mod:`daskdist.inputs`).
+        in → the same, labelled like the input (:mod:`daskdist.data.inputs`).
         """
         X, labels = self._predict_input(X)
         flat = getattr(self, "y_ndim_", 2) == 1

@@ -2,7 +2,7 @@
 
 :class:`DaskNet` is mixed into skorch's estimators. skorch stays the surface —
 parameters, callbacks, history, pickling — while each epoch's batches run in
-the lean replica loop on the workers (see :mod:`daskdist.replica`). Which
+the lean replica loop on the workers (see :mod:`daskdist.worker.replica`). Which
 skorch parameters act where is checked by :meth:`DaskNet.check_worker_support`
 before anything is sent to the cluster.
 """
@@ -40,14 +40,14 @@ from . import interrupt
 from ._compat import workers as cluster_workers
 from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .clients import cluster_client
+from .clusters.embedded import cluster_client
 from .dashboard.reporter import FitReporter
-from .devices import check_precision, is_cuda
-from .engine import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
-from .inputs import to_arrays
+from .data.inputs import to_arrays
+from .data.shards import apply_preprocessor, feature_dtype, takes_indices
+from .data.sources import check_streaming
+from .data.validation import check_features, check_targets, scan_dask_values
+from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .predict import pad_rows, predict_blocks, take_rows
-from .shards import apply_preprocessor, feature_dtype, takes_indices
-from .sources import check_streaming
 from .spec import ModelSpec, seed_for
 from .state import (
     TrainingState,
@@ -57,7 +57,7 @@ from .state import (
     params_vector,
 )
 from .strategies import resolve_strategy
-from .validation import check_features, check_targets, scan_dask_values
+from .worker.devices import check_precision, is_cuda
 
 __all__ = ["DaskNet"]
 
@@ -627,7 +627,7 @@ class DaskNet:
 
     # -- predict ------------------------------------------------------------------------------
     def _predict_input(self, X):
-        """``(X as an array, labels for the output)``; see :mod:`daskdist.inputs`."""
+        """``(X as an array, labels for the output)``; see :mod:`daskdist.data.inputs`."""
         if not hasattr(self, "n_features_in_"):
             from sklearn.exceptions import NotFittedError
 

@@ -1,7 +1,7 @@
 """JSON-schema errors as one-line messages: the field, then the problem.
 
-Pipeline files (:mod:`daskdist.pipeline.load`) and cluster specs
-(:mod:`daskdist.cluster_spec`) are YAML checked against a JSON schema; both
+Pipeline files (:mod:`daskdist.batch.load`) and cluster specs
+(:mod:`daskdist.clusters`) are YAML checked against a JSON schema; both
 report the first problem as ``FILE: FIELD: PROBLEM``, e.g. ``train.lr:
 expected a number, got 'fast'``. This module finds that problem
 (:func:`best_error`) and words it (:func:`describe`).

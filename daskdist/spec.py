@@ -42,10 +42,10 @@ class ModelSpec:
     device : str
         Device the replicas train on (``"cuda"``: each worker's own GPU).
     precision : {None, "bf16", "fp16"}
-        Train the forward pass in reduced precision (:mod:`daskdist.devices`).
+        Train the forward pass in reduced precision (:mod:`daskdist.worker.devices`).
     placement : dict
         Worker address -> device, planned by the driver for ``device``
-        (:func:`daskdist.devices.plan_devices`); empty: ``device`` everywhere.
+        (:func:`daskdist.worker.devices.plan_devices`); empty: ``device`` everywhere.
     """
 
     module: torch.nn.Module
@@ -60,7 +60,7 @@ class ModelSpec:
 
     def device_here(self) -> str:
         """The device replicas train on in this worker process."""
-        from .devices import device_here
+        from .worker.devices import device_here
 
         return device_here(self.device, self.placement)
 

@@ -61,7 +61,7 @@ class TrainingState:
         not count that epoch).
     skipped : int
         Replica updates skipped so far in the whole fit because they were
-        not finite (see :class:`daskdist.replica.NonFiniteError`).
+        not finite (see :class:`daskdist.worker.replica.NonFiniteError`).
     log : tuple of dict
         One record per round completed in the current epoch (losses, samples,
         timings); reset at each epoch boundary.

@@ -25,7 +25,7 @@ def main():
     from distributed import Client
 
     from daskdist import dashboard, embedded_cluster
-    from daskdist.pipeline import load_pipeline, run_pipeline
+    from daskdist.batch import load_pipeline, run_pipeline
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from distributed import Client
 
-from daskdist.clients import embedded_cluster
+from daskdist.clusters.embedded import embedded_cluster
 from daskdist.testing import make_classification
 
 

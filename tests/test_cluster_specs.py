@@ -13,7 +13,7 @@ from distributed import Client, LocalCluster, Security
 from distributed.core import Status
 from distributed.deploy.spec import SpecCluster
 
-from daskdist.cluster_spec import (
+from daskdist.clusters import (
     DEFAULT_SPEC,
     PACKAGED_SPECS,
     ClusterSpec,

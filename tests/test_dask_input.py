@@ -7,7 +7,7 @@ import torch
 from distributed import get_worker
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.engine import Trainer
+from daskdist.driver.trainer import Trainer
 from daskdist.spec import ModelSpec
 from daskdist.state import module_to_state, params_vector
 from daskdist.strategies import Sync
@@ -145,22 +145,22 @@ def test_too_few_or_uneven_chunks_are_rechunked_with_a_log_line(client, caplog):
     X, y = make_classification(300)
     net = DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
                                   random_state=0, train_split=None)
-    with caplog.at_level("INFO", logger="daskdist.sources"):
+    with caplog.at_level("INFO", logger="daskdist.data.sources"):
         net.fit(da.from_array(X, chunks=(300, -1)), y)  # one chunk, two replicas
     assert "rechunking the input along the samples from 1 chunks" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="daskdist.sources"):
+    with caplog.at_level("INFO", logger="daskdist.data.sources"):
         net.fit(da.from_array(X, chunks=((20, 260, 20), (X.shape[1],))), y)
     assert "rechunking the input" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="daskdist.sources"):
+    with caplog.at_level("INFO", logger="daskdist.data.sources"):
         net.fit(da.from_array(X, chunks=(50, -1)), y)  # six even chunks, 3 a shard: left alone
     assert "rechunking" not in caplog.text
-    with caplog.at_level("INFO", logger="daskdist.sources"):
+    with caplog.at_level("INFO", logger="daskdist.data.sources"):
         net.fit(da.from_array(X, chunks=(60, -1)), y)  # five: shards of 3 and 2 chunks
     assert "rechunking the input along the samples from 5 chunks" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="daskdist.sources"):
+    with caplog.at_level("INFO", logger="daskdist.data.sources"):
         net.fit(da.from_array(X, chunks=(30, -1)), y)  # ten: 5 and 5
     assert "rechunking" not in caplog.text
 

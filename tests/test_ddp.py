@@ -54,7 +54,7 @@ def test_ddp_learns_digits_and_keeps_its_group_between_epochs(client, digits):
     assert net.score(X, y) > 0.9
     assert net.rounds_["round"].tolist() == list(range(len(net.rounds_)))
     # the group of the fit is gone with it: the workers can join the next one
-    groups = client.run(lambda: __import__("daskdist.process_group").process_group.current())
+    groups = client.run(_current_group)
     assert set(groups.values()) == {None}
 
 
@@ -70,7 +70,7 @@ class ForgetOneReplica(Callback):
 
 
 def _clear_replica_cache():
-    from daskdist import replica
+    from daskdist.worker import replica
 
     replica._cache.clear()
 
@@ -146,3 +146,9 @@ def test_ddp_refuses_workers_that_share_a_process():
         net = _net(client, "ddp", max_epochs=1)
         with pytest.raises(ValueError, match="process of its own"):
             net.fit(X, y)
+
+
+def _current_group():
+    from daskdist.worker import process_group
+
+    return process_group.current()

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.devices import check_precision, device_here, plan_devices
-from daskdist.replica import _Replica, _scaled_backward_overflowed
 from daskdist.spec import ModelSpec
 from daskdist.state import params_vector
 from daskdist.testing import TinyNet, TinySequential
+from daskdist.worker.devices import check_precision, device_here, plan_devices
+from daskdist.worker.replica import _Replica, _scaled_backward_overflowed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine (GPU check skipped)")
@@ -35,7 +35,7 @@ def test_plan_devices_gives_each_worker_of_a_host_its_own_gpu():
 
 
 def test_each_worker_says_its_host(client):
-    from daskdist.devices import worker_info
+    from daskdist.worker.devices import worker_info
 
     infos = client.run(worker_info)
     assert {i["host"] for i in infos.values()} == {"127.0.0.1"}

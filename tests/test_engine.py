@@ -7,14 +7,14 @@ import pytest
 import torch
 from distributed import get_worker
 
-from daskdist.engine import Trainer
-from daskdist.replica import RoundPlan, StateLost
-from daskdist.shards import RawShard, make_shard
+from daskdist.data.shards import RawShard, make_shard
+from daskdist.driver.trainer import Trainer
 from daskdist.spec import ModelSpec
 from daskdist.state import module_to_state
 from daskdist.strategies import Sync
 from daskdist.strategies.sync import StepResult, _own_state, sync_step
 from daskdist.testing import TinyNet
+from daskdist.worker.replica import RoundPlan, StateLost
 
 
 def _where(tag):
@@ -71,7 +71,8 @@ def test_a_step_result_keeps_its_state_on_its_worker():
 @pytest.mark.parametrize("task_name", ["local_steps", "gradient"])
 def test_round_tasks_are_bit_identical_wherever_and_whenever_they_run(client, task_name):
     """A retried or recomputed round (another worker, a warm cache) gives the same bits."""
-    from daskdist import MLP, replica
+    from daskdist import MLP
+    from daskdist.worker import replica
 
     task = getattr(replica, task_name)
     torch.manual_seed(0)

@@ -254,7 +254,7 @@ def test_an_in_place_preprocessor_leaves_the_callers_array_alone(client, tiny_da
 
 
 def test_dask_predict_works_after_the_training_cluster_is_gone(tiny_data):
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     X, y = tiny_data
     cluster = embedded_cluster(n_workers=1)

@@ -14,7 +14,7 @@ from distributed import Client
 from skorch.callbacks import Callback
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.clients import embedded_cluster
+from daskdist.clusters.embedded import embedded_cluster
 from daskdist.state import params_vector
 from daskdist.testing import TinyNet, make_classification
 
@@ -339,7 +339,7 @@ def test_hung_worker_is_removed_and_the_fit_goes_on(tmp_path):
         with Client(cluster, set_as_default=False) as client:
             # import torch before the fit: an import in a worker's event loop can
             # hold up its heartbeats for seconds on a busy machine
-            client.run(__import__, "daskdist.replica")
+            client.run(__import__, "daskdist.worker.replica")
             client.register_plugin(plugin)
             t0 = time.perf_counter()
             net = _net(client, max_epochs=3, sync_every=1).fit(X, y)

@@ -148,7 +148,7 @@ def test_the_driver_raises_a_swallowed_ctrl_c_however_its_waits_end(client):
     swallowed has to surface from those waits as well.
     """
     from daskdist import interrupt
-    from daskdist.engine import Trainer
+    from daskdist.driver.trainer import Trainer
     from daskdist.spec import ModelSpec
     from daskdist.strategies import LocalSGD
 

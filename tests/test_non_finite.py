@@ -37,7 +37,7 @@ def _net(client, strategy, **kwargs):
 @pytest.mark.parametrize("strategy", ["sync", "local_sgd"])
 def test_non_finite_update_is_skipped_and_logged(client, strategy, caplog):
     X, y = _data()
-    with caplog.at_level("WARNING", logger="daskdist.engine"):
+    with caplog.at_level("WARNING", logger="daskdist.driver.trainer"):
         net = _net(client, strategy).fit(X, y)
     rounds = net.rounds_
     skipped = rounds[rounds["skipped"].map(len) > 0]

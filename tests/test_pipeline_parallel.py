@@ -6,13 +6,19 @@ import torch
 from torch import nn
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.engine import Trainer
+from daskdist.driver.trainer import Trainer
 from daskdist.spec import ModelSpec
-from daskdist.stages import balanced_split, join_states, plan_stages, split_state, stage_spec
 from daskdist.state import module_to_state, params_vector
 from daskdist.strategies import Pipeline
 from daskdist.strategies.pipeline import stage_grid
 from daskdist.testing import TinyNet, TinySequential, make_classification
+from daskdist.worker.stages import (
+    balanced_split,
+    join_states,
+    plan_stages,
+    split_state,
+    stage_spec,
+)
 
 
 def _net(client, strategy, **kwargs):
@@ -88,8 +94,8 @@ def test_split_and_join_give_back_the_whole_state():
         for name, value in entry.items():
             np.testing.assert_array_equal(whole.optimizer["state"][i][name], value)
     # a stage's optimizer loads its part as a live optimizer of the stage's module
-    from daskdist.stages import build_stage
     from daskdist.state import optimizer_state_from_numpy
+    from daskdist.worker.stages import build_stage
 
     stage_module, stage_optimizer = build_stage(stage_spec(spec, layouts[2]), layouts[2])
     optimizer_state_from_numpy(stage_optimizer, parts[2].optimizer)
@@ -141,7 +147,7 @@ def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size)
 
 
 def test_bf16_activations_and_their_gradients_travel_in_half_the_bytes(client):
-    from daskdist.stage_tasks import BFloat16Array, from_wire, to_wire
+    from daskdist.worker.stage_tasks import BFloat16Array, from_wire, to_wire
 
     out = torch.randn(5, 3).to(torch.bfloat16)
     wire = to_wire(out)
@@ -159,7 +165,7 @@ def test_bf16_activations_and_their_gradients_travel_in_half_the_bytes(client):
 
 
 def test_each_worker_holds_only_its_stage(client):
-    from daskdist import replica, stage_tasks
+    from daskdist.worker import replica, stage_tasks
 
     X, y = make_classification(600)
     module = TinySequential()
@@ -219,7 +225,7 @@ def test_pipeline_refuses_a_module_that_is_not_sequential(client):
 def test_loading_a_stage_drops_what_a_given_up_attempt_left():
     from types import SimpleNamespace
 
-    from daskdist import stage_tasks
+    from daskdist.worker import stage_tasks
 
     spec = ModelSpec(TinySequential(), torch.optim.SGD, {"momentum": 0.9})
     state = module_to_state(*spec.build())

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from daskdist.batch import PipelineError, load_pipeline, run_pipeline
 from daskdist.cli import main
-from daskdist.pipeline import PipelineError, load_pipeline, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "pipelines").glob("*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 from distributed import Client, Security
 
 from daskdist import DaskNeuralNetClassifier
-from daskdist.clients import embedded_cluster
+from daskdist.clusters.embedded import embedded_cluster
 from daskdist.testing import TinyNet, make_classification
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from daskdist.sharding import holdout_split, plan_shards
+from daskdist.data.sharding import holdout_split, plan_shards
 
 
 @pytest.mark.parametrize("sharding", ["random", "sequential", "stratified"])
@@ -62,7 +62,7 @@ def test_holdout_split_is_stratified_and_disjoint():
 
 # -- whole chunks --------------------------------------------------------------------------------
 
-from daskdist.sharding import chunk_rows, plan_chunks  # noqa: E402
+from daskdist.data.sharding import chunk_rows, plan_chunks  # noqa: E402
 
 
 @pytest.mark.parametrize("sharding", ["random", "sequential"])

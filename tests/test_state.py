@@ -67,7 +67,7 @@ def test_shard_arrays_start_on_64_byte_boundaries_also_after_pickling():
     """torch rounds differently for differently aligned inputs: rebuilt shards must match."""
     import pickle
 
-    from daskdist.shards import ALIGNMENT, RawShard, aligned, make_shard
+    from daskdist.data.shards import ALIGNMENT, RawShard, aligned, make_shard
 
     raw = np.arange(4 * 21 * 5, dtype=np.float32).reshape(4 * 21, 5)
     buffer = np.empty(raw.nbytes + 2 * ALIGNMENT, dtype=np.uint8)

@@ -10,11 +10,11 @@ import xarray as xr
 from distributed import Client
 
 from daskdist import DaskNeuralNetClassifier, DaskNeuralNetRegressor
+from daskdist.data.streaming import _stream, chunk_readers, drop_streams, make_stream_shard
 from daskdist.datasets import write_zarr
 from daskdist.models import MLP
-from daskdist.replica import RoundPlan
-from daskdist.streaming import _stream, chunk_readers, drop_streams, make_stream_shard
 from daskdist.testing import TinyNet, make_classification
+from daskdist.worker.replica import RoundPlan
 
 CHUNKS = (50, 70, 30, 60, 40, 50)  # uneven, as stores often are
 
@@ -203,7 +203,7 @@ class _RSSWatch:
 
 def test_a_store_larger_than_worker_memory_trains_within_it(client, tmp_path, caplog):
     """A 2.2 GB Zarr store on workers of 1 GiB each: shards are streamed on their own."""
-    from daskdist.clients import embedded_cluster
+    from daskdist.clusters.embedded import embedded_cluster
 
     n_features, chunk = 512, 8192
     n = 136 * chunk  # 2.28 GB of float32 features (+ 4.5 MB of targets), 16.8 MB chunks

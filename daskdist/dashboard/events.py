@@ -42,7 +42,10 @@ def _clean(value):
 
 
 def round_event(run_id: str, record: dict) -> dict:
-    """The ``"round"`` event of a round-log record (see :func:`daskdist.aggregation.log_round`)."""
+    """The ``"round"`` event of a round-log record.
+
+    See :func:`daskdist.worker.aggregation.log_round`.
+    """
     samples = record["samples"]
     return _clean({
         "kind": "round", "run": run_id, "round": record["round"], "epoch": record["epoch"],

@@ -1,6 +1,6 @@
 """The strategy interface: what a round does and how its results are combined.
 
-The driver (:class:`daskdist.engine.Trainer`) moves futures; a strategy
+The driver (:class:`daskdist.driver.trainer.Trainer`) moves futures; a strategy
 decides what each replica computes in a round and how the contributions become
 the next training state. Strategies are small objects; options that belong to
 one strategy are its attributes, set from an estimator with ``strategy__<name>``.
@@ -12,7 +12,7 @@ import copy
 import functools
 import inspect
 
-from ..aggregation import submit_tree
+from ..worker.aggregation import submit_tree
 
 __all__ = ["Strategy"]
 
@@ -67,12 +67,12 @@ class Strategy:
     def submit_round(self, trainer, state, plans):
         """Queue one round; return its output (by default the next state's placeholder).
 
-        Tasks go through :meth:`daskdist.engine.Trainer.submit`; the driver
+        Tasks go through :meth:`daskdist.driver.trainer.Trainer.submit`; the driver
         sends them and replaces the placeholders by futures.
 
         Parameters
         ----------
-        trainer : daskdist.engine.Trainer
+        trainer : daskdist.driver.trainer.Trainer
             The driver (client, spec future, shard futures, placement).
         state : Future or object
             The epoch's starting state (a future) or the previous round's output.

@@ -2,7 +2,7 @@
 
 Each epoch the driver starts one long-running task per worker (a *rank*).
 The ranks join a ``torch.distributed`` process group (gloo on CPU, NCCL on
-GPU; :mod:`daskdist.process_group` forms it through Dask and keeps it
+GPU; :mod:`daskdist.worker.process_group` forms it through Dask and keeps it
 between epochs) and train the worker's shards with
 :class:`~torch.nn.parallel.DistributedDataParallel`: gradients are averaged
 by the backend's allreduce during the backward pass, at its speed, with no
@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from distributed.comm import get_address_host
 
-from .. import process_group
 from .._compat import workers as cluster_workers
-from ..aggregation import check_non_finite
 from ..dashboard.events import emit_from_worker, round_event
-from ..devices import autocast, grad_scaler, is_cuda, to_device
 from ..errors import WorkerLost
-from ..replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
 from ..state import TrainingState, grads_finite, module_to_state
+from ..worker import process_group
+from ..worker.aggregation import check_non_finite
+from ..worker.devices import autocast, grad_scaler, is_cuda, to_device
+from ..worker.replica import NonFiniteError, RoundPlan, _replica, _seed_round, _worker_address
 from .base import Strategy
 
 __all__ = ["DDP", "RankResult", "train_rank", "finish_ranks", "rank_layout", "device_options"]
@@ -112,7 +112,7 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
     """Train one rank's shards for the rest of an epoch in the process group ``group``.
 
     The ``daskdist-ddp`` task. ``plans`` holds one
-    :class:`~daskdist.replica.RoundPlan` per replica of this rank, covering
+    :class:`~daskdist.worker.replica.RoundPlan` per replica of this rank, covering
     the steps left in the epoch; ``step_rows`` the rows of each of those
     steps over all ranks. The rank ``holder`` (one that trains every step)
     returns the epoch's final parameters, buffers and optimizer state.

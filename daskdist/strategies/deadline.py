@@ -76,7 +76,7 @@ class DeadlineEpoch(_Epoch):
     """The driver's loop over one epoch of synchronous rounds with a deadline.
 
     ``round_task(spec, shard, state, plan)`` is a replica's round (its
-    :class:`~daskdist.replica.Contribution`), and ``apply_task(spec, state,
+    :class:`~daskdist.worker.replica.Contribution`), and ``apply_task(spec, state,
     *contributions, record=, cursors=, transfers=, plan=)`` makes the next
     global state of those that arrived in time.
     """

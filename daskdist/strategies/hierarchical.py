@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from distributed.comm import get_address_host
 
-from ..aggregation import combine
-from .group_exchange import bundle, finish_group_deltas, group_delta, member_round
+from ..worker.aggregation import combine
+from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round
 from .local_sgd import LocalSGD, average_parameters
 
 __all__ = ["Hierarchical", "groups_by_host", "relay", "relay_sources"]
@@ -76,7 +76,7 @@ class Hierarchical(LocalSGD):
     feedback), each group's first worker packs the group's mean parameter
     delta once and gathers the other groups' packed deltas, and every
     replica applies their mean itself
-    (:mod:`daskdist.strategies.group_exchange`): each group's packed delta
+    (:mod:`daskdist.worker.group_tasks`): each group's packed delta
     crosses once to each other group, and optimizer state stays on each
     replica.
 

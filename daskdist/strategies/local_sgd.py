@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..aggregation import combine, count_skipped, log_round
 from ..compression import check_compression
-from ..replica import local_steps
 from ..state import TrainingState
+from ..worker.aggregation import combine, count_skipped, log_round
+from ..worker.delta_tasks import delta_round, finish_deltas
+from ..worker.replica import local_steps
 from .base import Strategy
 from .deadline import DeadlineOption
-from .delta_exchange import delta_round, finish_deltas
 
 __all__ = ["LocalSGD", "average_parameters"]
 
@@ -49,7 +49,7 @@ class LocalSGD(DeadlineOption, Strategy):
     With ``compression`` (``"fp16"``, ``"bf16"``, or ``"topk"`` with error
     feedback, as for :class:`~daskdist.strategies.Sync`), replicas exchange
     packed parameter deltas instead, and each applies their average itself
-    (:mod:`daskdist.strategies.delta_exchange`); optimizer state then stays
+    (:mod:`daskdist.worker.delta_tasks`); optimizer state then stays
     on each replica.
 
     With ``deadline``, a round closes without the replicas that are late by

@@ -33,11 +33,11 @@ import numpy as np
 from distributed import KilledWorker
 from distributed.client import FutureCancelledError
 
-from ..aggregation import combine, count_skipped
 from ..dashboard.events import emit_from_worker, round_event
 from ..errors import WorkerLost
-from ..replica import RoundPlan, _pack, _worker_address, local_steps
 from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
+from ..worker.aggregation import combine, count_skipped
+from ..worker.replica import RoundPlan, _pack, _worker_address, local_steps
 from .base import Strategy
 
 __all__ = ["ParameterServer", "local_delta", "apply_update", "next_version", "close_epoch"]
@@ -47,7 +47,7 @@ def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
     """Run ``plan.n_steps`` local steps; return the change made to the state.
 
     The ``daskdist-round`` task of parameter-server strategies: a
-    :class:`~daskdist.replica.Contribution` whose payload is the new
+    :class:`~daskdist.worker.replica.Contribution` whose payload is the new
     parameters, buffers and optimizer state minus the starting ones. With
     ``plan.compression`` the parameters' delta is packed, with the replica's
     error-feedback memory on this worker (buffers and optimizer state travel

@@ -1,12 +1,12 @@
 """``pipeline``: pipeline (model) parallelism, GPipe-style, through Dask tasks.
 
 The model, a :class:`torch.nn.Sequential`, is cut into ``n_stages`` stages of
-consecutive children (:mod:`daskdist.stages`), each trained on a worker of its
+consecutive children (:mod:`daskdist.worker.stages`), each trained on a worker of its
 own; a worker holds only its stage's parameters and optimizer state. Every
 step, each replica's slice of the global batch is cut into
 ``n_micro_batches`` micro-batches that flow forward through the stages and
 whose gradients flow back, as tasks pinned to the stages' workers
-(:mod:`daskdist.stage_tasks`): while stage 2 works on micro-batch 1, stage 1
+(:mod:`daskdist.worker.stage_tasks`): while stage 2 works on micro-batch 1, stage 1
 already works on micro-batch 2. When every micro-batch is back, each stage
 takes one optimizer step with its accumulated gradient (Huang et al. 2019,
 "GPipe"). Dask's scheduler runs the schedule: a task starts as soon as its
@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 import dask
 
-from .. import stage_tasks
 from .._compat import workers as cluster_workers
 from ..errors import StateLost, WorkerLost
-from ..replica import RoundPlan
-from ..stages import StageLayout, join_states, plan_stages, split_state, stage_spec
 from ..state import TrainingState
+from ..worker import stage_tasks
+from ..worker.replica import RoundPlan
+from ..worker.stages import StageLayout, join_states, plan_stages, split_state, stage_spec
 from .base import Strategy
 
 __all__ = ["Pipeline", "stage_grid", "finish_stages"]
@@ -229,7 +229,7 @@ class _Epoch:
 
     def _steps(self, fit: _Fit, ready, steps: int):
         """Submit and follow the epoch's steps; return the last step's ready tokens."""
-        from ..engine import _resolve
+        from ..driver.trainer import _resolve
 
         t = self.trainer
         per_flush = max(1, t.lookahead // 2)

@@ -6,9 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..aggregation import combine, count_skipped, exchange_bytes, log_round
 from ..compression import check_compression, unpacked
-from ..replica import Contribution, StateLost, _replica, gradient
 from ..state import (
     TrainingState,
     load_buffers,
@@ -17,6 +15,8 @@ from ..state import (
     tree_nbytes,
     tree_weighted_sum,
 )
+from ..worker.aggregation import combine, count_skipped, exchange_bytes, log_round
+from ..worker.replica import Contribution, StateLost, _replica, gradient
 from .base import Strategy
 from .deadline import DeadlineOption
 from .parameter_server import next_version

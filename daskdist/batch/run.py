@@ -145,7 +145,7 @@ def run_pipeline(pipeline: Pipeline, *, output=None, overwrite: bool | None = No
     Parameters
     ----------
     pipeline : Pipeline
-        From :func:`daskdist.pipeline.load_pipeline`.
+        From :func:`daskdist.batch.load_pipeline`.
     output : str or os.PathLike, optional
         The run folder, instead of ``outputs.dir``.
     overwrite : bool, optional

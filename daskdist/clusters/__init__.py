@@ -1,4 +1,10 @@
-"""Cluster specs: YAML files that say which Dask cluster a fit runs on.
+"""Which Dask cluster a fit runs on: the embedded cluster, and cluster specs.
+
+:func:`embedded_cluster` starts the local cluster daskdist uses when it is
+given none, and :func:`cluster_client` picks the client of one fit
+(:mod:`.embedded`).
+
+Cluster specs are YAML files that say which Dask cluster a fit runs on.
 
 A spec names a ``backend`` and gives that back end's options in a section of
 its own; :func:`load_cluster_spec` reads and validates one before anything
@@ -8,7 +14,7 @@ starts, :meth:`ClusterSpec.dry_run` shows what would be started, and
 =============  ==============================================  ==============
 backend        what starts                                     options in
 =============  ==============================================  ==============
-``local``      :func:`daskdist.clients.embedded_cluster`       ``local``
+``local``      :func:`daskdist.clusters.embedded.embedded_cluster`       ``local``
 ``local-cuda`` ``dask_cuda.LocalCUDACluster``, one worker/GPU  ``cuda``
 ``ssh``        :func:`distributed.deploy.ssh.SSHCluster`       ``ssh``
 ``slurm``      ``dask_jobqueue.SLURMCluster``                  ``jobqueue``
@@ -42,9 +48,11 @@ The modules of this package:
 from __future__ import annotations
 
 from .backends.base import SCHEDULER_PLACEHOLDER as SCHEDULER_PLACEHOLDER
+from .embedded import cluster_client, embedded_cluster
 from .errors import ClusterSpecError
 from .spec import DEFAULT_SPEC, ClusterSpec, load_cluster_spec
 from .spec import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 from .spec import PACKAGED_SPECS as PACKAGED_SPECS
 
-__all__ = ["DEFAULT_SPEC", "ClusterSpec", "ClusterSpecError", "load_cluster_spec"]
+__all__ = ["DEFAULT_SPEC", "ClusterSpec", "ClusterSpecError", "load_cluster_spec",
+           "cluster_client", "embedded_cluster"]

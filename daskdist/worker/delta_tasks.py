@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..aggregation import combine, count_skipped, exchange_bytes, log_round
 from ..compression import unpacked
-from ..replica import Contribution, RoundPlan, StateLost, _pack, local_steps
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
+from .aggregation import combine, count_skipped, exchange_bytes, log_round
+from .replica import Contribution, RoundPlan, StateLost, _pack, local_steps
 
 __all__ = ["DeltaResult", "apply_mean_delta", "delta_round", "finish_deltas"]
 
@@ -78,7 +78,7 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
 
     ``updates`` are ``(weight, payload)`` pairs, payloads holding a packed
     ``delta`` and ``buffers``; ``total`` is their combined statistics (a
-    :class:`~daskdist.aggregation.WeightedSum`), logged as the round. An
+    :class:`~daskdist.worker.aggregation.WeightedSum`), logged as the round. An
     epoch's first round also logs the starting state its workers fetched.
     """
     if own.state is None:

@@ -29,7 +29,7 @@ class Local(Backend):
         return options
 
     def start(self, spec):
-        from daskdist.clients import embedded_cluster
+        from ..embedded import embedded_cluster
 
         cluster = embedded_cluster(initial_workers(spec), security=security(spec),
                                    **self.option_values(spec))
@@ -37,7 +37,7 @@ class Local(Backend):
         return cluster
 
     def resolved_options(self, spec) -> dict:
-        """The options :func:`~daskdist.clients.embedded_cluster` will use."""
+        """The options :func:`~daskdist.clusters.embedded.embedded_cluster` will use."""
         host = dask.config.get("daskdist.cluster.host")
         n_workers = (initial_workers(spec) or dask.config.get("daskdist.cluster.n-workers")
                      or os.cpu_count() or 1)
@@ -56,10 +56,10 @@ class Local(Backend):
         return super().expected_workers(spec, cluster)
 
     def describe(self, spec):
-        from daskdist.clients import embedded_cluster_config
+        from ..embedded import embedded_cluster_config
 
         return ("# distributed.LocalCluster in this process "
-                "(daskdist.clients.embedded_cluster)\n"
+                "(daskdist.clusters.embedded.embedded_cluster)\n"
                 + yaml_text({**self.resolved_options(spec), "security": tls_text(spec)})
                 + "# Dask settings while the workers start (daskdist.cluster.dask-config):\n"
                 + indent(yaml_text(embedded_cluster_config()), "#   "))
@@ -104,7 +104,7 @@ class LocalCUDA(Backend):
         }
 
     def start(self, spec):
-        from daskdist.clients import _temporary_security, embedded_cluster_config
+        from ..embedded import _temporary_security, embedded_cluster_config
 
         dask_cuda = require(spec, self, *self.package)
         tls = security(spec)

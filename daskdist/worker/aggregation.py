@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .dashboard.events import emit_from_worker, round_event
+from ..dashboard.events import emit_from_worker, round_event
+from ..state import tree_nbytes, tree_scale, tree_weighted_sum
 from .replica import Contribution, NonFiniteError, _worker_address
-from .state import tree_nbytes, tree_scale, tree_weighted_sum
 
 __all__ = ["WeightedSum", "check_non_finite", "combine", "count_skipped", "exchange_bytes",
            "log_round", "submit_tree"]
@@ -137,7 +137,7 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
 def count_skipped(state, total: WeightedSum, plan) -> int:
     """The fit's count of skipped (non-finite) updates after this round.
 
-    Raises :class:`~daskdist.replica.NonFiniteError` once it exceeds
+    Raises :class:`~daskdist.worker.replica.NonFiniteError` once it exceeds
     ``plan.max_non_finite``.
     """
     return check_non_finite(state.skipped, total.skipped, plan)
@@ -147,7 +147,7 @@ def check_non_finite(skipped_before: int, replicas, plan, count: int | None = No
     """Add a round's non-finite ``replicas`` to the fit's count; return the new count.
 
     Each replica counts as one skipped update (or the round counts ``count``).
-    Raises :class:`~daskdist.replica.NonFiniteError` once the count exceeds
+    Raises :class:`~daskdist.worker.replica.NonFiniteError` once the count exceeds
     ``plan.max_non_finite`` (``plan`` names the round and epoch).
     """
     skipped = skipped_before + (len(replicas) if count is None else count)
@@ -170,7 +170,7 @@ def submit_tree(submit, parts, workers, finalize, *args, key, round_index: int,
     ----------
     submit : callable
         ``submit(func, *args, key=, worker=, **kwargs)``, as
-        :meth:`daskdist.engine.Trainer.submit`.
+        :meth:`daskdist.driver.trainer.Trainer.submit`.
     parts : list of Future or Delayed
         One contribution per replica.
     workers : list of str

@@ -7,7 +7,7 @@ packs the mean once (:mod:`daskdist.compression`; ``topk``'s error-feedback
 memory is the group's, on that worker). Each replica then fetches every
 group's packed delta and applies their sample-weighted mean to the state it
 holds, as compressed ``local_sgd`` does with the replicas' deltas
-(:mod:`daskdist.strategies.delta_exchange`); each group's worker gathers the
+(:mod:`daskdist.worker.delta_tasks`); each group's worker gathers the
 groups' packed deltas once, and its group's other workers read them there.
 So what crosses between groups is one packed delta per group for each other
 group, and no full-size state is broadcast (except the epoch's starting
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..aggregation import WeightedSum, combine
 from ..compression import pack, residuals
-from ..replica import RoundPlan, local_steps
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
-from .delta_exchange import DeltaResult, apply_mean_delta
+from .aggregation import WeightedSum, combine
+from .delta_tasks import DeltaResult, apply_mean_delta
+from .replica import RoundPlan, local_steps
 
 __all__ = ["GroupDelta", "bundle", "finish_group_deltas", "group_delta", "member_round"]
 
@@ -66,7 +66,7 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
     """One compressed ``hierarchical`` round on a replica.
 
     ``own`` is the epoch's starting :class:`TrainingState`, or this replica's
-    :class:`~daskdist.strategies.delta_exchange.DeltaResult` of the previous
+    :class:`~daskdist.worker.delta_tasks.DeltaResult` of the previous
     round, to which the replica first applies the mean of ``groups`` (the
     previous round's :class:`GroupDelta` of every group, gathered on its
     group's worker). Then it runs ``plan.n_steps`` local steps and returns the

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import process_group
-from .compression import pack, residuals
-from .devices import autocast, grad_scaler, to_device, use_device
-from .errors import NonFiniteError, StateLost
-from .spec import ModelSpec, seed_for
-from .state import (
+from ..compression import pack, residuals
+from ..data.streaming import drop_streams
+from ..errors import NonFiniteError, StateLost
+from ..spec import ModelSpec, seed_for
+from ..state import (
     TrainingState,
     buffers_to_numpy,
     grads_finite,
@@ -36,7 +35,8 @@ from .state import (
     params_vector,
     tree_nbytes,
 )
-from .streaming import drop_streams
+from . import process_group
+from .devices import autocast, grad_scaler, to_device, use_device
 
 __all__ = ["RoundPlan", "Contribution", "StateLost", "NonFiniteError", "local_steps", "gradient",
            "evaluate", "drop_run"]

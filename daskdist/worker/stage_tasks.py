@@ -12,7 +12,7 @@ bfloat16 (:class:`BFloat16Array`), the dtype autocast gave them: half the
 bytes of float32, and the values the unsplit model would pass on.
 
 Within an epoch a stage is stateful: a step's tasks check the round its stage
-is at and raise :class:`~daskdist.replica.StateLost` when it is not there (a
+is at and raise :class:`~daskdist.worker.replica.StateLost` when it is not there (a
 worker that restarted, a task that ran twice), so that the driver runs the
 epoch again from its starting state rather than training on a wrong one.
 """
@@ -26,13 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .aggregation import check_non_finite
-from .dashboard.events import emit_from_worker, round_event
-from .devices import autocast, to_device
-from .replica import StateLost, _worker_address, seed_generators, set_lr
-from .spec import ModelSpec, seed_for
-from .stages import StageLayout, StagePart, build_stage
-from .state import (
+from ..dashboard.events import emit_from_worker, round_event
+from ..spec import ModelSpec, seed_for
+from ..state import (
     _read_tensor,
     buffers_to_numpy,
     copy_flat,
@@ -42,6 +38,10 @@ from .state import (
     optimizer_state_from_numpy,
     optimizer_state_to_numpy,
 )
+from .aggregation import check_non_finite
+from .devices import autocast, to_device
+from .replica import StateLost, _worker_address, seed_generators, set_lr
+from .stages import StageLayout, StagePart, build_stage
 
 __all__ = ["Activation", "BFloat16Array", "Backward", "StageGradient", "load_stage",
            "step_batch", "forward", "backward", "stage_gradient", "update", "export_stage",

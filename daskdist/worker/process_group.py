@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import GroupAborted
+from ..errors import GroupAborted
 
 __all__ = ["GroupSpec", "GroupAborted", "rendezvous", "join", "release", "leave",
            "abort_event", "abort_event_name", "current"]

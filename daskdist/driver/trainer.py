@@ -34,16 +34,16 @@ from dask.delayed import Delayed
 from distributed import Future, KilledWorker
 from distributed.client import FutureCancelledError, FuturesCancelledError
 
-from . import interrupt
-from ._compat import reschedule_stranded, task_state
-from ._compat import workers as cluster_workers
-from .devices import is_cuda, plan_devices, worker_info
-from .errors import ShardFailedError, StateLost, WorkerLost
-from .replica import RoundPlan, drop_run, evaluate
-from .sharding import holdout_split
-from .sources import as_source
-from .spec import ModelSpec
-from .state import TrainingState
+from .. import interrupt
+from .._compat import reschedule_stranded, task_state
+from .._compat import workers as cluster_workers
+from ..data.sharding import holdout_split
+from ..data.sources import as_source
+from ..errors import ShardFailedError, StateLost, WorkerLost
+from ..spec import ModelSpec
+from ..state import TrainingState
+from ..worker.devices import is_cuda, plan_devices, worker_info
+from ..worker.replica import RoundPlan, drop_run, evaluate
 
 __all__ = ["Trainer", "EpochResult", "ShardFailedError", "ROUND_COLUMNS", "RECOVERY_COLUMNS"]
 
@@ -107,7 +107,7 @@ class Trainer:
     stratify : bool
         Keep class proportions in the hold-out.
     shard_kwargs : dict
-        Passed to :func:`daskdist.shards.make_shard` (preprocessor, dtypes,
+        Passed to :func:`daskdist.data.shards.make_shard` (preprocessor, dtypes,
         classes).
     lookahead : int, optional
         Rounds submitted ahead of the last finished one (config
@@ -117,7 +117,7 @@ class Trainer:
         ``daskdist.shards.direct-scatter``).
     streaming : {"auto", True, False}
         Stream dask shards chunk by chunk instead of keeping them in worker
-        memory (:mod:`daskdist.streaming`); ``"auto"`` streams when they
+        memory (:mod:`daskdist.data.streaming`); ``"auto"`` streams when they
         would not fit.
     buffer_chunks : int
         Chunks a streaming replica shuffles together.

@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .spec import ModelSpec, _param_groups
-from .state import TrainingState
+from ..spec import ModelSpec, _param_groups
+from ..state import TrainingState
 
 __all__ = ["StageLayout", "StagePart", "plan_stages", "balanced_split", "stage_spec",
            "split_state", "join_states"]
@@ -96,7 +96,7 @@ class StagePart:
     @property
     def nbytes(self) -> int:
         """Bytes of array data in the part."""
-        from .state import tree_nbytes
+        from ..state import tree_nbytes
 
         return tree_nbytes((self.params, self.buffers, self.optimizer))
 

@@ -8,17 +8,17 @@ how to put each planned shard on the worker that will train it:
   Dask cannot recompute scattered data, so the source keeps what it needs to
   send a shard again (:meth:`Source.submit_shard` with another worker).
 - :class:`DaskArraySource` plans shards of whole chunks
-  (:func:`~daskdist.sharding.plan_chunks`) and computes each chunk on the
+  (:func:`~daskdist.data.sharding.plan_chunks`) and computes each chunk on the
   worker of the shard it belongs to (``daskdist-take`` tasks pinned there),
   where the shard is assembled: a worker reads its own chunks (from a Zarr
   store, say) and no chunk travels between workers. The client never computes
   the array, and a lost shard is recomputed from lineage. Chunks already in
   worker memory (a persisted array) decide which worker trains which shard.
   When a worker's shards would not fit in its memory, the shards are streamed
-  instead (:mod:`daskdist.streaming`): each replica reads its chunks, on its
+  instead (:mod:`daskdist.data.streaming`): each replica reads its chunks, on its
   worker, while it trains.
 
-xarray, Zarr and dataframe inputs become dask arrays first (:mod:`daskdist.inputs`).
+xarray, Zarr and dataframe inputs become dask arrays first (:mod:`daskdist.data.inputs`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from ._compat import who_has
-from ._compat import workers as cluster_workers
+from .._compat import who_has
+from .._compat import workers as cluster_workers
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
 from .streaming import chunk_readers, make_stream_shard

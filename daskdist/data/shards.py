@@ -91,7 +91,7 @@ class Shard:
         return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
 
     def batches(self, plan):
-        """``(X, y)`` tensors of each step of a round (:class:`~daskdist.replica.RoundPlan`).
+        """``(X, y)`` tensors of each step of a round (:class:`~daskdist.worker.replica.RoundPlan`).
 
         Stops early once the epoch has used up the shard.
         """

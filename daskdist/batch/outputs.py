@@ -98,10 +98,10 @@ def write_outputs(run_dir: Path, *, pipeline, net, test, y_pred, proba, metrics:
     ----------
     run_dir : pathlib.Path
         The prepared run folder.
-    pipeline : daskdist.pipeline.Pipeline
+    pipeline : daskdist.batch.Pipeline
     net : DaskNet
         The fitted estimator.
-    test : daskdist.pipeline.data.PipelineData
+    test : daskdist.batch.data.PipelineData
         The held-out samples (``y`` computed to numpy).
     y_pred, proba : numpy.ndarray
         Held-out predictions and, for classifiers, class probabilities.

@@ -29,8 +29,8 @@ import os
 import dask.config
 from distributed import Client, LocalCluster, worker_client
 
-from ._compat import KeepRestartingNannies
-from .dashboard import ROUTES_MODULE
+from .._compat import KeepRestartingNannies
+from ..dashboard import ROUTES_MODULE
 
 __all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config"]
 

@@ -1,6 +1,6 @@
 """Streaming shards: a replica reads its chunks while it trains, for data larger than memory.
 
-A persisted :class:`~daskdist.shards.Shard` keeps all of a replica's rows in
+A persisted :class:`~daskdist.data.shards.Shard` keeps all of a replica's rows in
 its worker's memory for the whole fit. When the shards of a worker would not
 fit there, a :class:`StreamShard` takes its place: it holds the small task
 graphs that read each of its chunks (from a Zarr store, say), not the rows,
@@ -41,9 +41,9 @@ from dask.core import flatten
 from dask.local import get_sync
 from dask.optimization import cull
 
+from ..spec import seed_for
 from .sharding import holdout_split
 from .shards import aligned, aligned_empty, convert_rows
-from .spec import seed_for
 
 __all__ = ["ChunkReader", "StreamShard", "chunk_readers", "make_stream_shard", "drop_streams"]
 
@@ -124,7 +124,7 @@ def chunk_readers(X, y, chunk_plan) -> list[ChunkReader]:
 class StreamShard:
     """A replica's shard read chunk by chunk during training.
 
-    Has the interface of :class:`~daskdist.shards.Shard` that rounds and
+    Has the interface of :class:`~daskdist.data.shards.Shard` that rounds and
     validation use (``len``, ``batches``, ``X_valid``…), but holds only the
     hold-out rows; see the module docstring.
     """
@@ -195,7 +195,7 @@ def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
 
     With a ``holdout``, reads the shard's chunks once, one at a time, to keep
     each chunk's hold-out rows; otherwise reads nothing. The parameters are
-    those of :func:`daskdist.shards.make_shard`.
+    those of :func:`daskdist.data.shards.make_shard`.
     """
     convert = {"preprocessor": preprocessor, "x_dtype": x_dtype,
                "index_features": index_features, "classes": classes, "y_dtype": y_dtype,

@@ -31,7 +31,7 @@ class SSH(Backend):
     def start(self, spec):
         from distributed.deploy.ssh import SSHCluster
 
-        from daskdist.clients import embedded_cluster_config
+        from ..embedded import embedded_cluster_config
 
         # SSHCluster hands this process's Dask settings to the remote processes.
         with dask.config.set(embedded_cluster_config()):

@@ -27,7 +27,7 @@ def check_features(X, *, n_features=None, what: str = "X", estimator: str = "the
 
     Integer and boolean features keep their type here: the workers convert
     every shard (and prediction its input) with
-    :func:`daskdist.shards.feature_dtype`, for NumPy and dask inputs alike.
+    :func:`daskdist.data.shards.feature_dtype`, for NumPy and dask inputs alike.
 
     Parameters
     ----------
