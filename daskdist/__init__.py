@@ -3,7 +3,8 @@
 from . import _moved, config  # noqa: F401  (config registers daskdist's Dask config defaults)
 from .callbacks import Checkpoint
 from .clusters.embedded import cluster_client, embedded_cluster
-from .data.sharding import holdout_split, plan_shards
+from .data.holdout import holdout_split
+from .data.sharding import plan_shards
 from .driver.trainer import EpochResult, Trainer
 from .errors import NonFiniteError, ShardFailedError
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor

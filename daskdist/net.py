@@ -9,8 +9,6 @@ before anything is sent to the cluster.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import inspect
 import warnings
@@ -21,34 +19,29 @@ import pandas as pd
 import torch
 from distributed import span
 from skorch.callbacks import (
-    Callback,
-    Checkpoint,
-    EarlyStopping,
     EpochScoring,
     EpochTimer,
-    LRScheduler,
     PassthroughScoring,
     PrintLog,
 )
-from skorch.dataset import Dataset, ValidSplit, unpack_data
-from skorch.history import History
+from skorch.dataset import Dataset
 from skorch.net import NeuralNet
-from skorch.utils import to_device
-from torch.utils.data import DataLoader
 
 from . import interrupt
 from ._compat import workers as cluster_workers
 from .callbacks import Checkpoint as SafetensorsCheckpoint
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .clusters.embedded import cluster_client
 from .dashboard.reporter import FitReporter
 from .data.inputs import to_arrays
-from .data.shards import apply_preprocessor, feature_dtype, takes_indices
-from .data.sources import check_streaming
+from .data.shards import takes_indices
+from .data.sources import ShardOptions
 from .data.validation import check_features, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
-from .predict import pad_rows, predict_blocks, take_rows
-from .spec import ModelSpec, seed_for
+from .predict import Predicting, skorch_device
+from .resumable import Resumable
+from .seeds import seed_for
+from .spec import ModelSpec
 from .state import (
     TrainingState,
     load_params,
@@ -57,80 +50,12 @@ from .state import (
     params_vector,
 )
 from .strategies import resolve_strategy
-from .worker.devices import check_precision, is_cuda
+from .worker.devices import check_precision
+from .worker_support import WorkerSupport
 
 __all__ = ["DaskNet"]
 
-#: Callbacks known to act at epoch boundaries only (their batch hooks are
-#: unused or inert when no per-batch calls are made).
-EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
-                   SafetensorsCheckpoint, EpochScoring)
-#: skorch methods that run per batch; overriding them cannot act on workers.
-PER_BATCH_METHODS = ("train_step", "train_step_single", "get_loss", "infer",
-                     "validation_step", "evaluation_step")
-#: ``iterator_train__*`` options the replicas honour.
-WORKER_ITERATOR_OPTIONS = ("shuffle",)
-
-
-def _json_params(params: dict) -> tuple[dict, list]:
-    """Split estimator parameters into JSON-representable ones and the names of the rest.
-
-    Classes and functions are stored by import path (``{"import": "pkg.mod.Name"}``).
-    """
-    stored, skipped = {}, []
-    for name, value in params.items():
-        try:
-            stored[name] = _json_value(value)
-        except TypeError:
-            skipped.append(name)
-    return stored, sorted(skipped)
-
-
-def _json_value(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _json_value(v) for k, v in value.items()}
-    if (isinstance(value, type) or inspect.isfunction(value)) and "<" not in value.__qualname__:
-        return {"import": f"{value.__module__}.{value.__qualname__}"}
-    raise TypeError(f"{type(value).__name__} is not JSON-representable")
-
-
-@contextlib.contextmanager
-def _device_here(net, follow_module: bool = False):
-    """Run skorch's own code in this process on a device it has.
-
-    ``device`` names where the workers train. Here skorch's initialisation
-    uses the CPU when ``device`` is a GPU this process does not have (a
-    client without one); with ``follow_module`` (prediction here) it works
-    where the module is.
-    """
-    requested, here = net.device, None
-    if follow_module and getattr(net, "module_", None) is not None:
-        params = [p for p in net.module_.parameters()
-                  if not isinstance(p, torch.nn.parameter.UninitializedParameter)]
-        here = params[0].device if params else None
-    if here is None and is_cuda(requested) and not torch.cuda.is_available():
-        here = torch.device("cpu")
-    if here is None or str(here) == str(requested):
-        yield
-        return
-    net.device = str(here)
-    try:
-        yield
-    finally:
-        net.device = requested
-
-
-def _overrides(cb, method: str) -> bool:
-    return getattr(type(cb), method) is not getattr(Callback, method)
-
-
-class DaskNet:
+class DaskNet(WorkerSupport, Resumable, Predicting):
     """Mixin: distributed training for a skorch ``NeuralNet`` subclass.
 
     Adds the parameters ``strategy``, ``sync_every``, ``sharding``,
@@ -178,62 +103,6 @@ class DaskNet:
         """The configured strategy object for the next fit."""
         return resolve_strategy(self.strategy, self.get_params_for("strategy"),
                                 sync_every=self.sync_every)
-
-    def _holdout(self):
-        """``(fraction, stratified)`` of the per-shard hold-out, or ``(None, False)``."""
-        split = self.train_split
-        if split is None:
-            return None, False
-        if not isinstance(split, ValidSplit):
-            raise ValueError(
-                f"train_split={split!r} cannot run on the workers; use skorch's ValidSplit "
-                "(a hold-out inside each shard) or None."
-            )
-        cv = split.cv
-        fraction = float(cv) if isinstance(cv, float) else 1.0 / int(cv)
-        return fraction, bool(split.stratified)
-
-    def check_worker_support(self) -> None:
-        """Raise ``ValueError`` for skorch features that cannot act on the workers.
-
-        See the table of skorch parameters in docs/skorch.md. Called before any work is
-        submitted.
-        """
-        check_precision(self.precision)
-        problems = []
-        if self.dataset is not Dataset:
-            problems.append("a custom dataset (replicas index arrays directly)")
-        if self.iterator_train is not DataLoader:
-            problems.append("a custom iterator_train (replicas batch arrays directly)")
-        for key in self.get_params_for("iterator_train"):
-            if key not in WORKER_ITERATOR_OPTIONS:
-                problems.append(f"iterator_train__{key} (only iterator_train__shuffle acts "
-                                "on workers)")
-        if self.compile:
-            problems.append("compile=True")
-        if self.use_caching not in (False, "auto"):
-            problems.append("use_caching=True (there are no per-batch predictions to cache)")
-        for method in PER_BATCH_METHODS:
-            if getattr(type(self), method) is not getattr(self._skorch_base, method):
-                problems.append(f"an overridden {method}() (replicas run their own loop)")
-        for name, cb in self.callbacks_:
-            if isinstance(cb, LRScheduler):
-                if cb.step_every != "epoch":
-                    problems.append(f"callback {name!r}: LRScheduler(step_every="
-                                    f"{cb.step_every!r}); use step_every='epoch'")
-            elif not isinstance(cb, EPOCH_CALLBACKS) and (
-                    _overrides(cb, "on_batch_begin") or _overrides(cb, "on_batch_end")):
-                problems.append(f"callback {name!r} ({type(cb).__name__}) acts per batch")
-        reduction = getattr(self.criterion_, "reduction", "mean")
-        if reduction != "mean":
-            problems.append(f"criterion with reduction={reduction!r} (averaging needs 'mean')")
-        self._holdout()
-        check_streaming(self.streaming, self.buffer_chunks)
-        if problems:
-            raise ValueError(
-                f"{type(self).__name__} cannot train with: " + "; ".join(problems) + ". "
-                "See the table of skorch parameters on workers in docs/skorch.md."
-            )
 
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
@@ -289,11 +158,11 @@ class DaskNet:
         return self
 
     def _initialize_module(self, reason=None):
-        with _device_here(self):
+        with skorch_device(self):
             return super()._initialize_module(reason)
 
     def _initialize_criterion(self, reason=None):
-        with _device_here(self):
+        with skorch_device(self):
             return super()._initialize_criterion(reason)
 
     def _get_param_names(self):
@@ -330,90 +199,6 @@ class DaskNet:
             self.initialize()
         self._resume_from_ = checkpoint
         return self._train(X, y, **fit_params)
-
-    def load_params(self, f_params=None, f_optimizer=None, f_criterion=None, f_history=None,
-                    checkpoint=None, use_safetensors=False, **kwargs):
-        """Load parameters saved with ``save_params(..., use_safetensors=True)``.
-
-        skorch's ``load_params`` reads ``torch.save`` files through pickle by
-        default; daskdist refuses that and reads safetensors (and the JSON
-        history) only. For a whole training state, optimizer included, use
-        :meth:`save_checkpoint` and ``fit(X, y, resume=path)``.
-        """
-        if not use_safetensors or checkpoint is not None:
-            raise ValueError(
-                "daskdist loads parameters from safetensors files only "
-                "(load_params(..., use_safetensors=True)): torch.load unpickles. For the whole "
-                "training state use net.save_checkpoint(path) and fit(X, y, resume=path)."
-            )
-        return super().load_params(f_params=f_params, f_optimizer=f_optimizer,
-                                   f_criterion=f_criterion, f_history=f_history,
-                                   use_safetensors=True, **kwargs)
-
-    def save_checkpoint(self, path, state: TrainingState | None = None,
-                        extra: dict | None = None) -> None:
-        """Write the current training state as a safetensors checkpoint, atomically.
-
-        Parameters and buffers of ``module_``, the optimizer state, the
-        round/epoch counters, ``history``, the random state and the
-        estimator's JSON-representable parameters (classes and functions by
-        import path) are stored; see :mod:`daskdist.checkpoint`. Callback
-        internals and parameters that are neither JSON nor importable are
-        not (their names are listed in the sidecar under ``not_stored``).
-
-        A fit resumed from it (``fit(X, y, resume=path)``) continues at the
-        exact round it was saved at: after the last completed epoch, or —
-        saved mid-epoch (after Ctrl-C, or by ``Checkpoint(every_rounds=...)``)
-        — with the next round of that epoch.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            The checkpoint directory.
-        state : TrainingState, optional
-            The state to save instead of ``module_`` and ``optimizer_`` (a
-            round's state during a fit).
-        extra : dict, optional
-            More JSON-representable entries for the sidecar's ``meta`` (a
-            pipeline stores its configuration and metrics there).
-        """
-        if not self.initialized_:
-            raise ValueError(f"This {type(self).__name__} has not been initialized; fit it "
-                             "before saving a checkpoint.")
-        params, not_stored = _json_params(self.get_params(deep=False))
-        meta = {
-            "estimator": f"{type(self).__module__}.{type(self).__qualname__}",
-            "params": params,
-            "not_stored": not_stored,
-            "history": self.history.to_list(),
-            "random_state": getattr(self, "random_state_", None),
-            "classes": (np.asarray(self.classes_).tolist()
-                        if getattr(self, "classes_", None) is not None else None),
-            **(extra or {}),
-        }
-        save_checkpoint(path, state if state is not None else self._current_state(), meta)
-
-    def _resume(self, checkpoint) -> int:
-        """Load a checkpoint into the initialized estimator; return the epochs it covered."""
-        state, meta = checkpoint
-        n_params = params_vector(self.module_).size
-        if state.params.size != n_params:
-            raise CheckpointError(
-                f"The checkpoint holds {state.params.size} parameters but "
-                f"{type(self.module_).__name__} has {n_params}: it was saved from another model."
-            )
-        missing = set(dict(self.module_.named_buffers())) ^ set(state.buffers)
-        if missing:
-            raise CheckpointError(f"The checkpoint's buffers differ from the module's: "
-                                  f"{sorted(missing)}.")
-        self._load_state(state)
-        history = meta.get("history", [])
-        while history and "train_loss" not in history[-1]:
-            history = history[:-1]  # the epoch in progress: the resumed fit runs it again
-        self.history_ = History(history)
-        if meta.get("random_state") is not None:
-            self.random_state_ = int(meta["random_state"])
-        return state.epoch
 
     def partial_fit(self, X, y=None, classes=None, **fit_params):
         """Continue training from the current parameters for ``max_epochs`` epochs.
@@ -514,13 +299,15 @@ class DaskNet:
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))
                 n_replicas = max(1, min(strategy.replicas_for(n_workers), X.shape[0]))
+            data = ShardOptions(sharding=self.sharding, holdout=holdout,
+                                stratify=stratified and self._classifier,
+                                convert=self._shard_kwargs(), streaming=self.streaming,
+                                buffer_chunks=self.buffer_chunks)
             trainer = Trainer(
                 client, self._model_spec(), strategy, batch_size=self.batch_size,
-                n_replicas=n_replicas, sharding=self.sharding, random_state=self.random_state_,
+                n_replicas=n_replicas, random_state=self.random_state_,
                 shuffle=bool(self.get_params_for("iterator_train").get("shuffle", False)),
-                holdout=holdout, stratify=stratified and self._classifier,
-                shard_kwargs=self._shard_kwargs(), streaming=self.streaming,
-                buffer_chunks=self.buffer_chunks,
+                data=data,
             )
             trainer.round_hooks = [
                 (cb.every_rounds, functools.partial(cb.save_round, self))
@@ -605,11 +392,11 @@ class DaskNet:
         history.record("rounds", len(result.rounds))
         history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
         history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
-        if getattr(strategy, "asynchronous", False):
+        if strategy.asynchronous:
             staleness = [r["staleness"] for r in result.rounds] or [0]
             history.record("max_staleness", int(max(staleness)))
             history.record("mean_staleness", float(np.mean(staleness)))
-        if getattr(strategy, "deadline", None) is not None:
+        if strategy.deadline is not None:
             history.record("dropped_updates", int(sum(r["dropped"] for r in result.rounds)))
         history.record("samples_per_sec", result.samples_per_sec)
 
@@ -624,52 +411,6 @@ class DaskNet:
         if previous is not None and keep and len(previous):
             frame = pd.concat([previous, frame], ignore_index=True)
         setattr(self, name, frame)
-
-    # -- predict ------------------------------------------------------------------------------
-    def _predict_input(self, X):
-        """``(X as an array, labels for the output)``; see :mod:`daskdist.data.inputs`."""
-        if not hasattr(self, "n_features_in_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
-        features = self.features or getattr(self, "input_features_", None)
-        X, _, labels = to_arrays(X, sample_dim=self.sample_dim, features=features)
-        labels = dataclasses.replace(labels, name=labels.name or getattr(self, "target_name_",
-                                                                         None))
-        X = check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
-        return X, labels
-
-    def forward_iter(self, X, training=False, device="cpu"):
-        """Yield the module's outputs batch by batch, every forward pass of one shape.
-
-        As skorch's ``forward_iter``, but a short last batch is filled up
-        to the batch size with copies of its own rows and their outputs are
-        dropped (:func:`daskdist.predict.pad_rows`), so that a row's output
-        does not depend on how many rows shared its batch. With
-        ``iterator_valid__batch_size=-1`` (one batch of everything) there is
-        no fixed shape and nothing is padded.
-        """
-        dataset = self.get_dataset(X)
-        rows = self.get_params_for("iterator_valid").get("batch_size", self.batch_size)
-        for batch in self.get_iterator(dataset, training=training):
-            Xi, yi = unpack_data(batch)
-            Xi, n = pad_rows(Xi, rows) if rows and rows > 0 else (Xi, None)
-            yp = self.evaluation_step((Xi, yi), training=training)
-            yield to_device(take_rows(yp, n, rows), device=device)
-
-    def _local_proba(self, X):
-        """Module output for in-memory ``X`` on the client (preprocessed here)."""
-        X = np.asarray(apply_preprocessor(self.preprocessor, X))
-        X = X.astype(feature_dtype(X.dtype, index_features=takes_indices(self.module_)),
-                     copy=False)
-        if not X.flags.writeable:  # pandas and xarray hand out read-only views
-            X = X.copy()
-        with _device_here(self, follow_module=True):
-            return self._skorch_base.predict_proba(self, X)
-
-    def _blockwise(self, X, method, out_shape, dtype):
-        # The fitted estimator itself enters the graph: it pickles without live handles.
-        return predict_blocks(self, X, method, out_shape=out_shape, dtype=dtype)
 
     def __getstate__(self):
         state = super().__getstate__()

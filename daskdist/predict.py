@@ -1,4 +1,9 @@
-"""Prediction over dask arrays, block by block, as dask-ml's ``ParallelPostFit``.
+"""Prediction: in memory on the client, over dask arrays block by block.
+
+Block-wise as dask-ml's ``ParallelPostFit``.
+
+:class:`Predicting` is the estimators' side of it (mixed into
+:class:`~daskdist.net.DaskNet`).
 
 The per-block function is module-level so it pickles cleanly; the fitted
 predictor enters the graph once, as a delayed object shared by every block, so
@@ -18,14 +23,23 @@ input and on the chunking of a dask array.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Mapping
 
 import dask
 import dask.array as da
 import numpy as np
 import torch
+from skorch.dataset import unpack_data
+from skorch.utils import to_device
 
-__all__ = ["predict_blocks", "pad_rows", "take_rows"]
+from .data.inputs import to_arrays
+from .data.shards import apply_preprocessor, feature_dtype, takes_indices
+from .data.validation import check_features
+from .worker.devices import is_cuda
+
+__all__ = ["predict_blocks", "pad_rows", "take_rows", "skorch_device", "Predicting"]
 
 
 def _leaves(batch):
@@ -125,3 +139,78 @@ def predict_blocks(predictor, X: da.Array, method: str, *, out_shape: tuple, dty
     return da.map_blocks(_predict_block, X, shared, method, dtype=dtype,
                          chunks=(X.chunks[0],), drop_axis=list(range(1, X.ndim)), token=name,
                          meta=np.empty((0,), dtype=dtype))
+
+
+@contextlib.contextmanager
+def skorch_device(net, follow_module: bool = False):
+    """Run skorch's own code in this process on a device it has.
+
+    ``device`` names where the workers train. Here skorch's initialisation
+    uses the CPU when ``device`` is a GPU this process does not have (a
+    client without one); with ``follow_module`` (prediction here) it works
+    where the module is.
+    """
+    requested, here = net.device, None
+    if follow_module and getattr(net, "module_", None) is not None:
+        params = [p for p in net.module_.parameters()
+                  if not isinstance(p, torch.nn.parameter.UninitializedParameter)]
+        here = params[0].device if params else None
+    if here is None and is_cuda(requested) and not torch.cuda.is_available():
+        here = torch.device("cpu")
+    if here is None or str(here) == str(requested):
+        yield
+        return
+    net.device = str(here)
+    try:
+        yield
+    finally:
+        net.device = requested
+
+
+class Predicting:
+    """Prediction of a :class:`~daskdist.net.DaskNet`: here for numpy, block-wise for dask."""
+
+    def _predict_input(self, X):
+        """``(X as an array, labels for the output)``; see :mod:`daskdist.data.inputs`."""
+        if not hasattr(self, "n_features_in_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
+        features = self.features or getattr(self, "input_features_", None)
+        X, _, labels = to_arrays(X, sample_dim=self.sample_dim, features=features)
+        labels = dataclasses.replace(labels, name=labels.name or getattr(self, "target_name_",
+                                                                         None))
+        X = check_features(X, n_features=self.n_features_in_, estimator=type(self).__name__)
+        return X, labels
+
+    def forward_iter(self, X, training=False, device="cpu"):
+        """Yield the module's outputs batch by batch, every forward pass of one shape.
+
+        As skorch's ``forward_iter``, but a short last batch is filled up
+        to the batch size with copies of its own rows and their outputs are
+        dropped (:func:`daskdist.predict.pad_rows`), so that a row's output
+        does not depend on how many rows shared its batch. With
+        ``iterator_valid__batch_size=-1`` (one batch of everything) there is
+        no fixed shape and nothing is padded.
+        """
+        dataset = self.get_dataset(X)
+        rows = self.get_params_for("iterator_valid").get("batch_size", self.batch_size)
+        for batch in self.get_iterator(dataset, training=training):
+            Xi, yi = unpack_data(batch)
+            Xi, n = pad_rows(Xi, rows) if rows and rows > 0 else (Xi, None)
+            yp = self.evaluation_step((Xi, yi), training=training)
+            yield to_device(take_rows(yp, n, rows), device=device)
+
+    def _local_proba(self, X):
+        """Module output for in-memory ``X`` on the client (preprocessed here)."""
+        X = np.asarray(apply_preprocessor(self.preprocessor, X))
+        X = X.astype(feature_dtype(X.dtype, index_features=takes_indices(self.module_)),
+                     copy=False)
+        if not X.flags.writeable:  # pandas and xarray hand out read-only views
+            X = X.copy()
+        with skorch_device(self, follow_module=True):
+            return self._skorch_base.predict_proba(self, X)
+
+    def _blockwise(self, X, method, out_shape, dtype):
+        # The fitted estimator itself enters the graph: it pickles without live handles.
+        return predict_blocks(self, X, method, out_shape=out_shape, dtype=dtype)

@@ -13,10 +13,11 @@ import fnmatch
 import itertools
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-__all__ = ["ModelSpec", "seed_for"]
+from .seeds import seed_for  # re-exported: its home before daskdist/seeds.py
+
+__all__ = ["ModelSpec", "param_groups", "seed_for"]
 
 
 @dataclass
@@ -68,7 +69,7 @@ class ModelSpec:
         """Return a fresh ``(module, optimizer)`` pair for a replica."""
         module = copy.deepcopy(self.module).to(self.device_here())
         kwargs = dict(self.optimizer_kwargs)
-        groups = _param_groups(module.named_parameters(), kwargs.pop("param_groups", []))
+        groups = param_groups(module.named_parameters(), kwargs.pop("param_groups", []))
         return module, self.optimizer(groups, **kwargs)
 
     def loss(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ class ModelSpec:
         return self.criterion
 
 
-def _param_groups(named_parameters, patterns):
+def param_groups(named_parameters, patterns):
     """Group parameters the way skorch's ``optimizer__param_groups`` does."""
     params = list(named_parameters)
     groups = []
@@ -100,13 +101,3 @@ def _param_groups(named_parameters, patterns):
     if params:
         groups.append({"params": [p for _, p in params]})
     return groups
-
-
-def seed_for(random_state: int, *parts: int) -> int:
-    """A 32-bit seed derived from ``random_state`` and integer coordinates.
-
-    Used for per-epoch shuffles and per-round torch seeds, so that every round
-    is a pure function of its inputs.
-    """
-    entropy = [int(random_state), *map(int, parts)]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])

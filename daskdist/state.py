@@ -21,6 +21,7 @@ import torch
 from .compression import Packed, unpacked
 
 __all__ = [
+    "read_tensor",
     "TrainingState",
     "copy_flat",
     "grads_finite",
@@ -127,10 +128,10 @@ def load_buffers(module: torch.nn.Module, buffers: dict | None) -> None:
     own = dict(module.named_buffers())
     with torch.no_grad():
         for name, value in buffers.items():
-            own[name].copy_(_read_tensor(value))
+            own[name].copy_(read_tensor(value))
 
 
-def _read_tensor(array) -> torch.Tensor:
+def read_tensor(array) -> torch.Tensor:
     """A tensor view of a numpy array that is only read (it may be read-only)."""
     array = np.asarray(array)
     if array.flags.writeable:
@@ -163,7 +164,7 @@ def mean_flat_into(tensors, vectors, weights) -> None:
     The weights are the normalised ones of a weighted mean; no temporary the
     size of the vectors is made.
     """
-    flats = [_read_tensor(v) for v in vectors]
+    flats = [read_tensor(v) for v in vectors]
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -269,7 +270,7 @@ def _weighted_sum(trees, weights, first):
     if _is_averaged(first):
         total = np.empty_like(first)
         _weighted_into(torch.from_numpy(total),
-                       [_read_tensor(np.asarray(t, dtype=first.dtype)) for t in trees], weights)
+                       [read_tensor(np.asarray(t, dtype=first.dtype)) for t in trees], weights)
         return total
     return first
 

@@ -7,6 +7,7 @@ import torch
 from distributed import get_worker
 
 from daskdist import DaskNeuralNetClassifier
+from daskdist.data.sources import ShardOptions
 from daskdist.driver.trainer import Trainer
 from daskdist.spec import ModelSpec
 from daskdist.state import module_to_state, params_vector
@@ -56,8 +57,8 @@ def test_stratified_sharding_of_a_dask_input(client, sharding, balanced):
     y = np.repeat([0, 0, 0, 0, 1, 1, 1, 1], 50)
     Xd, yd = da.from_array(X, chunks=(50, 5)), da.from_array(y, chunks=50)
     spec = ModelSpec(TinyNet(n_outputs=2), criterion=torch.nn.NLLLoss(), classifier=True)
-    trainer = Trainer(client, spec, Sync(), batch_size=32, n_replicas=2, sharding=sharding,
-                      random_state=0, shard_kwargs={"classes": np.array([0, 1])})
+    trainer = Trainer(client, spec, Sync(), batch_size=32, n_replicas=2, random_state=0,
+                      data=ShardOptions(sharding=sharding, convert={"classes": np.array([0, 1])}))
     try:
         trainer.start(Xd, yd, module_to_state(*spec.build()))
         counts = [np.bincount(shard.y, minlength=2).tolist()

@@ -152,3 +152,32 @@ def _current_group():
     from daskdist.worker import process_group
 
     return process_group.current()
+
+
+def _pretend_pid(pid):
+    """Make this worker process's ``os.getpid`` answer ``pid`` (None: undo)."""
+    import os
+
+    real = os.__dict__.setdefault("_daskdist_test_real_getpid", os.getpid)
+    os.getpid = real if pid is None else (lambda: pid)
+    return real()
+
+
+def test_ddp_accepts_processes_on_other_hosts_with_the_same_pid(client):
+    # containers on different hosts commonly run their worker as the same pid (7): a pid
+    # is not a process's identity across a cluster
+    pids = client.run(_pretend_pid, 7)
+    assert len(set(pids.values())) == 2 and set(client.run(_os_getpid).values()) == {7}
+    try:
+        X, y = make_classification(200)
+        net = _net(client, "ddp", max_epochs=1).fit(X, y)
+        assert len(net.history) == 1
+    finally:
+        client.run(_pretend_pid, None)
+    assert set(client.run(_os_getpid).values()) == set(pids.values())
+
+
+def _os_getpid():
+    import os
+
+    return os.getpid()

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from daskdist import DaskNeuralNetClassifier
+from daskdist.driver.placement import plan_devices
 from daskdist.spec import ModelSpec
 from daskdist.state import params_vector
 from daskdist.testing import TinyNet, TinySequential
-from daskdist.worker.devices import check_precision, device_here, plan_devices
-from daskdist.worker.replica import _Replica, _scaled_backward_overflowed
+from daskdist.worker.devices import check_precision, device_here
+from daskdist.worker.replica import Replica, scaled_backward_overflowed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine (GPU check skipped)")
@@ -64,17 +65,17 @@ def test_an_unknown_precision_is_refused_before_any_work(client):
 
 def test_fp16_overflow_lowers_the_scale_and_is_not_a_non_finite_update():
     torch.manual_seed(0)
-    rep = _Replica(ModelSpec(torch.nn.Linear(4, 4), precision="fp16"))
+    rep = Replica(ModelSpec(torch.nn.Linear(4, 4), precision="fp16"))
     scale = rep.scaler.get_scale()
     with torch.autocast("cpu", dtype=torch.float16):
         out = rep.module(torch.randn(8, 4))
     # the scaled gradient reaching the fp16 output, 10 * 65536, overflows float16
-    assert _scaled_backward_overflowed(rep, (out.float() * 10).sum())
+    assert scaled_backward_overflowed(rep, (out.float() * 10).sum())
     assert rep.scaler.get_scale() == scale / 2
     rep.module.zero_grad()
     with torch.autocast("cpu", dtype=torch.float16):
         out = rep.module(torch.randn(8, 4))
-    assert not _scaled_backward_overflowed(rep, out.float().mean())
+    assert not scaled_backward_overflowed(rep, out.float().mean())
     assert all(torch.isfinite(p.grad).all() for p in rep.module.parameters())
 
 

@@ -9,12 +9,13 @@ from distributed import get_worker
 
 from daskdist.data.shards import RawShard, make_shard
 from daskdist.driver.trainer import Trainer
+from daskdist.errors import StateLost
+from daskdist.plan import RoundPlan
 from daskdist.spec import ModelSpec
 from daskdist.state import module_to_state
 from daskdist.strategies import Sync
-from daskdist.strategies.sync import StepResult, _own_state, sync_step
 from daskdist.testing import TinyNet
-from daskdist.worker.replica import RoundPlan, StateLost
+from daskdist.worker.sync_tasks import StepResult, own_state, sync_step
 
 
 def _where(tag):
@@ -58,14 +59,14 @@ def test_a_step_result_keeps_its_state_on_its_worker():
                                   result.contribution.payload["grad"])
     assert len(pickle.dumps(result)) < start.nbytes + result.nbytes // 2
 
-    # read back on its own worker, the state comes from the replica cache ...
+    # read back on its own worker, the state comes from what the worker keeps ...
     after = _step(spec, shard, [result], "run-a")
     plan = RoundPlan("run-a", 0, 0, 2, 2, 1, 4, 0.1, 0)
     back = pickle.loads(pickle.dumps(after))
-    assert _own_state(spec, back, plan) is after.state
+    assert own_state(back, plan) is after.state
     # ... and anywhere else it is reported lost, which the driver turns into a retry
     with pytest.raises(StateLost, match="replica 0 at round 1"):
-        _own_state(spec, back, RoundPlan("run-b", 0, 0, 2, 2, 1, 4, 0.1, 0))
+        own_state(back, RoundPlan("run-b", 0, 0, 2, 2, 1, 4, 0.1, 0))
 
 
 @pytest.mark.parametrize("task_name", ["local_steps", "gradient"])
@@ -95,3 +96,12 @@ def test_round_tasks_are_bit_identical_wherever_and_whenever_they_run(client, ta
         for key, value in payloads[0].items():
             if isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(other[key], value)
+
+
+def test_the_trainers_data_keywords_still_work_with_a_deprecation_warning(client):
+    from daskdist.data.sources import ShardOptions
+
+    with pytest.warns(DeprecationWarning, match=r"Trainer\(holdout, sharding=...\)"):
+        old = Trainer(client, ModelSpec(TinyNet()), Sync(), batch_size=8,
+                      sharding="sequential", holdout=0.2)
+    assert old.data == ShardOptions(sharding="sequential", holdout=0.2)

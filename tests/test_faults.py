@@ -106,6 +106,22 @@ def test_worker_killed_between_rounds(fault_client, tmp_path, kind, strategy):
     np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))
 
 
+def _assert_idle(client, timeout=10.0):
+    """Assert that no task is running, queued or waiting on the cluster (within ``timeout``).
+
+    ``Client.call_stack`` also sees the tasks that run on although no one wants their
+    result any more (the scheduler forgets those).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = {w: list(keys) for w, keys in client.processing().items() if keys}
+        running = {w: list(stacks) for w, stacks in client.call_stack().items() if stacks}
+        if not busy and not running:
+            return
+        assert time.monotonic() < deadline, f"left on the workers: {busy or running}"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def three_workers():
     """Three workers, so that a fit goes on with two after one dies."""
@@ -202,6 +218,8 @@ def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digi
     assert net.rounds_["samples"].sum() == baseline.rounds_["samples"].sum()
     assert abs(net.score(X_test, y_test) - baseline.score(X_test, y_test)) <= 0.02
     assert baseline.score(X_test, y_test) > 0.9
+    # no rank of a group given up is left running (or stuck in a collective) for the next test
+    _assert_idle(three_workers)
 
 
 @pytest.mark.timeout(180)
@@ -239,6 +257,8 @@ def test_worker_killed_mid_epoch_under_pipeline_runs_the_epoch_again(three_worke
     np.testing.assert_allclose(params_vector(net.module_), params_vector(baseline.module_),
                                atol=1e-5)
     assert baseline.score(X_test, y_test) > 0.9
+    # no rank of a group given up is left running (or stuck in a collective) for the next test
+    _assert_idle(three_workers)
 
 
 @pytest.mark.timeout(180)

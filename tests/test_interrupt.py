@@ -111,8 +111,7 @@ def test_ctrl_c_under_pipeline_lets_go_of_the_stages(client):
     while client.run_on_scheduler(busy) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert client.run_on_scheduler(busy) == []
-    assert set(client.run(lambda: len(__import__("daskdist").stage_tasks._stages)).values()) \
-        == {0}
+    assert set(client.run(_stages_held).values()) == {0}
 
 
 class _SlowFinalizer:
@@ -181,3 +180,9 @@ def test_the_guard_leaves_an_application_handler_alone():
             assert signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _stages_held():
+    from daskdist.worker import stage_tasks
+
+    return len(stage_tasks._stages)

@@ -185,7 +185,7 @@ def test_each_worker_holds_only_its_stage(client):
             return stages, replicas
 
         found = client.run(held, trainer.run_id)
-        layouts = trainer._pipeline.layouts
+        layouts = trainer.scratch["fit"].layouts
         grid = stage_grid(trainer.replica_workers, sorted(found), 2)
         assert len({w for row in grid for w in row}) == 2  # a worker per stage
         for s, worker in enumerate(grid[0]):
@@ -199,8 +199,13 @@ def test_each_worker_holds_only_its_stage(client):
             assert replicas == []
     finally:
         trainer.close()
-    assert set(client.run(lambda: len(__import__("daskdist").stage_tasks._stages)).values()) \
-        == {0}
+    assert set(client.run(_stages_held).values()) == {0}
+
+
+def _stages_held():
+    from daskdist.worker import stage_tasks
+
+    return len(stage_tasks._stages)
 
 
 def test_pipeline_learns_digits_from_the_estimator(client, digits):

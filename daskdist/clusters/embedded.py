@@ -32,7 +32,8 @@ from distributed import Client, LocalCluster, worker_client
 from .._compat import KeepRestartingNannies
 from ..dashboard import ROUTES_MODULE
 
-__all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config"]
+__all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config",
+           "temporary_security"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def embedded_cluster(n_workers: int | None = None, *, security=None, **kwargs) -
     if security is None:
         security = bool(dask.config.get("daskdist.cluster.tls"))
     if security is True:
-        security = _temporary_security()
+        security = temporary_security()
     options = {
         "n_workers": n_workers,
         "threads_per_worker": dask.config.get("daskdist.cluster.threads-per-worker"),
@@ -108,7 +109,8 @@ class _EmbeddedCluster(KeepRestartingNannies, LocalCluster):
     """The embedded cluster: a ``LocalCluster`` whose nannies keep bringing workers back."""
 
 
-def _temporary_security():
+def temporary_security():
+    """Throw-away TLS certificates for a cluster daskdist starts (needs ``cryptography``)."""
     from distributed import Security
 
     try:

@@ -22,22 +22,24 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["TOPIC", "emit_from_worker", "round_event"]
+__all__ = ["MONITOR", "TOPIC", "clean", "emit_from_worker", "round_event"]
 
 #: The topic of daskdist's events in Dask's event log.
+#: The name of the scheduler plugin that keeps the runs (``TrainingMonitor``).
+MONITOR = "daskdist-monitor"
 TOPIC = "daskdist"
 
 
-def _clean(value):
+def clean(value):
     """A msgpack-friendly copy: tuples as lists, NaN and inf as None."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "item"):  # numpy scalars
-        return _clean(value.item())
+        return clean(value.item())
     return value
 
 
@@ -47,7 +49,7 @@ def round_event(run_id: str, record: dict) -> dict:
     See :func:`daskdist.worker.aggregation.log_round`.
     """
     samples = record["samples"]
-    return _clean({
+    return clean({
         "kind": "round", "run": run_id, "round": record["round"], "epoch": record["epoch"],
         "samples": samples, "loss": record["loss_sum"] / samples if samples else None,
         "bytes": record["bytes"], "compute_s": record["compute_s"],

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from .events import TOPIC
+from .events import MONITOR, TOPIC
 
 __all__ = ["TrainingMonitor"]
 
@@ -29,7 +29,7 @@ class TrainingMonitor(SchedulerPlugin):
         Newest rounds kept per run.
     """
 
-    name = "daskdist-monitor"
+    name = MONITOR
     #: Registered once per scheduler: later fits keep the runs already recorded.
     idempotent = True
 

@@ -16,13 +16,13 @@ import json
 
 from distributed.http.utils import RequestHandler
 
+from .events import MONITOR
+
 __all__ = ["routes", "PAGE"]
 
 
 def _monitor(scheduler):
-    from .monitor import TrainingMonitor
-
-    return scheduler.plugins.get(TrainingMonitor.name)
+    return scheduler.plugins.get(MONITOR)
 
 
 class _JSONHandler(RequestHandler):

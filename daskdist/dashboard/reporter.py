@@ -6,7 +6,7 @@ import math
 import time
 
 from . import install
-from .events import TOPIC, _clean
+from .events import TOPIC, clean
 
 __all__ = ["FitReporter"]
 
@@ -33,7 +33,7 @@ class FitReporter:
 
     def _log(self, kind: str, **fields) -> None:
         try:
-            self.client.log_event(TOPIC, _clean({"kind": kind, "run": self.run_id, **fields}))
+            self.client.log_event(TOPIC, clean({"kind": kind, "run": self.run_id, **fields}))
         except Exception:  # reporting must never break a fit
             pass
 

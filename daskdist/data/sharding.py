@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .holdout import holdout_split  # re-exported: its home before data/holdout.py
+
 __all__ = ["SHARDINGS", "chunk_rows", "holdout_split", "plan_chunks", "plan_shards"]
 
 SHARDINGS = ("random", "sequential", "stratified")
@@ -162,41 +164,3 @@ def chunk_rows(chunk_sizes, chunks) -> np.ndarray:
     """The sample indices of ``chunks`` (chunk indices), in order."""
     starts = np.concatenate([[0], np.cumsum(chunk_sizes)]).astype(np.int64)
     return np.concatenate([np.arange(starts[c], starts[c + 1]) for c in chunks])
-
-
-def holdout_split(n_samples: int, fraction: float, *, labels=None, random_state=None):
-    """Split ``range(n_samples)`` into train and hold-out positions.
-
-    Parameters
-    ----------
-    n_samples : int
-        Samples in the shard.
-    fraction : float
-        Share of samples held out, in (0, 1).
-    labels : array-like, optional
-        If given, the hold-out keeps class proportions (each class keeps at
-        least one training sample).
-    random_state : int or None
-        Seed.
-
-    Returns
-    -------
-    train, valid : numpy.ndarray
-        Sorted positions into the shard.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"The hold-out fraction must be in (0, 1), got {fraction}.")
-    rng = np.random.default_rng(random_state)
-    if labels is None:
-        perm = rng.permutation(n_samples)
-        n_valid = int(round(n_samples * fraction))
-        n_valid = min(max(n_valid, 1 if n_samples > 1 else 0), n_samples - 1)
-        return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
-    labels = np.asarray(labels)
-    train, valid = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n_valid = min(int(round(len(members) * fraction)), len(members) - 1)
-        valid.append(members[:n_valid])
-        train.append(members[n_valid:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))

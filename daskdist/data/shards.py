@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sharding import holdout_split
+from .holdout import holdout_split
 
 __all__ = ["Shard", "RawShard", "make_shard", "convert_rows", "apply_preprocessor", "aligned",
            "feature_dtype", "takes_indices",

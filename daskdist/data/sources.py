@@ -1,8 +1,12 @@
 """Sources: where training data comes from, and how it becomes shards.
 
-A source answers two questions on the client without loading the features —
-how many samples there are, and (when asked) what the labels are — and knows
-how to put each planned shard on the worker that will train it:
+The driver asks a source once, at the start of a fit, to place its shards
+(:meth:`Source.place`): the source plans them (:mod:`.sharding`), decides the
+hold-out (:mod:`.holdout`), prepares what the shards share and says which
+worker each one trains on, and returns a :class:`ShardSet` from which the
+driver submits each shard, at the start and again when a worker holding one
+is lost. A source answers, on the client and without loading the features,
+how many samples there are and (when asked) what the labels are; its kinds:
 
 - :class:`NumpySource` sends each shard's rows once, straight to its worker.
   Dask cannot recompute scattered data, so the source keeps what it needs to
@@ -32,14 +36,16 @@ import numpy as np
 
 from .._compat import who_has
 from .._compat import workers as cluster_workers
+from .holdout import client_holdout
+from .shard_set import ShardOptions, ShardSet
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
 from .streaming import chunk_readers, make_stream_shard
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Source", "NumpySource", "DaskArraySource", "as_source", "check_streaming",
-           "STREAMING"]
+__all__ = ["Source", "NumpySource", "DaskArraySource", "ShardOptions", "ShardSet", "as_source",
+           "check_streaming", "STREAMING"]
 
 #: Values of the ``streaming`` parameter.
 STREAMING = (True, False, "auto")
@@ -50,6 +56,8 @@ class Source(abc.ABC):
 
     #: True when the features live in a Dask graph rather than in client memory.
     lazy = False
+    #: True when the shards are read chunk by chunk while they train.
+    streaming = False
 
     def __init__(self, X, y=None):
         if y is not None and len(y) != X.shape[0]:
@@ -67,6 +75,33 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def labels(self) -> np.ndarray | None:
         """The targets as a numpy array (computed for lazy sources)."""
+
+    def place(self, client, n_shards: int, workers: list[str], *, options: ShardOptions,
+              random_state: int, run_id: str) -> ShardSet:
+        """Plan the shards, decide their hold-out, prepare them; where each one trains.
+
+        Parameters
+        ----------
+        client : distributed.Client
+        n_shards : int
+            Shards to make (one per replica).
+        workers : list of str
+            The worker the strategy places each replica on; the data may
+            choose others (chunks already held by workers).
+        options : ShardOptions
+        random_state : int
+            Seed of the plan and of the hold-out.
+        run_id : str
+            Names the fit's tasks.
+        """
+        plan = self.plan(n_shards, options.sharding, random_state=random_state)
+        valid = None
+        if options.holdout and not self.lazy:  # the labels are here: choose on the client
+            labels = self.labels() if options.stratify else None
+            valid = client_holdout(plan, options.holdout, labels=labels,
+                                   random_state=random_state)
+        preferred = self.prepare(client, plan, run_id=run_id, workers=workers)
+        return ShardSet(self, plan, preferred or workers, valid, options, random_state)
 
     def plan(self, n_shards: int, sharding: str, *, random_state=None) -> list[np.ndarray]:
         """Rows of each shard (per-sample plans; chunked sources plan whole chunks)."""

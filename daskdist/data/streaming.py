@@ -41,8 +41,9 @@ from dask.core import flatten
 from dask.local import get_sync
 from dask.optimization import cull
 
-from ..spec import seed_for
-from .sharding import holdout_split
+from ..seeds import seed_for
+from ..worker.runtime import on_drop_run
+from .holdout import holdout_split
 from .shards import aligned, aligned_empty, convert_rows
 
 __all__ = ["ChunkReader", "StreamShard", "chunk_readers", "make_stream_shard", "drop_streams"]
@@ -384,6 +385,7 @@ def _stream(run_id: str, shard: StreamShard) -> _Stream:
         return stream
 
 
+@on_drop_run
 def drop_streams(run_id: str) -> int:
     """Close this worker's streams of a finished fit; return how many were closed."""
     with _streams_lock:

@@ -1,9 +1,15 @@
 """The strategy interface: what a round does and how its results are combined.
 
-The driver (:class:`daskdist.driver.trainer.Trainer`) moves futures; a strategy
-decides what each replica computes in a round and how the contributions become
-the next training state. Strategies are small objects; options that belong to
-one strategy are its attributes, set from an estimator with ``strategy__<name>``.
+The driver (:class:`daskdist.driver.trainer.Trainer`) moves futures; a
+strategy decides what each replica computes and how the contributions become
+the next training state. The driver calls one method per epoch,
+:meth:`Strategy.train_epoch`, with an
+:class:`~daskdist.driver.context.EpochContext`, the only part of the driver a
+strategy sees. Most strategies plug into the default round loop
+(:class:`RoundStrategy`, :mod:`daskdist.driver.round_loop`); those that drive
+their own epoch subclass :class:`~daskdist.driver.driven.DrivenEpoch`.
+Strategies are small objects; options that belong to one strategy are its
+attributes, set from an estimator with ``strategy__<name>``.
 """
 
 from __future__ import annotations
@@ -12,33 +18,54 @@ import copy
 import functools
 import inspect
 
-from ..worker.aggregation import submit_tree
+from ..driver.round_loop import run_rounds
+from ..driver.tree import submit_tree
 
-__all__ = ["Strategy"]
+__all__ = ["Strategy", "RoundStrategy"]
 
 
 class Strategy:
     """Base class of synchronisation strategies.
 
-    Subclasses set :attr:`name`, the replica task :attr:`replica_task` and the
-    aggregation root :attr:`finalize`, and say how an epoch's steps are grouped
-    into rounds with :meth:`round_sizes`.
+    Subclasses set :attr:`name`, say how an epoch's steps are grouped into
+    rounds (:meth:`round_sizes`) and run an epoch (:meth:`train_epoch`).
     """
 
     #: Name used with ``strategy=`` on the estimators.
     name: str = ""
-    #: ``task(spec, shard, state, plan) -> Contribution``, run on each replica.
-    replica_task = None
-    #: ``finalize(spec, state, *partials, plan=..., replica_workers=...) -> TrainingState``.
-    finalize = None
-    #: None, or ``drive_epoch(trainer, lr, epoch_round)``: the strategy runs each epoch's
-    #: loop from the client itself (updates applied as they arrive, rounds with a deadline)
-    #: and leaves the epoch's final state as the trainer's state.
-    drive_epoch = None
+    #: Whether updates may be applied to a newer state than they started from
+    #: (the history then summarises their staleness per epoch).
+    asynchronous: bool = False
+    #: How replicas pack what they send (None: float32 as it is); see
+    #: :mod:`daskdist.compression`.
+    compression: str | None = None
+    #: Share of entries ``"topk"`` sends.
+    density: float = 0.01
+    #: Round deadline, a multiple of the running median of round durations
+    #: (``sync`` and ``local_sgd``; None: every round waits for every replica).
+    deadline: float | None = None
+
+    def train_epoch(self, ctx) -> None:
+        """Run one epoch (one attempt at it) through ``ctx``; end with ``ctx.finish``.
+
+        Parameters
+        ----------
+        ctx : daskdist.driver.context.EpochContext
+            The driver, as a strategy sees it.
+        """
+        raise NotImplementedError
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         """Steps in each round of an epoch of ``steps_per_epoch`` steps."""
         raise NotImplementedError
+
+    def round_steps(self) -> int:
+        """Local steps in a replica's round (1: a round is one step)."""
+        return 1
+
+    def staleness_bound(self) -> int | None:
+        """Rounds a replica may run ahead of the slowest one (None: no bound)."""
+        return None
 
     def rounds_per_epoch(self, steps_per_epoch: int, n_replicas: int) -> int:
         """Rows an epoch adds to ``rounds_`` (about, where replicas go at their own pace)."""
@@ -63,63 +90,6 @@ class Strategy:
 
         Called with each replica's worker before any data is sent.
         """
-
-    def submit_round(self, trainer, state, plans):
-        """Queue one round; return its output (by default the next state's placeholder).
-
-        Tasks go through :meth:`daskdist.driver.trainer.Trainer.submit`; the driver
-        sends them and replaces the placeholders by futures.
-
-        Parameters
-        ----------
-        trainer : daskdist.driver.trainer.Trainer
-            The driver (client, spec future, shard futures, placement).
-        state : Future or object
-            The epoch's starting state (a future) or the previous round's output.
-        plans : list of RoundPlan
-            One plan per replica.
-        """
-        parts = trainer.submit_replicas(type(self).replica_task, state, plans)
-        return submit_tree(
-            trainer.submit, parts, trainer.replica_workers, type(self).finalize,
-            trainer.spec_future, state, plan=plans[0], replica_workers=trainer.replica_workers,
-            key=functools.partial(trainer.task_key, "average", epoch=plans[0].epoch),
-            round_index=plans[0].round,
-        )
-
-    @staticmethod
-    def submit_exchange(trainer, task, state, plans):
-        """Queue ``task(spec, shard, *previous, plan=, replica_workers=)`` on every replica.
-
-        For strategies whose replicas exchange updates and each apply their
-        average themselves (``sync``, compressed ``local_sgd``): ``previous``
-        is the epoch's starting state, or every replica's output of the
-        previous round. Returns the list of the replicas' outputs.
-        """
-        previous = state if isinstance(state, list) else [state]
-        return [
-            trainer.submit(
-                task, trainer.spec_future, trainer.shards[p.replica], *previous, plan=p,
-                replica_workers=trainer.replica_workers,
-                key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
-                worker=trainer.replica_workers[p.replica])
-            for p in plans
-        ]
-
-    def tracked(self, round_output):
-        """The future whose completion marks the end of a submitted round."""
-        return round_output
-
-    def state_round(self, plan_round: int) -> int:
-        """The ``round`` counter of the state held by round ``plan_round``'s tracked output.
-
-        By default the output is the state after the round.
-        """
-        return plan_round + 1
-
-    def finish_epoch(self, trainer, round_output, plans):
-        """Turn the last round's output into the future of the epoch's final state."""
-        return round_output
 
     # scikit-learn style parameters, so strategies print, compare and clone well.
     def get_params(self, deep: bool = False) -> dict:
@@ -155,3 +125,89 @@ class Strategy:
         return type(self) is type(other) and self.get_params() == other.get_params()
 
     __hash__ = object.__hash__
+
+
+class RoundStrategy(Strategy):
+    """A strategy that plugs into the default round loop (``sync``, ``local_sgd`` ...).
+
+    The loop (:func:`daskdist.driver.round_loop.run_rounds`) submits the
+    epoch's rounds a few ahead of the workers, through :meth:`submit_round`,
+    and tracks each round's output (:meth:`tracked`, holding state round
+    :meth:`state_round`); :meth:`finish_epoch` turns the last round's output
+    into the epoch's final state. By default a round is one task per replica
+    (:attr:`replica_task`) and a tree of averages whose root is
+    :attr:`finalize`.
+    """
+
+    #: ``task(spec, shard, state, plan) -> Contribution``, run on each replica.
+    replica_task = None
+    #: ``finalize(spec, state, *partials, plan=..., replica_workers=...) -> TrainingState``.
+    finalize = None
+
+    def train_epoch(self, ctx) -> None:
+        """Run the epoch's rounds in the default round loop."""
+        run_rounds(ctx, self)
+
+    def submit_round(self, ctx, state, plans):
+        """Queue one round; return its output (by default the next state's placeholder).
+
+        Parameters
+        ----------
+        ctx : daskdist.driver.context.EpochContext
+            The driver (submit through ``ctx.submit``; queued tasks go out together).
+        state : Future or placeholder
+            The epoch's starting state (a future) or the previous round's output.
+        plans : list of RoundPlan
+            One plan per replica.
+        """
+        parts = self.submit_replicas(ctx, type(self).replica_task, state, plans)
+        workers = ctx.info.replica_workers
+        return submit_tree(
+            ctx.submit, parts, workers, type(self).finalize, ctx.spec, state, plan=plans[0],
+            replica_workers=workers, key=functools.partial(ctx.key, "average"),
+            round_index=plans[0].round,
+        )
+
+    @staticmethod
+    def submit_replicas(ctx, task, state, plans):
+        """Queue ``task(spec, shard, state, plan)`` on every replica's worker.
+
+        ``state`` is the state every replica starts from, or a list of one
+        (copy of it) per plan.
+        """
+        states = state if isinstance(state, list) else [state] * len(plans)
+        return [ctx.submit(task, ctx.spec, ctx.shards[p.replica], s, p,
+                           key=ctx.key("round", p.round, p.replica),
+                           worker=ctx.info.replica_workers[p.replica])
+                for p, s in zip(plans, states)]
+
+    @staticmethod
+    def submit_exchange(ctx, task, state, plans):
+        """Queue ``task(spec, shard, *previous, plan=, replica_workers=)`` on every replica.
+
+        For strategies whose replicas exchange updates and each apply their
+        average themselves (``sync``, compressed ``local_sgd``): ``previous``
+        is the epoch's starting state, or every replica's output of the
+        previous round. Returns the list of the replicas' outputs.
+        """
+        previous = state if isinstance(state, list) else [state]
+        workers = ctx.info.replica_workers
+        return [ctx.submit(task, ctx.spec, ctx.shards[p.replica], *previous, plan=p,
+                           replica_workers=workers, key=ctx.key("round", p.round, p.replica),
+                           worker=workers[p.replica])
+                for p in plans]
+
+    def tracked(self, round_output):
+        """The future whose completion marks the end of a submitted round."""
+        return round_output
+
+    def state_round(self, plan_round: int) -> int:
+        """The ``round`` counter of the state held by round ``plan_round``'s tracked output.
+
+        By default the output is the state after the round.
+        """
+        return plan_round + 1
+
+    def finish_epoch(self, ctx, round_output, plans):
+        """Turn the last round's output into the (placeholder of the) epoch's final state."""
+        return round_output

@@ -38,14 +38,16 @@ SGD", close each step without its slowest replicas and drop their updates;
 here they are kept, and folded into a later round.)
 """
 
+
 from __future__ import annotations
 
 import statistics
 import time
 
-from .parameter_server import _Epoch, apply_update, local_delta
+from ..worker.update_tasks import apply_deltas, local_delta
+from .parameter_server import UpdateEpoch
 
-__all__ = ["DeadlineEpoch", "DeadlineOption", "apply_deltas", "check_deadline"]
+__all__ = ["DeadlineEpoch", "DeadlineOption", "check_deadline"]
 
 #: Round durations the running median looks back on.
 WINDOW = 16
@@ -61,45 +63,32 @@ def check_deadline(deadline) -> None:
                          f"median of round durations), got {deadline!r}.")
 
 
-def apply_deltas(spec, state, *contributions, record: dict, cursors: tuple, transfers: int,
-                 plan):
-    """Add the sample-weighted mean of a round's deltas to the global state (``local_sgd``).
-
-    The ``daskdist-apply`` task of a round with a deadline; see
-    :func:`~daskdist.strategies.parameter_server.apply_update`.
-    """
-    return apply_update(state, *contributions, scales=None, record=record, cursors=cursors,
-                        transfers=transfers, plan=plan)
-
-
-class DeadlineEpoch(_Epoch):
+class DeadlineEpoch(UpdateEpoch):
     """The driver's loop over one epoch of synchronous rounds with a deadline.
 
     ``round_task(spec, shard, state, plan)`` is a replica's round (its
-    :class:`~daskdist.worker.replica.Contribution`), and ``apply_task(spec, state,
-    *contributions, record=, cursors=, transfers=, plan=)`` makes the next
-    global state of those that arrived in time.
+    :class:`~daskdist.worker.replica.Contribution`), and ``apply_task(spec,
+    state, *contributions, record=, cursors=, transfers=, plan=)`` makes the
+    next global state of those that arrived in time.
     """
 
-    def __init__(self, strategy, trainer, lr, round_task=local_delta, apply_task=apply_deltas):
-        super().__init__(strategy, trainer, lr)
+    def __init__(self, strategy, ctx, round_task=local_delta, apply_task=apply_deltas):
+        super().__init__(strategy, ctx)
         self.round_task, self.apply_task = round_task, apply_task
-        durations = trainer.__dict__.setdefault("_round_durations", [])
-        self.durations = durations  # kept on the trainer: the median spans epochs
+        # (kept for the whole fit: the median spans epochs)
+        self.durations = ctx.scratch.setdefault("round_durations", [])
         self.launched: dict = {}  # round future -> when it was submitted
 
     def _launch(self) -> list:
         """Start a round on every idle replica; return the new round futures."""
-        before = set(self.inflight)
-        super()._launch()
-        new = [f for f in self.inflight if f not in before]
+        new = super()._launch()
         now = time.monotonic()
         self.launched.update((f, now) for f in new)
         return new
 
     def _deadline_s(self) -> float | None:
         """Seconds a round may take: ``deadline`` times the running median."""
-        if len(self.durations) < len(self.trainer.shards):
+        if len(self.durations) < len(self.ctx.shards):
             return None
         return self.strategy.deadline * statistics.median_low(self.durations[-WINDOW:])
 
@@ -116,7 +105,7 @@ class DeadlineEpoch(_Epoch):
             if not pending:
                 return done
             timeout = None if end is None or not done else max(end - time.monotonic(), 0.0)
-            finished = self.trainer.wait(pending, "FIRST_COMPLETED", timeout=timeout)
+            finished = self.ctx.wait(pending, "FIRST_COMPLETED", timeout=timeout)
             now = time.monotonic()
             for f in pending:
                 if f in finished:
@@ -125,33 +114,30 @@ class DeadlineEpoch(_Epoch):
 
     def _apply_round(self, done: list, dropped: int) -> None:
         """Submit the task that applies the round's deltas: the next version."""
-        t = self.trainer
+        info = self.ctx.info
         done = sorted(done, key=lambda f: self.inflight[f][0])  # replica order: reproducible
         items = [self.inflight.pop(f) for f in done]
         for i, plan, *_ in items:
             self._advance(i, plan)
-        worker = t.replica_workers[items[0][0]]
-        record = {"run": t.run_id, "epoch": t.epoch, "rows": sum(rows for *_, rows, _ in items),
+        worker = info.replica_workers[items[0][0]]
+        record = {"run": info.run_id, "epoch": info.epoch,
+                  "rows": sum(rows for *_, rows, _ in items),
                   "staleness": max(self.version - started for _, _, started, *_ in items),
                   "dropped": dropped}
         self._submit_version(
-            self.apply_task, [t.spec_future, self.global_state, *done], worker, items[0][1],
+            self.apply_task, [self.ctx.spec, self.global_state, *done], worker, items[0][1],
             record=record, transfers=(sum(fetched for *_, fetched in items)
                                       + int(self.global_worker not in (None, worker))))
 
-    def run(self) -> None:
-        try:
-            while True:
-                opened = self._launch()
-                if not self.inflight:
-                    break
-                done = self._wait_round(opened)
-                for future in done:
-                    self._check(future)
-                self._apply_round(done, dropped=sum(f not in done for f in opened))
-        except BaseException:
-            self._release_inflight()
-            raise
+    def drive(self) -> None:
+        while True:
+            opened = self._launch()
+            if not self.inflight:
+                break
+            done = self._wait_round(opened)
+            for future in done:
+                self.ctx.check(future)
+            self._apply_round(done, dropped=sum(f not in done for f in opened))
         self._close()
 
 
@@ -159,7 +145,8 @@ class DeadlineOption:
     """Mixin of the strategies with a ``deadline`` option (``sync``, ``local_sgd``).
 
     With ``deadline`` set, the strategy's epochs run in a :class:`DeadlineEpoch`
-    with the class's :attr:`deadline_tasks`, and its updates carry staleness.
+    with the class's :attr:`deadline_tasks`, and its updates carry staleness;
+    without, in the default round loop.
     """
 
     #: ``(round_task, apply_task)`` of a :class:`DeadlineEpoch`.
@@ -174,11 +161,10 @@ class DeadlineOption:
         """Whether updates may be applied to a newer state than they started from."""
         return self.deadline is not None
 
-    @property
-    def drive_epoch(self):
-        """With a deadline, the client's loop over each epoch's rounds; else None."""
+    def train_epoch(self, ctx) -> None:
+        """With a deadline, the client's loop over the epoch's rounds; else the round loop."""
         if self.deadline is None:
-            return None
+            super().train_epoch(ctx)
+            return
         round_task, apply_task = self.deadline_tasks
-        return lambda trainer, lr, epoch_round: DeadlineEpoch(
-            self, trainer, lr, round_task=round_task, apply_task=apply_task).run()
+        DeadlineEpoch(self, ctx, round_task=round_task, apply_task=apply_task).run()

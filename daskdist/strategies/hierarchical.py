@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from distributed.comm import get_address_host
 
-from ..worker.aggregation import combine
-from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round
-from .local_sgd import LocalSGD, average_parameters
+from ..worker.aggregation import average_parameters, combine
+from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round, relay
+from .local_sgd import LocalSGD
 
-__all__ = ["Hierarchical", "groups_by_host", "relay", "relay_sources"]
+__all__ = ["Hierarchical", "groups_by_host", "relay_sources"]
 
 
 def groups_by_host(replica_workers: list[str]) -> list[list[int]]:
@@ -40,19 +40,14 @@ def relay_sources(replica_workers: list[str], groups, holder: str | None) -> dic
     return sources
 
 
-def _submit_relays(trainer, task, args: list, sources: dict, plan) -> dict:
+def _submit_relays(ctx, task, args: list, sources: dict, plan) -> dict:
     """Queue ``task(*args)`` on each worker that :func:`relay_sources` names: worker -> output."""
-    workers = trainer.replica_workers
+    workers = list(ctx.info.replica_workers)
     return {
-        leader: trainer.submit(task, *args, key=trainer.task_key(
-            "relay", plan.round, workers.index(leader), epoch=plan.epoch), worker=leader)
+        leader: ctx.submit(task, *args, key=ctx.key("relay", plan.round, workers.index(leader)),
+                           worker=leader)
         for leader in dict.fromkeys(v for v in sources.values() if v is not None)
     }
-
-
-def relay(state):
-    """The ``daskdist-relay`` task: a copy of the round's state on a group's first worker."""
-    return state
 
 
 class Hierarchical(LocalSGD):
@@ -128,90 +123,82 @@ class Hierarchical(LocalSGD):
                 "once.")
         return [list(group) for group in self.groups]
 
-    def submit_round(self, trainer, state, plans):
+    def submit_round(self, ctx, state, plans):
         if self.compression is not None:
-            return self._submit_compressed(trainer, state, plans)
-        workers = trainer.replica_workers
+            return self._submit_compressed(ctx, state, plans)
+        workers = list(ctx.info.replica_workers)
         groups = self.resolve_groups(workers)
         round_index = plans[0].round
         # the state comes from the previous round's root: a group elsewhere reads it through
         # a copy on its first worker, so that it crosses to the group once
         leaders = [workers[group[0]] for group in groups]
         sources = relay_sources(workers, groups, leaders[(round_index - 1) % len(leaders)])
-        relays = _submit_relays(trainer, relay, [state], sources, plans[0])
+        relays = _submit_relays(ctx, relay, [state], sources, plans[0])
         states = [relays.get(sources[workers[p.replica]], state) for p in plans]
-        parts = trainer.submit_replicas(type(self).replica_task, states, plans)
+        parts = self.submit_replicas(ctx, type(self).replica_task, states, plans)
         partials, leaders = [], []
         for g, members in enumerate(groups):
             leader = workers[members[0]]
             if len(members) == 1:
                 partials.append(parts[members[0]])
             else:
-                partials.append(trainer.submit(
+                partials.append(ctx.submit(
                     combine, *[parts[i] for i in members],
-                    key=trainer.task_key("average", round_index, 0, g, epoch=plans[0].epoch),
-                    worker=leader))
+                    key=ctx.key("average", round_index, 0, g), worker=leader))
             leaders.append(leader)
         root = leaders[round_index % len(leaders)]  # the root's extra work rotates
-        return trainer.submit(
-            average_parameters, trainer.spec_future, state, *partials, plan=plans[0],
-            replica_workers=workers,
-            key=trainer.task_key("average", round_index, epoch=plans[0].epoch), worker=root)
+        return ctx.submit(average_parameters, ctx.spec, state, *partials, plan=plans[0],
+                          replica_workers=workers, key=ctx.key("average", round_index),
+                          worker=root)
 
 
-    def _submit_compressed(self, trainer, state, plans):
+    def _submit_compressed(self, ctx, state, plans):
         """Queue a compressed round: the replicas' rounds, then one packed delta per group.
 
         Returns the replicas' outputs followed by the groups'; the next round
         takes them as ``state``.
         """
-        workers = trainer.replica_workers
+        workers = list(ctx.info.replica_workers)
         groups = self.resolve_groups(workers)
         if isinstance(state, list):
             own = state[:len(workers)]
-            bundles = self._bundles(trainer, groups, state[len(workers):], plans[0])
+            bundles = self._bundles(ctx, groups, state[len(workers):], plans[0])
         else:  # the epoch's first round
             own, bundles = [state] * len(workers), {}
         members = [
-            trainer.submit(member_round, trainer.spec_future, trainer.shards[p.replica],
-                           own[p.replica], bundles.get(workers[p.replica], ()), plan=p,
-                           replica_workers=workers,
-                           key=trainer.task_key("round", p.round, p.replica, epoch=p.epoch),
-                           worker=workers[p.replica])
+            ctx.submit(member_round, ctx.spec, ctx.shards[p.replica], own[p.replica],
+                       bundles.get(workers[p.replica], ()), plan=p, replica_workers=workers,
+                       key=ctx.key("round", p.round, p.replica), worker=workers[p.replica])
             for p in plans
         ]
         group_outputs = [
-            trainer.submit(group_delta, *[members[i] for i in group], group=g,
-                           plan=plans[group[0]],
-                           key=trainer.task_key("average", plans[0].round, 0, g,
-                                                epoch=plans[0].epoch),
-                           worker=workers[group[0]])
+            ctx.submit(group_delta, *[members[i] for i in group], group=g,
+                       plan=plans[group[0]], key=ctx.key("average", plans[0].round, 0, g),
+                       worker=workers[group[0]])
             for g, group in enumerate(groups)
         ]
         return members + group_outputs
 
     @staticmethod
-    def _bundles(trainer, groups, group_outputs, plan) -> dict:
+    def _bundles(ctx, groups, group_outputs, plan) -> dict:
         """Every group's delta gathered on each group's worker: worker -> its bundle.
 
         No worker holds every group's delta, so each group's worker gathers
         them and the others read there (:func:`relay_sources`): each packed
         delta crosses once to each group.
         """
-        workers = trainer.replica_workers
-        sources = relay_sources(workers, groups, None)
-        gathered = _submit_relays(trainer, bundle, group_outputs, sources, plan)
+        sources = relay_sources(list(ctx.info.replica_workers), groups, None)
+        gathered = _submit_relays(ctx, bundle, group_outputs, sources, plan)
         return {worker: gathered[leader] for worker, leader in sources.items()}
 
-    def finish_epoch(self, trainer, round_output, plans):
+    def finish_epoch(self, ctx, round_output, plans):
         if self.compression is None:
             return round_output
-        workers = trainer.replica_workers
+        workers = list(ctx.info.replica_workers)
         last = plans[0]
-        return trainer.submit(
-            finish_group_deltas, trainer.spec_future, round_output[0],
-            *round_output[len(workers):], plan=last, replica_workers=workers,
-            key=trainer.task_key("average", last.round, epoch=last.epoch), worker=workers[0])
+        return ctx.submit(finish_group_deltas, ctx.spec, round_output[0],
+                          *round_output[len(workers):], plan=last, replica_workers=workers,
+                          key=ctx.key("average", last.round), worker=workers[0])
 
 
 def _is_nested(groups) -> bool:

@@ -1,42 +1,25 @@
-"""``local_sgd``: local steps on each replica, then parameter averaging."""
+"""``local_sgd``: local steps on each replica, then parameter averaging.
+
+The policy; the replicas' tasks are :func:`daskdist.worker.replica.local_round`
+and :func:`daskdist.worker.aggregation.average_parameters`, or, compressed,
+those of :mod:`daskdist.worker.delta_tasks`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from ..compression import check_compression
-from ..state import TrainingState
-from ..worker.aggregation import combine, count_skipped, log_round
+from ..worker.aggregation import average_parameters
 from ..worker.delta_tasks import delta_round, finish_deltas
-from ..worker.replica import local_steps
-from .base import Strategy
+from ..worker.replica import local_round
+from .base import RoundStrategy
 from .deadline import DeadlineOption
 
-__all__ = ["LocalSGD", "average_parameters"]
+__all__ = ["LocalSGD"]
 
 
-def average_parameters(spec, state: TrainingState, *parts, plan, replica_workers) -> TrainingState:
-    """Average the replicas' parameters, buffers and optimizer state.
-
-    The root ``daskdist-average`` task of :class:`LocalSGD`; the average is
-    weighted by the samples each replica trained on in the round.
-    """
-    total = combine(*parts)
-    skipped = count_skipped(state, total, plan)
-    mean = total.mean()
-    if mean is None:  # no replica trained (shards exhausted, or no finite update)
-        new = replace(state, round=state.round + 1, epoch=plan.epochs_completed(),
-                      skipped=skipped)
-    else:
-        new = TrainingState(
-            params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
-            step=state.step + total.steps, round=state.round + 1, epoch=plan.epochs_completed(),
-            skipped=skipped, log=state.log,
-        )
-    return replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
-
-
-class LocalSGD(DeadlineOption, Strategy):
+class LocalSGD(DeadlineOption, RoundStrategy):
     """Local SGD: ``sync_every`` local steps per replica, then average parameters.
 
     Implements periodic parameter averaging as analysed in Lin et al. 2018,
@@ -77,7 +60,7 @@ class LocalSGD(DeadlineOption, Strategy):
     """
 
     name = "local_sgd"
-    replica_task = staticmethod(local_steps)
+    replica_task = staticmethod(local_round)
     finalize = staticmethod(average_parameters)
 
     def __init__(self, sync_every: int = 8, compression: str | None = None,
@@ -95,10 +78,13 @@ class LocalSGD(DeadlineOption, Strategy):
         check_compression(self.compression, self.density)
         self.check_deadline()
 
-    def submit_round(self, trainer, state, plans):
+    def round_steps(self) -> int:
+        return self.sync_every
+
+    def submit_round(self, ctx, state, plans):
         if self.compression is None:
-            return super().submit_round(trainer, state, plans)
-        return self.submit_exchange(trainer, delta_round, state, plans)
+            return super().submit_round(ctx, state, plans)
+        return self.submit_exchange(ctx, delta_round, state, plans)
 
     def tracked(self, round_output):
         return round_output if self.compression is None else round_output[0]
@@ -107,15 +93,14 @@ class LocalSGD(DeadlineOption, Strategy):
         # a delta result carries the state its round started from
         return plan_round + 1 if self.compression is None else plan_round
 
-    def finish_epoch(self, trainer, round_output, plans):
+    def finish_epoch(self, ctx, round_output, plans):
         if self.compression is None:
             return round_output
         last = plans[0]
-        return trainer.submit(
-            finish_deltas, trainer.spec_future, *round_output,
-            plan=replace(last, replica=0), replica_workers=trainer.replica_workers,
-            key=trainer.task_key("average", last.round, epoch=last.epoch),
-            worker=trainer.replica_workers[0])
+        workers = ctx.info.replica_workers
+        return ctx.submit(finish_deltas, ctx.spec, *round_output, plan=replace(last, replica=0),
+                          replica_workers=workers, key=ctx.key("average", last.round),
+                          worker=workers[0])
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         k = self.sync_every

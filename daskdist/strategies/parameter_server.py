@@ -23,114 +23,19 @@ it.
 version its replica started from (how many other updates arrived meanwhile).
 """
 
+
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
-import dask
 import numpy as np
-from distributed import KilledWorker
-from distributed.client import FutureCancelledError
 
-from ..dashboard.events import emit_from_worker, round_event
-from ..errors import WorkerLost
-from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
-from ..worker.aggregation import combine, count_skipped
-from ..worker.replica import RoundPlan, _pack, _worker_address, local_steps
+from ..driver.driven import DrivenEpoch
+from ..plan import RoundPlan
+from ..worker.update_tasks import apply_update, close_epoch, local_delta, progress
 from .base import Strategy
 
-__all__ = ["ParameterServer", "local_delta", "apply_update", "next_version", "close_epoch"]
-
-
-def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
-    """Run ``plan.n_steps`` local steps; return the change made to the state.
-
-    The ``daskdist-round`` task of parameter-server strategies: a
-    :class:`~daskdist.worker.replica.Contribution` whose payload is the new
-    parameters, buffers and optimizer state minus the starting ones. With
-    ``plan.compression`` the parameters' delta is packed, with the replica's
-    error-feedback memory on this worker (buffers and optimizer state travel
-    as they are).
-    """
-    contribution = local_steps(spec, shard, state, plan)
-    if contribution.weight and not contribution.non_finite:
-        before = {"params": state.params, "buffers": state.buffers,
-                  "optimizer": state.optimizer}
-        delta = tree_diff(contribution.payload, before)
-        if plan.compression:
-            delta["params"] = _pack(delta["params"], plan)
-        contribution.payload = delta
-    return contribution
-
-
-def apply_update(state: TrainingState, *contributions, scales, record: dict, cursors: tuple,
-                 transfers: int, plan: RoundPlan) -> TrainingState:
-    """Add replicas' deltas, each times its scale, to the global state: the next version.
-
-    The ``daskdist-apply`` task: one delta for ``async`` and ``ssp``, the
-    deltas that made a round's deadline (and late ones from earlier rounds)
-    for a ``local_sgd`` with a deadline. ``scales`` is one factor per delta,
-    or None for the sample-weighted mean of the finite ones. ``record`` holds
-    what the driver knows of the update (epoch, staleness, rows); the round
-    log gets it with the deltas' loss, samples, timings and bytes.
-    ``transfers`` is the number of times the update made a copy of the global
-    state cross between workers. Non-finite deltas are left out, and counted
-    against ``plan.max_non_finite`` (``plan`` names the version and epoch).
-    """
-    total = combine(*contributions, payload=False)
-    skipped = count_skipped(state, total, plan)
-    if scales is None:
-        scales = [c.weight / total.weight if total.weight else 0.0 for c in contributions]
-    tree = {"params": state.params, "buffers": state.buffers, "optimizer": state.optimizer}
-    for c, scale in zip(contributions, scales):
-        if c.weight and not c.non_finite:
-            tree = tree_add(tree, c.payload, scale)
-    return next_version(state, contributions, total, tree, skipped, record=record,
-                        cursors=cursors, transfers=transfers)
-
-
-def next_version(state: TrainingState, contributions, total, tree: dict, skipped, *,
-                 record: dict, cursors: tuple, transfers: int) -> TrainingState:
-    """The global state after an update: ``tree`` and the update's record in the round log."""
-    t_end = time.time()
-    here = _worker_address()
-    record = {
-        **record,
-        "round": state.round,
-        "replicas": tuple(c.replica for c in contributions if c.weight),
-        "skipped": tuple(c.replica for c in contributions if c.non_finite),
-        "samples": int(total.weight),
-        "steps": total.steps,
-        "loss_sum": total.loss_sum,
-        "bytes": int(transfers * state.nbytes
-                     + sum(tree_nbytes(c.payload) for c in contributions if c.worker != here)),
-        "compute_s": total.compute_s,
-        # from the last contribution's arrival to its application
-        "sync_s": max(t_end - max(c.t_start + c.compute_s for c in contributions), 0.0),
-        "t_start": total.t_start,
-        "t_end": t_end,
-        "per_replica": tuple((c.replica, c.loss_sum, c.weight, c.compute_s)
-                             for c in contributions),
-    }
-    emit_from_worker(round_event(record["run"], record))
-    log = state.log if state.log and state.log[-1]["epoch"] == record["epoch"] else ()
-    return TrainingState(
-        params=tree["params"], buffers=tree["buffers"], optimizer=tree["optimizer"],
-        step=state.step + total.steps, round=state.round + 1, epoch=state.epoch,
-        skipped=skipped, log=log + (record,), cursors=cursors,
-    )
-
-
-def close_epoch(state: TrainingState, epoch: int) -> TrainingState:
-    """The ``daskdist-close`` task: the state counts epoch ``epoch`` as completed."""
-    return replace(state, epoch=epoch + 1)
-
-
-def _progress(state: TrainingState, epoch: int) -> tuple:
-    """What the driver needs of a state to go on: version, cursors, rows done this epoch."""
-    rows = sum(r["rows"] for r in state.log if r["epoch"] == epoch)
-    return state.round, state.cursors, rows
+__all__ = ["ParameterServer", "UpdateEpoch"]
 
 
 class ParameterServer(Strategy):
@@ -174,37 +79,49 @@ class ParameterServer(Strategy):
         k = self.sync_every
         return [min(k, steps_per_epoch - s) for s in range(0, steps_per_epoch, k)]
 
+    def round_steps(self) -> int:
+        return self.sync_every
+
+    def staleness_bound(self) -> int | None:
+        return self.staleness
+
     def rounds_per_epoch(self, steps_per_epoch: int, n_replicas: int) -> int:
         # one row per update: each replica's rounds, when they go at the same pace
         return n_replicas * len(self.round_sizes(steps_per_epoch))
 
-    def drive_epoch(self, trainer, lr, epoch_round: int) -> None:
-        """Run one epoch of updates; leave ``trainer._state`` as its final state's future."""
-        _Epoch(self, trainer, lr).run()
+    def train_epoch(self, ctx) -> None:
+        """Run one epoch of updates."""
+        UpdateEpoch(self, ctx).run()
 
 
-class _Epoch:
-    """The driver's loop over one epoch of a parameter-server strategy."""
+class UpdateEpoch(DrivenEpoch):
+    """The driver's loop over one epoch of a parameter-server strategy.
 
-    #: ``task(spec, shard, state, plan) -> Contribution``: a replica's round.
+    ``round_task(spec, shard, state, plan) -> Contribution`` is a replica's
+    round; each finished round's update is applied by an ``apply`` task to
+    the newest global state (:meth:`_apply`), and the replica starts its next
+    round from the version that makes.
+    """
+
+    #: A replica's round.
     round_task = staticmethod(local_delta)
 
-    def __init__(self, strategy: ParameterServer, trainer, lr):
-        self.strategy, self.trainer, self.lr = strategy, trainer, lr
-        self.round_steps = getattr(strategy, "sync_every", 1)
-        self.client = trainer.client
-        n = len(trainer.shards)
+    def __init__(self, strategy, ctx):
+        super().__init__(strategy, ctx)
+        info = ctx.info
+        self.round_steps = strategy.round_steps()
+        n = len(ctx.shards)
         self.steps = [int(np.ceil(size / b))
-                      for size, b in zip(trainer.shard_sizes, trainer.replica_batch)]
-        version, cursors, rows_done = self.client.submit(
-            _progress, trainer._state, trainer.epoch, pure=False,
-            key=trainer.task_key("progress", trainer.round)).result()
+                      for size, b in zip(info.shard_sizes, info.replica_batch)]
+        version, cursors, rows_done = ctx.submit(
+            progress, ctx.state, info.epoch, key=ctx.key("progress", info.round, epoch=False),
+            worker=None, queue=False).result()
         if len(cursors) != n:  # a new fit, or one on other replicas: start every pass afresh
             cursors = ((0, 0, 0),) * n
         self.version = version
         self.cursors = [tuple(c) for c in cursors]
-        self.rows_left = sum(trainer.shard_sizes) - rows_done
-        self.global_state = trainer._state
+        self.rows_left = sum(info.shard_sizes) - rows_done
+        self.global_state = ctx.state
         self.global_worker = None  # where the newest version is (None: sent from the client)
         # round future -> (replica, plan, version started from, rows, whether the replica
         # fetched that version from another worker)
@@ -214,7 +131,8 @@ class _Epoch:
     # -- rounds ---------------------------------------------------------------------------------
     def _rows(self, i: int, step: int) -> int:
         """Rows of replica ``i``'s round that starts at ``step`` of its pass."""
-        b, size = self.trainer.replica_batch[i], self.trainer.shard_sizes[i]
+        info = self.ctx.info
+        b, size = info.replica_batch[i], info.shard_sizes[i]
         n_steps = min(self.round_steps, self.steps[i] - step)
         return max(min(n_steps * b, size - step * b), 0)
 
@@ -227,47 +145,45 @@ class _Epoch:
         """Replica ``i``'s next round and its rows, or ``None`` if it must not start one now."""
         if self.rows_left <= 0:
             return None
-        bound = getattr(self.strategy, "staleness", None)
+        bound = self.strategy.staleness_bound()
         if bound is not None and self.started[i] - min(c[2] for c in self.cursors) > bound:
             return None  # too far ahead of the slowest replica
-        t = self.trainer
         passes, step, _ = self.cursors[i]
         if any(r == i for r, *_ in self.inflight.values()):
             return None
         n_steps = min(self.round_steps, self.steps[i] - step)
-        plan = RoundPlan(t.run_id, i, passes, self.started[i], step, n_steps,
-                         t.replica_batch[i], self.lr,
-                         t.random_state, t.shuffle,
-                         dask.config.get("daskdist.driver.max-non-finite"), self.steps[i],
-                         getattr(self.strategy, "compression", None),
-                         getattr(self.strategy, "density", 0.01))
+        plan = self.ctx.plan(i, round=self.started[i], first_step=step, n_steps=n_steps,
+                             epoch=passes, epoch_steps=self.steps[i],
+                             compression=self.strategy.compression,
+                             density=self.strategy.density)
         return plan, self._rows(i, step)
 
-    def _launch(self) -> None:
-        """Start a round on every replica that may start one."""
-        t = self.trainer
-        for i in range(len(t.shards)):
+    def _launch(self) -> list:
+        """Start a round on every replica that may start one; return the new round futures."""
+        ctx, new = self.ctx, []
+        for i in range(len(ctx.shards)):
             nxt = self._next_plan(i)
             if nxt is None:
                 continue
             plan, rows = nxt
-            worker = t.replica_workers[i]
-            future = self.client.submit(
-                self.round_task, t.spec_future, t.shards[i], self.global_state, plan, pure=False,
-                key=t.task_key("round", plan.round, i, epoch=t.epoch),
-                workers=[worker], allow_other_workers=True)
+            worker = ctx.info.replica_workers[i]
+            future = ctx.submit(self.round_task, ctx.spec, ctx.shards[i], self.global_state,
+                                plan, key=ctx.key("round", plan.round, i), worker=worker,
+                                queue=False)
             fetched = self.global_worker is not None and self.global_worker != worker
             self.inflight[future] = (i, plan, self.version, rows, int(fetched))
             self.started[i] += 1
             self.rows_left -= rows
+            new.append(future)
+        return new
 
     def _apply(self, future) -> None:
         """Submit the task that applies a finished round's delta: the next version."""
-        t = self.trainer
+        info = self.ctx.info
         i, plan, started_from, rows, fetched = self.inflight.pop(future)
-        worker = t.replica_workers[i]
+        worker = info.replica_workers[i]
         self._advance(i, plan)
-        record = {"run": t.run_id, "epoch": t.epoch, "replica": i, "rows": rows,
+        record = {"run": info.run_id, "epoch": info.epoch, "replica": i, "rows": rows,
                   "staleness": self.version - started_from}
         self._submit_version(
             apply_update, [self.global_state, future], worker, plan,
@@ -283,59 +199,33 @@ class _Epoch:
 
     def _submit_version(self, task, args: list, worker: str, plan: RoundPlan, **kwargs) -> None:
         """Submit ``task(*args, **kwargs, cursors=, plan=)`` on ``worker``: the next version."""
-        t = self.trainer
-        self.global_state = self.client.submit(
-            task, *args, pure=False, cursors=tuple(self.cursors),
-            plan=replace(plan, round=self.version, epoch=t.epoch),
-            key=t.task_key("apply", self.version, epoch=t.epoch),
-            workers=[worker], allow_other_workers=True, **kwargs)
+        ctx = self.ctx
+        self.global_state = ctx.submit(
+            task, *args, cursors=tuple(self.cursors),
+            plan=replace(plan, round=self.version, epoch=ctx.info.epoch),
+            key=ctx.key("apply", self.version), worker=worker, queue=False, **kwargs)
         self.global_worker = worker
         self.version += 1
-        t._latest = self.global_state
-        t._track((self.version, self.global_state))
-
-    def _check(self, future) -> None:
-        """Raise if a replica's round failed or was lost with its worker."""
-        if future.status == "finished":
-            return
-        if future.status in ("cancelled", "lost"):
-            raise WorkerLost(f"round {future.key} was lost with a worker")
-        try:
-            error = future.exception()  # (done: returns at once)
-        except FutureCancelledError:
-            raise WorkerLost(f"round {future.key} was lost with a worker") from None
-        if isinstance(error, KilledWorker):
-            raise self.trainer._shard_failed(error) from error
-        raise error
+        ctx.track(self.version, self.global_state)
 
     def _wait_some(self) -> list:
         """The round futures that finished (waits for at least one), oldest first."""
-        done = self.trainer.wait(list(self.inflight), return_when="FIRST_COMPLETED")
+        done = self.ctx.wait(list(self.inflight), return_when="FIRST_COMPLETED")
         return [f for f in self.inflight if f in done]
 
-    def run(self) -> None:
-        try:
-            self._launch()
-            while self.inflight:
-                for future in self._wait_some():
-                    self._check(future)
-                    self._apply(future)
-                    self._launch()
-        except BaseException:
-            self._release_inflight()
-            raise
+    def drive(self) -> None:
+        self._launch()
+        while self.inflight:
+            for future in self._wait_some():
+                self.ctx.check(future)
+                self._apply(future)
+                self._launch()
         self._close()
 
-    def _release_inflight(self) -> None:
-        """Stop the rounds in flight (the epoch was interrupted, or a worker lost)."""
-        for future in self.inflight:
-            future.release()
-        self.inflight.clear()
-
     def _close(self) -> None:
-        """Leave the trainer with the epoch's final state: the newest version, closed."""
-        t = self.trainer
-        t._state = self.client.submit(close_epoch, self.global_state, t.epoch, pure=False,
-                                      key=t.task_key("close", epoch=t.epoch))
-        t.round = self.version
-        t._track((self.version, t._state))
+        """End the epoch with its final state: the newest version, closed."""
+        ctx = self.ctx
+        final = ctx.submit(close_epoch, self.global_state, ctx.info.epoch,
+                           key=ctx.key("close"), worker=None, queue=False)
+        ctx.track(self.version, final)
+        ctx.finish(final, self.version)

@@ -30,20 +30,13 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-import dask
-
-from .._compat import workers as cluster_workers
-from ..errors import StateLost, WorkerLost
-from ..state import TrainingState
+from ..driver.driven import DrivenEpoch
+from ..errors import StateLost
 from ..worker import stage_tasks
-from ..worker.replica import RoundPlan
-from ..worker.stages import StageLayout, join_states, plan_stages, split_state, stage_spec
+from ..worker.stages import StageLayout, finish_stages, plan_stages, split_state, stage_spec
 from .base import Strategy
 
-__all__ = ["Pipeline", "stage_grid", "finish_stages"]
-
-#: Seconds between the driver's checks that every stage's worker is alive.
-_LIVENESS_S = 1.0
+__all__ = ["Pipeline", "PipelineEpoch", "stage_grid"]
 
 
 def stage_grid(replica_workers: list, workers: list, n_stages: int) -> list[list[str]]:
@@ -64,17 +57,6 @@ def stage_grid(replica_workers: list, workers: list, n_stages: int) -> list[list
             c += 1
         grid.append(row)
     return grid
-
-
-def finish_stages(state: TrainingState, *parts, layouts, plan) -> TrainingState:
-    """The epoch's final state from every stage's part (the ``daskdist-average`` task)."""
-    first = min(parts, key=lambda p: p.stage)
-    records = first.records
-    applied = sum(1 for r in records if not r["skipped"])
-    return join_states(
-        state, parts, layouts, step=state.step + applied, round=state.round + plan.n_steps,
-        epoch=plan.epochs_completed(), skipped=first.skipped,
-        log=(state.log if plan.first_step else ()) + tuple(records), cursors=())
 
 
 @dataclass
@@ -153,209 +135,176 @@ class Pipeline(Strategy):
                 "need one loss scale between them); use precision='bf16'.")
         plan_stages(spec, self.n_stages, self.split_points)
 
-    def drive_epoch(self, trainer, lr, epoch_round: int) -> None:
-        """Run one epoch of pipelined steps; leave ``trainer._state`` as its final state."""
-        _Epoch(self, trainer, lr, epoch_round).run()
+    def train_epoch(self, ctx) -> None:
+        """Run one epoch of pipelined steps."""
+        PipelineEpoch(self, ctx).run()
 
 
-class _Epoch:
+def _identity(x):
+    return x
+
+
+class PipelineEpoch(DrivenEpoch):
     """The driver's side of one ``pipeline`` epoch."""
 
-    def __init__(self, strategy: Pipeline, trainer, lr, epoch_round: int):
-        self.strategy, self.trainer, self.lr = strategy, trainer, lr
-        self.client = trainer.client
-        self.done = trainer.round - epoch_round  # steps the state already holds
+    def __init__(self, strategy: Pipeline, ctx):
+        super().__init__(strategy, ctx)
         self.settled = 0
-        self.held: list = []  # the futures to let go of if the epoch fails
 
-    def run(self) -> None:
-        t = self.trainer
-        steps = t.steps_per_epoch - self.done
+    def drive(self) -> None:
+        ctx, info = self.ctx, self.ctx.info
+        steps = info.steps_per_epoch - info.done
         if steps <= 0:
+            ctx.finish(ctx.state, info.round)
             return
         fit = self._fit()
         # stale tasks of an attempt given up must not touch the stages this one loads
-        self.ids = {"run_id": t.run_id, "attempt": f"{t.key_prefix}-{t.round}"}
-        self.grid = stage_grid(t.replica_workers, sorted(cluster_workers(self.client)),
-                               self.strategy.n_stages)
+        self.ids = {"run_id": info.run_id, "attempt": f"{info.attempt}-{info.round}"}
+        self.grid = stage_grid(info.replica_workers, ctx.live_workers(), self.strategy.n_stages)
         if fit.grid is not None and fit.grid != self.grid:  # (a recovery moved stages)
-            self.client.run(stage_tasks.keep_stages, t.run_id, self.grid, on_error="ignore")
+            ctx.client.run(stage_tasks.keep_stages, info.run_id, self.grid, on_error="ignore")
         fit.grid = self.grid
-        try:
-            ready = self._load(fit)
-            self.base = list(self.held)
-            last = self._steps(fit, ready, steps)
-            self._finish(fit, last, steps)
-        except BaseException:
-            for f in self.held:
-                f.release()
-            raise
+        ready = self._load(fit)
+        last = self._steps(fit, ready, steps)
+        self._finish(fit, last, steps)
 
     def _fit(self) -> _Fit:
         """The fit's stage layouts and specification futures (sent again if lost)."""
-        t, s = self.trainer, self.strategy
-        fit = getattr(t, "_pipeline", None)
+        ctx, s = self.ctx, self.strategy
+        fit = ctx.scratch.get("fit")
         if fit is None:
-            layouts = plan_stages(t.spec, s.n_stages, s.split_points)
-            fit = t._pipeline = _Fit(layouts, [None] * len(layouts))
+            layouts = plan_stages(ctx.info.model, s.n_stages, s.split_points)
+            fit = ctx.scratch["fit"] = _Fit(layouts, [None] * len(layouts))
         for i, layout in enumerate(fit.layouts):
             if fit.specs[i] is None or fit.specs[i].status in ("lost", "cancelled"):
-                fit.specs[i] = self.client.submit(
-                    _identity, stage_spec(t.spec, layout), pure=False,
-                    key=f"daskdist-stage-spec-{t.key_prefix}-{i}")
+                fit.specs[i] = ctx.submit(
+                    _identity, stage_spec(ctx.info.model, layout), worker=None, queue=False,
+                    key=f"daskdist-stage-spec-{ctx.info.attempt}-{i}")
         return fit
 
     def _pinned(self, func, *args, key, worker, **kwargs):
-        future = self.client.submit(func, *args, key=key, workers=[worker],
-                                    allow_other_workers=False, pure=False, **kwargs)
-        self.held.append(future)
-        return future
+        return self.hold(self.ctx.submit(func, *args, key=key, worker=worker, queue=False,
+                                         strict=True, **kwargs))
 
     def _load(self, fit: _Fit) -> list[list]:
         """Send each stage its part of the epoch's starting state; the stages' ready tokens."""
-        t = self.trainer
-        parts = []
-        for layout in fit.layouts:
-            part = self.client.submit(split_state, t._state, layout, pure=False,
-                                      key=t.task_key("stage-split", layout.index, epoch=t.epoch))
-            self.held.append(part)
-            parts.append(part)
+        ctx, info = self.ctx, self.ctx.info
+        parts = [self.hold(ctx.submit(split_state, ctx.state, layout, worker=None, queue=False,
+                                      key=ctx.key("stage-split", layout.index)))
+                 for layout in fit.layouts]
         return [[self._pinned(stage_tasks.load_stage, fit.specs[s], parts[s], **self.ids,
-                              replica=i, layout=fit.layouts[s], round=t.round,
-                              key=t.task_key("stage-load", t.round, i, s, epoch=t.epoch),
+                              replica=i, layout=fit.layouts[s], round=info.round,
+                              key=ctx.key("stage-load", info.round, i, s),
                               worker=self.grid[i][s])
                  for s in range(len(fit.layouts))]
                 for i in range(len(self.grid))]
 
     def _steps(self, fit: _Fit, ready, steps: int):
         """Submit and follow the epoch's steps; return the last step's ready tokens."""
-        from ..driver.trainer import _resolve
-
-        t = self.trainer
-        per_flush = max(1, t.lookahead // 2)
-        max_non_finite = dask.config.get("daskdist.driver.max-non-finite")
+        ctx, info = self.ctx, self.ctx.info
+        per_flush = max(1, info.lookahead // 2)
+        base = list(self.held)
         inflight = []
         for n in range(steps):
-            k = self.done + n
-            ready = self._submit_step(fit, ready, k, t.round + n, max_non_finite,
-                                      first=(n == 0))
+            k = info.done + n
+            ready = self._submit_step(fit, ready, k, info.round + n, first=(n == 0))
             inflight.append(ready[0][0])
             if (n + 1) % per_flush == 0 or n == steps - 1:
-                futures = t.flush(strict=True)
-                ready = _resolve(ready, futures)
-                inflight = _resolve(inflight, futures)
-                self.held = [*self.base, *(f for row in ready for f in row), *inflight]
-                while len(inflight) > t.lookahead or (n == steps - 1 and inflight):
+                ready, inflight = ctx.flush((ready, inflight), strict=True)
+                self.held = [*base, *(f for row in ready for f in row), *inflight]
+                while len(inflight) > info.lookahead or (n == steps - 1 and inflight):
                     self._settle(inflight.pop(0))
         return ready
 
-    def _submit_step(self, fit: _Fit, ready, k: int, round_: int, max_non_finite,
-                     first: bool):
+    def _submit_step(self, fit: _Fit, ready, k: int, round_: int, first: bool):
         """Queue one step's tasks on every replica; return its update tokens."""
-        t, S, M = self.trainer, self.strategy.n_stages, self.strategy.n_micro_batches
+        ctx, info = self.ctx, self.ctx.info
+        S, M = self.strategy.n_stages, self.strategy.n_micro_batches
         D = len(self.grid)
-        sizes, batches = t.shard_sizes, t.replica_batch
+        sizes, batches = info.shard_sizes, info.replica_batch
         step_rows = sum(max(0, min(batches[i], sizes[i] - k * batches[i])) for i in range(D))
-        plans = [RoundPlan(t.run_id, i, t.epoch, round_, k, 1, batches[i], self.lr,
-                           t.random_state, t.shuffle, max_non_finite, t.steps_per_epoch)
-                 for i in range(D)]
+        plans = [ctx.plan(i, round=round_, first_step=k, n_steps=1) for i in range(D)]
         heads, grads = [], [[None] * D for _ in range(S)]
         for i, plan in enumerate(plans):
             row = self.grid[i]
-            batch = t.submit(stage_tasks.step_batch, t.shards[i], plan,
-                             key=t.task_key("stage-batch", round_, i, epoch=t.epoch),
-                             worker=row[0])
+            batch = ctx.submit(stage_tasks.step_batch, ctx.shards[i], plan,
+                               key=ctx.key("stage-batch", round_, i), worker=row[0])
             backs = [[None] * M for _ in range(S)]  # backs[s][m]: stage s's output going back
             for m in range(M):
                 message = batch
                 for s in range(S):
-                    message = t.submit(
+                    message = ctx.submit(
                         stage_tasks.forward, fit.specs[s], message, ready[i][s], **self.ids,
                         replica=i, stage=s, n_stages=S, micro=m, n_micro=M, plan=plan,
-                        step_rows=step_rows,
-                        key=t.task_key("stage-forward", round_, i, s, m, epoch=t.epoch),
+                        step_rows=step_rows, key=ctx.key("stage-forward", round_, i, s, m),
                         worker=row[s])
                 backs[S - 1][m] = message
                 for s in range(S - 2, -1, -1):
-                    backs[s][m] = t.submit(
+                    backs[s][m] = ctx.submit(
                         stage_tasks.backward, fit.specs[s], backs[s + 1][m], **self.ids,
                         replica=i, stage=s, micro=m, plan=plan,
-                        key=t.task_key("stage-backward", round_, i, s, m, epoch=t.epoch),
-                        worker=row[s])
+                        key=ctx.key("stage-backward", round_, i, s, m), worker=row[s])
             heads.extend(backs[0])
             if D > 1:
                 for s in range(S):
-                    grads[s][i] = t.submit(
+                    grads[s][i] = ctx.submit(
                         stage_tasks.stage_gradient, fit.specs[s], *backs[s], **self.ids,
-                        replica=i, stage=s, plan=plan,
-                        key=t.task_key("stage-grad", round_, i, s, epoch=t.epoch),
+                        replica=i, stage=s, plan=plan, key=ctx.key("stage-grad", round_, i, s),
                         worker=row[s])
-        extra = self._exchange_bytes(fit) + (
-            t._epoch_state.nbytes * D if first else 0)
-        return [[t.submit(stage_tasks.update, fit.specs[s], *heads,
-                          *(grads[s] if D > 1 else ()), **self.ids, replica=i, stage=s,
-                          plan=plans[i], n_replicas=D, n_micro=M,
-                          extra_bytes=extra if (i, s) == (0, 0) else 0,
-                          key=t.task_key("stage-update", round_, i, s, epoch=t.epoch),
-                          worker=self.grid[i][s])
+        extra = self._exchange_bytes(fit) + (info.start.nbytes * D if first else 0)
+        return [[ctx.submit(stage_tasks.update, fit.specs[s], *heads,
+                            *(grads[s] if D > 1 else ()), **self.ids, replica=i, stage=s,
+                            plan=plans[i], n_replicas=D, n_micro=M,
+                            extra_bytes=extra if (i, s) == (0, 0) else 0,
+                            key=ctx.key("stage-update", round_, i, s), worker=self.grid[i][s])
                  for s in range(S)] for i in range(D)]
 
     def _exchange_bytes(self, fit: _Fit) -> int:
         """Bytes of one step's gradient exchange between replicas of the same stages."""
-        itemsize = self.trainer._epoch_state.params.dtype.itemsize
+        itemsize = self.ctx.info.start.params.dtype.itemsize
         D = len(self.grid)
         return sum(layout.n_params * itemsize
                    for s, layout in enumerate(fit.layouts)
                    for i in range(D) for j in range(D)
                    if self.grid[i][s] != self.grid[j][s])
 
+    def _stage_workers(self) -> dict:
+        return {f"stage {s} of replica {i}": worker
+                for i, row in enumerate(self.grid) for s, worker in enumerate(row)}
+
     def _settle(self, future) -> None:
         """Wait for a step's update, watching the stages' workers; raise what failed."""
-        t = self.trainer
-        while not t.wait([future], timeout=_LIVENESS_S):
-            self._check_alive()
+        self.wait_alive(future, self._stage_workers())
+        if future.status == "error" and isinstance(future.exception(), StateLost):
+            self.ctx.lost(str(future.exception()), self.settled)
         if future.status == "error":
-            error = future.exception()
-            if isinstance(error, StateLost):
-                self._lost(str(error))
-            raise error
+            raise future.exception()
         if future.status != "finished":
-            self._check_alive()
-            self._lost(f"the pipeline's step output {future.key} was lost with a worker")
+            self.check_alive(self._stage_workers())
+            self.ctx.lost(f"the pipeline's step output {future.key} was lost with a worker",
+                          self.settled)
         self.settled += 1
 
-    def _check_alive(self) -> None:
-        live = set(cluster_workers(self.client))
-        for i, row in enumerate(self.grid):
-            for s, worker in enumerate(row):
-                if worker not in live:
-                    self._lost(f"worker {worker} (stage {s} of replica {i}) left")
-
-    def _lost(self, reason: str):
-        raise WorkerLost(reason, self.settled)
+    def check_alive(self, workers: dict) -> None:
+        """As :meth:`DrivenEpoch.check_alive`, counting the steps this attempt loses."""
+        live = set(self.ctx.live_workers())
+        for what, worker in workers.items():
+            if worker not in live:
+                self.ctx.lost(f"worker {worker} ({what}) left", self.settled)
 
     def _finish(self, fit: _Fit, ready, steps: int) -> None:
         """Gather the stages' parts into the epoch's final state."""
-        t = self.trainer
-        end = t.round + steps
+        ctx, info = self.ctx, self.ctx.info
+        end = info.round + steps
         parts = [self._pinned(stage_tasks.export_stage, fit.specs[s], ready[0][s],
                               **self.ids, replica=0, stage=s, round=end,
-                              key=t.task_key("stage-export", end, s, epoch=t.epoch),
-                              worker=self.grid[0][s])
+                              key=ctx.key("stage-export", end, s), worker=self.grid[0][s])
                  for s in range(len(fit.layouts))]
-        plan = RoundPlan(t.run_id, 0, t.epoch, t.round, self.done, steps, t.replica_batch[0],
-                         self.lr, t.random_state, t.shuffle, None, t.steps_per_epoch)
-        final = self.client.submit(
-            finish_stages, t._state, *parts, layouts=fit.layouts, plan=plan, pure=False,
-            key=t.task_key("average", end, epoch=t.epoch), workers=[self.grid[0][0]],
-            allow_other_workers=True)
-        self.held.append(final)
+        plan = ctx.plan(0, round=info.round, first_step=info.done, n_steps=steps,
+                        max_non_finite=None)
+        final = self.hold(ctx.submit(
+            finish_stages, ctx.state, *parts, layouts=fit.layouts, plan=plan,
+            key=ctx.key("average", end), worker=self.grid[0][0], queue=False))
         self._settle(final)
-        t.round = end
-        t._state = t._latest = final
-        t._track((t.round, final))
-
-
-def _identity(x):
-    return x
-
+        ctx.track(end, final)
+        ctx.finish(final, end)

@@ -1,24 +1,26 @@
-"""Averaging on the workers: weighted sums of contributions, as a tree of tasks.
+"""Averaging on the workers: weighted sums of contributions, and the round log.
 
-Replicas' contributions never travel through the client. The driver submits
-``daskdist-average`` tasks that sum pairs of contributions on the worker that
-holds the first of them, level by level, and a final task (the strategy's
-*finalize*: average parameters, or apply the averaged gradient) that turns the
-sum into the next :class:`~daskdist.state.TrainingState`. Every average is
-weighted by the number of samples behind each contribution.
+The bodies of the ``daskdist-average`` tasks that the driver arranges in a
+tree (:mod:`daskdist.driver.tree`): :func:`combine` sums contributions (or
+partial sums), :func:`average_parameters` turns a round's sum into the next
+:class:`~daskdist.state.TrainingState` for ``local_sgd``. Every average is
+weighted by the number of samples behind each contribution; every round is
+logged (:func:`log_round`) for the ``rounds_`` table and the dashboard.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..dashboard.events import emit_from_worker, round_event
-from ..state import tree_nbytes, tree_scale, tree_weighted_sum
-from .replica import Contribution, NonFiniteError, _worker_address
+from ..errors import NonFiniteError
+from ..state import TrainingState, tree_nbytes, tree_scale, tree_weighted_sum
+from .replica import Contribution
+from .runtime import GLOBAL, keep, worker_address
 
-__all__ = ["WeightedSum", "check_non_finite", "combine", "count_skipped", "exchange_bytes",
-           "log_round", "submit_tree"]
+__all__ = ["WeightedSum", "average_parameters", "check_non_finite", "combine", "count_skipped",
+           "exchange_bytes", "log_round"]
 
 
 @dataclass
@@ -70,7 +72,7 @@ def combine(*parts, payload: bool = True) -> WeightedSum:
     to come from other workers. With ``payload=False`` only the statistics are
     combined (for a caller that averages the payloads itself).
     """
-    here = _worker_address()
+    here = worker_address()
     sums = [_as_sum(p) for p in parts]
     moved = sum(s.bytes_moved for s in sums)
     moved += sum(tree_nbytes(s.payload) for s in sums
@@ -113,7 +115,7 @@ def log_round(log: tuple, total: WeightedSum, plan, state_nbytes: int, replica_w
     With ``emit``, the record is also sent to the scheduler as a ``"round"``
     event (:mod:`daskdist.dashboard.events`).
     """
-    here = _worker_address()
+    here = worker_address()
     broadcast = state_nbytes * sum(1 for w in set(replica_workers) if w != here)
     record = {
         "round": plan.round,
@@ -162,54 +164,25 @@ def check_non_finite(skipped_before: int, replicas, plan, count: int | None = No
     return skipped
 
 
-def submit_tree(submit, parts, workers, finalize, *args, key, round_index: int,
-                fan_in: int = 2, **kwargs):
-    """Reduce contribution futures to one future with a tree of tasks.
+def average_parameters(spec, state, *parts, plan, replica_workers):
+    """Average the replicas' parameters, buffers and optimizer state.
 
-    Parameters
-    ----------
-    submit : callable
-        ``submit(func, *args, key=, worker=, **kwargs)``, as
-        :meth:`daskdist.driver.trainer.Trainer.submit`.
-    parts : list of Future or Delayed
-        One contribution per replica.
-    workers : list of str
-        The worker each contribution is expected on (tree nodes are placed
-        with the first input they sum, the root rotating over the workers
-        from round to round; placement falls back to any worker).
-    finalize : callable
-        ``finalize(*args, *partials, **kwargs)``: the root task, given at most
-        ``fan_in`` partial sums.
-    key : callable
-        ``key(round_index, *position)`` gives the key of a tree node (the
-        root's position is empty).
-    round_index : int
-        The round (also rotates the root over the workers).
-    fan_in : int
-        Inputs per tree node.
-
-    Returns
-    -------
-    Future or Delayed
-        The root's result.
+    The root ``daskdist-average`` task of ``local_sgd`` (and of
+    ``hierarchical``, given the groups' partial sums); the average is
+    weighted by the samples each replica trained on in the round. The new
+    state is kept on this worker (:mod:`daskdist.worker.runtime`).
     """
-    level = 0
-    # The root's worker does the round's extra work (the final average, and
-    # serving the new state to the others): rotate it over the workers.
-    shift = round_index % len(parts)
-    parts = list(parts[shift:]) + list(parts[:shift])
-    workers = list(workers[shift:]) + list(workers[:shift])
-    while len(parts) > fan_in:
-        next_parts, next_workers = [], []
-        for j in range(0, len(parts), fan_in):
-            group = parts[j:j + fan_in]
-            if len(group) == 1:
-                next_parts.append(group[0])
-            else:
-                next_parts.append(submit(
-                    combine, *group, key=key(round_index, level, j),
-                    worker=workers[j]))
-            next_workers.append(workers[j])
-        parts, workers, level = next_parts, next_workers, level + 1
-    return submit(finalize, *args, *parts, **kwargs,
-                  key=key(round_index), worker=workers[0])
+    total = combine(*parts)
+    skipped = count_skipped(state, total, plan)
+    mean = total.mean()
+    if mean is None:  # no replica trained (shards exhausted, or no finite update)
+        new = replace(state, round=state.round + 1, epoch=plan.epochs_completed(),
+                      skipped=skipped)
+    else:
+        new = TrainingState(
+            params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
+            step=state.step + total.steps, round=state.round + 1, epoch=plan.epochs_completed(),
+            skipped=skipped, log=state.log,
+        )
+    new = replace(new, log=log_round(state.log, total, plan, new.nbytes, replica_workers))
+    return keep(plan.run_id, GLOBAL, new.round, new)

@@ -17,16 +17,20 @@ starts from the state of the round it is recovered to, optimizer included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..compression import unpacked
+from ..errors import StateLost
+from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import combine, count_skipped, exchange_bytes, log_round
-from .replica import Contribution, RoundPlan, StateLost, _pack, local_steps
+from .replica import Contribution, local_steps, pack_update
+from .runtime import GLOBAL, keep, kept
 
-__all__ = ["DeltaResult", "apply_mean_delta", "delta_round", "finish_deltas"]
+__all__ = ["DeltaResult", "apply_mean_delta", "delta_round", "finish_deltas", "own_result"]
 
 
 @dataclass
@@ -36,9 +40,19 @@ class DeltaResult:
     ``state`` (the state the round started from) and ``optimizer`` (the
     replica's optimizer state after the round) stay on the worker that made
     them: a copy that leaves it (fetched by a peer or the client, or spilled
-    to disk) carries the contribution, the round counter and the plan only.
-    ``start_nbytes``: the bytes of the epoch's starting state when the round
-    began from it (every other worker fetched it), else 0.
+    to disk) carries the contribution, the round counter, the plan and the
+    result's ``token`` only. ``start_nbytes``: the bytes of the epoch's
+    starting state when the round began from it (every other worker fetched
+    it), else 0.
+
+    The replica's next round needs the state on the same worker, but a copy
+    may be what it gets there: Dask's active memory manager drops one of two
+    copies of a key (here: the replica's own, and the one a peer fetched)
+    from whichever worker holds the most memory, the replica's own worker
+    included. So the worker keeps each replica's newest results
+    (:mod:`daskdist.worker.runtime`), where a copy finds its original by the
+    ``token`` (:func:`own_result`): only the result the copy was made from
+    matches, never one of another round, attempt or fit.
     """
 
     state: TrainingState | None
@@ -47,10 +61,11 @@ class DeltaResult:
     round: int
     plan: RoundPlan
     start_nbytes: int = 0
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __reduce__(self):
         return (DeltaResult, (None, None, self.contribution, self.round, self.plan,
-                              self.start_nbytes))
+                              self.start_nbytes, self.token))
 
     @property
     def nbytes(self) -> int:
@@ -58,8 +73,25 @@ class DeltaResult:
         return tree_nbytes(self.contribution.payload)
 
     def __sizeof__(self) -> int:
-        kept = 0 if self.state is None else self.state.nbytes + tree_nbytes(self.optimizer)
-        return object.__sizeof__(self) + kept + self.nbytes
+        held = 0 if self.state is None else self.state.nbytes + tree_nbytes(self.optimizer)
+        return object.__sizeof__(self) + held + self.nbytes
+
+
+def own_result(own: DeltaResult, replica: int) -> DeltaResult:
+    """``own`` with its state: itself, or the original this worker keeps of a copy.
+
+    Raises :class:`~daskdist.errors.StateLost` when neither holds it (the
+    worker that made it was lost).
+    """
+    if own.state is not None:
+        return own
+    original = kept(own.plan.run_id, replica, own.round)
+    if isinstance(original, DeltaResult) and original.token == own.token:
+        return original
+    raise StateLost(
+        f"The training state of replica {replica} at round {own.round} is not on this "
+        "worker (its worker was lost)."
+    )
 
 
 def _average(previous, replica: int, replica_workers) -> TrainingState:
@@ -81,11 +113,7 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
     :class:`~daskdist.worker.aggregation.WeightedSum`), logged as the round. An
     epoch's first round also logs the starting state its workers fetched.
     """
-    if own.state is None:
-        raise StateLost(
-            f"The training state of replica {replica} at round {own.round} is not on this "
-            "worker (its worker was lost, or the result was spilled to disk)."
-        )
+    own = own_result(own, replica)
     state, plan = own.state, own.plan
     skipped = count_skipped(state, total, plan)
     optimizer = own.optimizer if own.optimizer is not None else state.optimizer
@@ -121,10 +149,11 @@ def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> Del
     if contribution.weight and not contribution.non_finite:
         after = contribution.payload
         optimizer = after["optimizer"]
-        contribution.payload = {"delta": _pack(after["params"] - state.params, plan),
+        contribution.payload = {"delta": pack_update(after["params"] - state.params, plan),
                                 "buffers": after["buffers"]}
-    return DeltaResult(state, optimizer, contribution, state.round, plan,
-                       state.nbytes if start else 0)
+    return keep(plan.run_id, plan.replica, state.round,
+                DeltaResult(state, optimizer, contribution, state.round, plan,
+                            state.nbytes if start else 0))
 
 
 def finish_deltas(spec, *previous, plan: RoundPlan, replica_workers) -> TrainingState:
@@ -132,4 +161,5 @@ def finish_deltas(spec, *previous, plan: RoundPlan, replica_workers) -> Training
 
     The ``daskdist-average`` task that ends a compressed ``local_sgd`` epoch.
     """
-    return _average(previous, plan.replica, replica_workers)
+    final = _average(previous, plan.replica, replica_workers)
+    return keep(plan.run_id, GLOBAL, final.round, final)

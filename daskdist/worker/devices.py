@@ -23,8 +23,13 @@ import warnings
 
 import torch
 
-__all__ = ["PRECISIONS", "check_precision", "is_cuda", "worker_info", "plan_devices",
-           "device_here", "autocast", "grad_scaler", "use_device", "to_device"]
+from ..plan import RoundPlan
+from ..seeds import seed_for
+from .runtime import worker_address
+
+__all__ = ["PRECISIONS", "check_precision", "is_cuda", "worker_info", "device_here",
+           "autocast", "grad_scaler", "use_device", "to_device", "seed_round",
+           "seed_generators"]
 
 #: Values of the estimators' ``precision``: None (float32) or a reduced float type.
 PRECISIONS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,44 +64,6 @@ def worker_info(dask_worker=None) -> dict:
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def plan_devices(requested: str, infos: dict) -> tuple[dict, list]:
-    """Each worker's device for a fit that asks for ``requested``.
-
-    Parameters
-    ----------
-    requested : str
-        The estimator's ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-    infos : dict
-        Worker address -> :func:`worker_info` of that worker.
-
-    Returns
-    -------
-    placement : dict
-        Worker address -> device. ``"cuda"`` places the CUDA workers of each
-        host on its devices in turn (in address order); ``"cuda:N"`` keeps
-        the index where the worker has that device.
-    fallback : list of str
-        Workers that were asked for CUDA and train on their CPU.
-    """
-    if not is_cuda(requested):
-        return {w: requested for w in infos}, []
-    index = torch.device(requested).index
-    placement, fallback, seen = {}, [], {}
-    for worker in sorted(infos):
-        info = infos[worker]
-        count = info.get("cuda", 0)
-        if index is not None and index < count:
-            placement[worker] = f"cuda:{index}"
-        elif index is None and count:
-            host = info.get("host")
-            nth = seen[host] = seen.get(host, -1) + 1
-            placement[worker] = f"cuda:{nth % count}"
-        else:
-            placement[worker] = "cpu"
-            fallback.append(worker)
-    return placement, fallback
-
-
 def device_here(requested: str, placement: dict | None = None) -> str:
     """This worker's device: its place in ``placement``, or ``requested`` if it can run here.
 
@@ -105,9 +72,7 @@ def device_here(requested: str, placement: dict | None = None) -> str:
     log.
     """
     if placement:
-        from .replica import _worker_address
-
-        found = placement.get(_worker_address())
+        found = placement.get(worker_address())
         if found is not None:
             return found
     if is_cuda(requested):
@@ -158,3 +123,19 @@ def to_device(tensor, device: str):
             tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def seed_round(plan: RoundPlan, device: str) -> None:
+    """Seed a replica's generators for its round: a pure function of the plan."""
+    seed_generators(seed_for(plan.random_state, 2, plan.round, plan.replica), device)
+
+
+def seed_generators(seed: int, device: str) -> None:
+    """Seed the generators a replica on ``device`` uses (and make it the current GPU).
+
+    Only those: ``torch.manual_seed`` also queues a lazy seeding of every
+    CUDA device, which costs milliseconds on each call.
+    """
+    torch.default_generator.manual_seed(seed)
+    if use_device(device):
+        torch.cuda.manual_seed(seed)

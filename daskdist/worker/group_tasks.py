@@ -22,12 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..compression import pack, residuals
+from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import WeightedSum, combine
 from .delta_tasks import DeltaResult, apply_mean_delta
-from .replica import RoundPlan, local_steps
+from .replica import local_steps
+from .runtime import GLOBAL, keep
 
-__all__ = ["GroupDelta", "bundle", "finish_group_deltas", "group_delta", "member_round"]
+__all__ = ["GroupDelta", "bundle", "finish_group_deltas", "group_delta", "member_round", "relay"]
 
 
 @dataclass
@@ -56,6 +58,11 @@ def _apply_groups(own: DeltaResult, groups, replica: int, replica_workers) -> Tr
                             replica_workers)
 
 
+def relay(state):
+    """The ``daskdist-relay`` task: a copy of the round's state on a group's first worker."""
+    return state
+
+
 def bundle(*groups: GroupDelta) -> tuple:
     """The ``daskdist-relay`` task: every group's delta, gathered on one group's worker."""
     return groups
@@ -81,8 +88,9 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
         optimizer = after["optimizer"]
         contribution.payload = {"delta": after["params"] - state.params,
                                 "buffers": after["buffers"]}
-    return DeltaResult(state, optimizer, contribution, state.round, plan,
-                       state.nbytes if start else 0)
+    return keep(plan.run_id, plan.replica, state.round,
+                DeltaResult(state, optimizer, contribution, state.round, plan,
+                            state.nbytes if start else 0))
 
 
 def group_delta(*members: DeltaResult, group: int, plan: RoundPlan) -> GroupDelta:
@@ -110,4 +118,5 @@ def finish_group_deltas(spec, own: DeltaResult, *groups, plan: RoundPlan,
 
     The ``daskdist-average`` task that ends a compressed ``hierarchical`` epoch.
     """
-    return _apply_groups(own, groups, plan.replica, replica_workers)
+    final = _apply_groups(own, groups, plan.replica, replica_workers)
+    return keep(plan.run_id, GLOBAL, final.round, final)

@@ -11,6 +11,9 @@ CPU, NCCL on GPU) rather than through Dask. Dask forms the group:
 2. Every rank's training task calls :func:`join`: it checks in at the store,
    waits for the other ranks (giving up early if the driver aborts the group,
    see :func:`abort_event_name`), and initialises the process's default group.
+   The ranks agree through the store on whether the group formed: once one
+   rank gives up waiting, a rank that arrives later gives up at once rather
+   than waiting for a peer that left.
 
 A process has one default group, so a worker process belongs to one group at
 a time; the group stays formed between a fit's epochs (joining again with the
@@ -19,28 +22,38 @@ same spec costs nothing) and is destroyed when its fit ends
 failed is not joined again.
 
 A rank whose worker process dies breaks its peers' connections, and their
-collectives fail at once. A rank that fails in the user's code (or hangs)
-leaves its peers waiting in their collective until the group's timeout: gloo
-offers no way to interrupt a collective in progress, and destroying the
-failed rank's group does not close its connections either.
+collectives fail at once. A rank that fails in the user's code (or hangs),
+or fails because another peer's connection broke, leaves its peers waiting in
+their collective until the group's timeout: gloo offers no way to interrupt a
+collective in progress, and destroying the failed rank's group does not close
+its connections either (``DistributedDataParallel`` leaves references to the
+process group behind). The driver therefore waits for the ranks of a group
+it gave up to end before it forms the next one.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..errors import GroupAborted
+from .runtime import on_drop_run
 
-__all__ = ["GroupSpec", "GroupAborted", "rendezvous", "join", "release", "leave",
+__all__ = ["GroupSpec", "GroupAborted", "is_communication_error", "process_identity",
+           "rendezvous", "join", "release", "leave",
            "abort_event", "abort_event_name", "current"]
 
 _lock = threading.Lock()
+#: A random id of this process (see :func:`process_identity`).
+_PROCESS_ID = uuid.uuid4().hex
 #: Rendezvous stores served by this process (it holds rank 0), by group key.
 _stores: dict = {}
 #: The group this process is a member of, or None.
@@ -48,6 +61,9 @@ _group = None
 
 #: Seconds between checks of the driver's abort event while waiting for the other ranks.
 _ABORT_POLL_S = 0.5
+#: Seconds of one attempt to connect to the rendezvous store (the abort event is checked
+#: between attempts).
+_CONNECT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -139,9 +155,13 @@ def join(spec: GroupSpec, rank: int) -> _Group:
 
     Reuses the group formed by an earlier epoch when it is the same one.
     Otherwise destroys the process's previous group (refusing to if another
-    fit is training with it at this moment) and forms this one.
+    fit is training with it at this moment) and forms this one. Raises
+    :class:`GroupAborted` if the driver gave the group up, or another rank
+    gave up waiting for this one; ``TimeoutError`` if the other ranks do not
+    all arrive within the group's timeout.
     """
     global _group
+    _check_not_aborted(spec)
     with _lock:
         old = _group
         if old is not None and old.spec == spec and old.rank == rank and not old.broken:
@@ -155,11 +175,11 @@ def join(spec: GroupSpec, rank: int) -> _Group:
             )
         _group = None
     _destroy(old)
+    deadline = time.monotonic() + spec.timeout
     store = _stores.get(spec.key) if rank == 0 else None
     if store is None:
-        store = dist.TCPStore(spec.host, spec.port, spec.world_size, False,
-                              timeout=datetime.timedelta(seconds=spec.timeout))
-    _wait_for_ranks(store, spec)
+        store = _connect(spec, deadline)
+    _wait_for_ranks(store, spec, deadline)
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.world_size,
                             timeout=datetime.timedelta(seconds=spec.timeout))
     group = _Group(spec, rank, store)
@@ -169,26 +189,78 @@ def join(spec: GroupSpec, rank: int) -> _Group:
     return group
 
 
-def _wait_for_ranks(store, spec: GroupSpec) -> None:
-    """Check in at the store and wait for every rank; stop early if the driver aborts."""
-    store.add("arrived", 1)
-    start = time.monotonic()
-    next_check = start + _ABORT_POLL_S
+def _check_not_aborted(spec: GroupSpec) -> None:
+    """Raise :class:`GroupAborted` if the driver gave the group up (a task that started late)."""
+    event = abort_event(spec.key)
+    if event is not None and event.is_set():
+        raise GroupAborted(f"The driver aborted ddp process group {spec.key}.")
+
+
+def _connect(spec: GroupSpec, deadline: float):
+    """A client of the group's rendezvous store, connected before ``deadline``.
+
+    Connects in short attempts, checking the driver's abort event between
+    them: the store lives in the first rank's worker, and if that worker
+    died, one long attempt would hold this worker until the timeout (and
+    longer: the store client retries).
+    """
     event = None
-    while store.add("arrived", 0) < spec.world_size:
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            store = dist.TCPStore(spec.host, spec.port, spec.world_size, False,
+                                  timeout=datetime.timedelta(seconds=max(min(_CONNECT_S, left),
+                                                                         0.1)))
+        except (RuntimeError, TimeoutError, ConnectionError) as error:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Could not reach the ddp rendezvous store at {spec.host}:{spec.port} "
+                    f"within {spec.timeout:g} s (strategy__timeout): {error}") from None
+            event = event or abort_event(spec.key)
+            if event is not None and event.is_set():
+                raise GroupAborted(f"The driver aborted ddp process group {spec.key}.") from None
+            continue
+        store.set_timeout(datetime.timedelta(seconds=spec.timeout))
+        return store
+
+
+#: The store key on which the ranks agree whether the group formed: "yes", or "no" once a
+#: rank gave up waiting (whichever is set first stays).
+_FORMED = "formed"
+
+
+def _wait_for_ranks(store, spec: GroupSpec, deadline: float) -> None:
+    """Check in at the store and wait for every rank; stop early if the driver aborts.
+
+    The last rank to arrive declares the group formed; a rank that gives up
+    (timeout, or the driver's abort) declares it failed. The first
+    declaration wins, so every rank either goes on to form the group or
+    gives up: none is left in ``init_process_group`` waiting for a rank that
+    left, and one that arrives after another gave up leaves at once.
+    """
+    if store.add("arrived", 1) >= spec.world_size:
+        store.compare_set(_FORMED, "", "yes")
+    next_check = time.monotonic() + _ABORT_POLL_S
+    event = None
+    while not store.check([_FORMED]):
         now = time.monotonic()
-        if now - start > spec.timeout:
-            raise TimeoutError(
+        reason = None
+        if now > deadline:
+            reason = TimeoutError(
                 f"Only {store.add('arrived', 0)} of {spec.world_size} ranks of the ddp process "
                 f"group reached the rendezvous at {spec.host}:{spec.port} within "
                 f"{spec.timeout:g} s (strategy__timeout)."
             )
-        if now >= next_check:
+        elif now >= next_check:
             event = event or abort_event(spec.key)
             if event is not None and event.is_set():
-                raise GroupAborted(f"The driver aborted ddp process group {spec.key}.")
+                reason = GroupAborted(f"The driver aborted ddp process group {spec.key}.")
             next_check = now + _ABORT_POLL_S
+        if reason is not None and store.compare_set(_FORMED, "", "no") != b"yes":
+            raise reason
         time.sleep(0.005)
+    if store.get(_FORMED) != b"yes":
+        raise GroupAborted(f"Another rank gave up forming ddp process group {spec.key}.")
 
 
 def abort_event(key: str):
@@ -222,6 +294,17 @@ def current() -> GroupSpec | None:
     return None if group is None else group.spec
 
 
+def process_identity() -> tuple:
+    """What identifies this worker process across the cluster: its host, pid and a random id.
+
+    The pid alone does not: containers on different hosts commonly run their
+    workers as pid 7. Two workers in one process (``processes=False``) share
+    all three.
+    """
+    return (socket.gethostname(), os.getpid(), _PROCESS_ID)
+
+
+@on_drop_run
 def leave(run_id: str | None = None, key: str | None = None) -> bool:
     """Destroy this process's group if it belongs to ``run_id`` (or is ``key``; None: any).
 
@@ -252,3 +335,16 @@ def _destroy(group: _Group | None) -> None:
     group.wrapped = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_communication_error(error) -> bool:
+    """Whether a rank failed because the group broke (rather than in the user's code)."""
+    if isinstance(error, (GroupAborted, TimeoutError, ConnectionError)):
+        return True
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(error, dist_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection reset",
+                                      "Connection closed", "Broken pipe"))

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from ..compression import pack, residuals
-from ..data.streaming import drop_streams
-from ..errors import NonFiniteError, StateLost
-from ..spec import ModelSpec, seed_for
+from ..plan import RoundPlan
+from ..spec import ModelSpec
 from ..state import (
     TrainingState,
     buffers_to_numpy,
@@ -35,82 +34,17 @@ from ..state import (
     params_vector,
     tree_nbytes,
 )
-from . import process_group
-from .devices import autocast, grad_scaler, to_device, use_device
+from .devices import autocast, grad_scaler, seed_round, to_device
+from .runtime import GLOBAL, keep, on_drop_run, set_lr, worker_address
 
-__all__ = ["RoundPlan", "Contribution", "StateLost", "NonFiniteError", "local_steps", "gradient",
-           "evaluate", "drop_run"]
+__all__ = ["Contribution", "Replica", "replica_for", "local_steps", "local_round", "gradient",
+           "evaluate",
+           "pack_update", "sits_out", "skipped_update", "all_finite", "scaled_backward_overflowed"]
 
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
+on_drop_run(residuals.drop_run)  # the error-feedback memory of packed updates
 _cache_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What one replica does in one round.
-
-    Attributes
-    ----------
-    run_id : str
-        Identifies the fit (worker caches are keyed by it).
-    replica : int
-        Replica index.
-    epoch : int
-        Epoch index (0-based, counted over the whole fit).
-    round : int
-        Round index over the whole fit.
-    first_step : int
-        Index, within the epoch, of the round's first step.
-    n_steps : int
-        Optimizer steps in this round.
-    batch_size : int
-        This replica's share of the global batch.
-    lr : float or tuple of float
-        Learning rate for every step of the round (one per parameter group).
-    random_state : int
-        Seed of the fit; shuffles and torch seeds derive from it.
-    shuffle : bool
-        Reshuffle the shard every epoch.
-    max_non_finite : int or None
-        Non-finite replica updates the fit tolerates before it fails with
-        :class:`NonFiniteError` (``None``: any number).
-    epoch_steps : int or None
-        Steps in a whole epoch, so that the round that ends an epoch can count
-        it as completed (``None``: not known).
-    compression : {None, "fp16", "bf16", "topk"}
-        How the replica packs what it sends (:mod:`daskdist.compression`).
-    density : float
-        Share of entries ``"topk"`` sends.
-    """
-
-    run_id: str
-    replica: int
-    epoch: int
-    round: int
-    first_step: int
-    n_steps: int
-    batch_size: int
-    lr: float | tuple
-    random_state: int
-    shuffle: bool = False
-    max_non_finite: int | None = None
-    epoch_steps: int | None = None
-    compression: str | None = None
-    density: float = 0.01
-
-    def epochs_completed(self) -> int:
-        """Epochs completed once this round is done (``epoch``, or one more at its end)."""
-        ends_epoch = (self.epoch_steps is not None
-                      and self.first_step + self.n_steps >= self.epoch_steps)
-        return self.epoch + int(ends_epoch)
-
-    def positions(self, n_samples: int) -> list[np.ndarray]:
-        """Shard positions of each step's batch (empty once the shard is exhausted)."""
-        order = _epoch_order(n_samples, self)
-        b = self.batch_size
-        return [order[(self.first_step + k) * b:(self.first_step + k + 1) * b]
-                for k in range(self.n_steps)]
 
 
 @dataclass
@@ -139,8 +73,8 @@ class Contribution:
         return object.__sizeof__(self) + tree_nbytes(self.payload)
 
 
-class _Replica:
-    """A live module and optimizer built from a spec, cached on a worker."""
+class Replica:
+    """A live module and optimizer built from a spec, cached on a worker (:func:`replica_for`)."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -176,25 +110,19 @@ class _Replica:
         self.buffers_current = False
 
     def set_lr(self, lr) -> None:
+        """Set the optimizer's learning rate (one, or one per parameter group)."""
         set_lr(self.optimizer, lr)
 
 
-def set_lr(optimizer, lr) -> None:
-    """Set each parameter group's learning rate (``lr``: one for all, or one per group)."""
-    groups = optimizer.param_groups
-    lrs = lr if isinstance(lr, (tuple, list)) else [lr] * len(groups)
-    for group, value in zip(groups, lrs):
-        group["lr"] = value
-
-
-def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
+def replica_for(spec: ModelSpec, run_id: str, role) -> Replica:
+    """The live replica of ``role`` in a fit on this worker, built from ``spec`` if need be."""
     key = (run_id, role)
     with _cache_lock:
         rep = _cache.get(key)
         if rep is not None and rep.spec is spec:
             _cache.move_to_end(key)
             return rep
-    rep = _Replica(spec)
+    rep = Replica(spec)
     with _cache_lock:
         _cache[key] = rep
         while len(_cache) > _CACHE_SIZE:
@@ -202,17 +130,9 @@ def _replica(spec: ModelSpec, run_id: str, role) -> _Replica:
     return rep
 
 
-def drop_run(run_id: str) -> int:
-    """Free the cached replicas (stages, chunk streams, ddp process group) of a finished fit.
-
-    Returns how many replicas were dropped.
-    """
-    from . import stage_tasks  # (it imports this module)
-
-    drop_streams(run_id)
-    stage_tasks.drop_run(run_id)
-    residuals.drop_run(run_id)
-    process_group.leave(run_id)
+@on_drop_run
+def drop_replicas(run_id: str) -> int:
+    """Free the cached replicas of a finished fit; returns how many were dropped."""
     with _cache_lock:
         keys = [k for k in _cache if k[0] == run_id]
         for k in keys:
@@ -220,38 +140,7 @@ def drop_run(run_id: str) -> int:
     return len(keys)
 
 
-def _epoch_order(n_samples: int, plan: RoundPlan) -> np.ndarray:
-    if not plan.shuffle:
-        return np.arange(n_samples)
-    rng = np.random.default_rng(seed_for(plan.random_state, 1, plan.epoch, plan.replica))
-    return rng.permutation(n_samples)
-
-
-def _worker_address():
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except ValueError:
-        return None
-
-
-def _seed_round(plan: RoundPlan, device: str) -> None:
-    seed_generators(seed_for(plan.random_state, 2, plan.round, plan.replica), device)
-
-
-def seed_generators(seed: int, device: str) -> None:
-    """Seed the generators a replica on ``device`` uses (and make it the current GPU).
-
-    Only those: ``torch.manual_seed`` also queues a lazy seeding of every
-    CUDA device, which costs milliseconds on each call.
-    """
-    torch.default_generator.manual_seed(seed)
-    if use_device(device):
-        torch.cuda.manual_seed(seed)
-
-
-def _train_batch(rep: _Replica, X, y) -> float:
+def _train_batch(rep: Replica, X, y) -> float:
     """One step: loss → backward → optimizer step; returns the loss.
 
     In reduced precision the forward pass and loss run under autocast; with
@@ -281,12 +170,12 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
     samples it trained on.
     """
     t_start = time.time()
-    rep = _replica(spec, plan.run_id, plan.replica)
+    rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state)
     rep.set_lr(plan.lr)
     rep.module.train()
     device = rep.device
-    _seed_round(plan, device)
+    seed_round(plan, device)
     loss_sum, n, steps = 0.0, 0, 0
     t0 = time.perf_counter()
     for X, y in shard.batches(plan):
@@ -302,25 +191,36 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
         "optimizer": optimizer_state_to_numpy(rep.optimizer),
     }
     rep.moved_on()
-    if not (np.isfinite(loss_sum) and _all_finite(payload)):
-        return _skipped(plan, steps, compute_s, t_start)
+    if not (np.isfinite(loss_sum) and all_finite(payload)):
+        return skipped_update(plan, steps, compute_s, t_start)
     return Contribution(plan.replica, float(n), payload, loss_sum, steps, compute_s,
-                        t_start, time.time(), _worker_address())
+                        t_start, time.time(), worker_address())
 
 
-def _all_finite(tree) -> bool:
+def local_round(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
+    """The ``daskdist-round`` task of ``local_sgd``: :func:`local_steps` from the global state.
+
+    The state every replica starts the round from is kept on this worker
+    (:mod:`daskdist.worker.runtime`), so that a recovery finds it on any
+    replica's worker.
+    """
+    keep(plan.run_id, GLOBAL, state.round, state)
+    return local_steps(spec, shard, state, plan)
+
+
+def all_finite(tree) -> bool:
     """Whether every floating-point array in a (nested dict of) arrays is finite."""
     if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
+        return all(all_finite(v) for v in tree.values())
     if isinstance(tree, np.ndarray) and tree.dtype.kind in "fc":
         return bool(np.isfinite(tree).all())
     return True
 
 
-def _skipped(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
+def skipped_update(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
     """The contribution of a replica whose update was not finite: weight zero, flagged."""
     return Contribution(plan.replica, 0.0, {}, 0.0, steps, compute_s, t_start, time.time(),
-                        _worker_address(), non_finite=True)
+                        worker_address(), non_finite=True)
 
 
 def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
@@ -331,15 +231,15 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     replicas is the gradient of the combined batch.
     """
     t_start = time.time()
-    rep = _replica(spec, plan.run_id, plan.replica)
+    rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state, with_optimizer=False)
     rep.module.train()
     device = rep.device
-    _seed_round(plan, device)
+    seed_round(plan, device)
     t0 = time.perf_counter()
     batch = next(iter(shard.batches(plan)), None)
     if batch is None:  # shard exhausted: weight zero
-        return _sits_out(plan, 0, 0.0, t_start)
+        return sits_out(plan, 0, 0.0, t_start)
     X, y = batch
     module = rep.module
     module.zero_grad()
@@ -347,31 +247,31 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
         loss = spec.loss(module(to_device(X, device)), to_device(y, device))
     if rep.scaler is None:
         loss.backward()
-    elif _scaled_backward_overflowed(rep, loss):
+    elif scaled_backward_overflowed(rep, loss):
         # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
         # step out (an overflow is not a non-finite update)
-        return _sits_out(plan, 1, time.perf_counter() - t0, t_start)
+        return sits_out(plan, 1, time.perf_counter() - t0, t_start)
     grad = torch.nn.utils.parameters_to_vector(
         [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
     ).detach().cpu().numpy()
     compute_s = time.perf_counter() - t0
     rep.ran_forward()
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
-    if not (torch.isfinite(loss).item() and _all_finite(payload)):
-        return _skipped(plan, 1, compute_s, t_start)
+    if not (torch.isfinite(loss).item() and all_finite(payload)):
+        return skipped_update(plan, 1, compute_s, t_start)
     if plan.compression:
-        payload["grad"] = _pack(grad, plan)
+        payload["grad"] = pack_update(grad, plan)
     return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
-                        compute_s, t_start, time.time(), _worker_address())
+                        compute_s, t_start, time.time(), worker_address())
 
 
-def _sits_out(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
+def sits_out(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> Contribution:
     """The contribution of a replica with no gradient this step (weight zero, not flagged)."""
     return Contribution(plan.replica, 0.0, {"grad": None, "buffers": None}, 0.0, steps,
-                        compute_s, t_start, time.time(), _worker_address())
+                        compute_s, t_start, time.time(), worker_address())
 
 
-def _scaled_backward_overflowed(rep: _Replica, loss) -> bool:
+def scaled_backward_overflowed(rep: Replica, loss) -> bool:
     """Backward of the scaled loss, gradients unscaled; whether they overflowed.
 
     A non-finite loss is not an overflow: it is left to the non-finite checks.
@@ -383,7 +283,7 @@ def _scaled_backward_overflowed(rep: _Replica, loss) -> bool:
     return overflow
 
 
-def _pack(update: np.ndarray, plan: RoundPlan):
+def pack_update(update: np.ndarray, plan: RoundPlan):
     """Compress a replica's update, with its error-feedback memory on this worker."""
     memory = residuals.take(plan.run_id, plan.replica, update.size)
     packed, left = pack(update, plan.compression, density=plan.density, residual=memory)
@@ -396,7 +296,7 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
 
     The ``daskdist-valid`` task run at each epoch boundary.
     """
-    rep = _replica(spec, run_id, ("eval", shard.replica))
+    rep = replica_for(spec, run_id, ("eval", shard.replica))
     rep.load(state, with_optimizer=False)
     rep.module.eval()
     device = rep.device

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from ..dashboard.events import emit_from_worker, round_event
-from ..spec import ModelSpec, seed_for
+from ..errors import StateLost
+from ..seeds import seed_for
+from ..spec import ModelSpec
 from ..state import (
-    _read_tensor,
     buffers_to_numpy,
     copy_flat,
     grads_finite,
@@ -37,10 +38,11 @@ from ..state import (
     mean_flat_into,
     optimizer_state_from_numpy,
     optimizer_state_to_numpy,
+    read_tensor,
 )
 from .aggregation import check_non_finite
-from .devices import autocast, to_device
-from .replica import StateLost, _worker_address, seed_generators, set_lr
+from .devices import autocast, seed_generators, to_device
+from .runtime import on_drop_run, set_lr, worker_address
 from .stages import StageLayout, StagePart, build_stage
 
 __all__ = ["Activation", "BFloat16Array", "Backward", "StageGradient", "load_stage",
@@ -74,8 +76,8 @@ def to_wire(tensor: torch.Tensor):
 def from_wire(array) -> torch.Tensor:
     """The tensor :func:`to_wire` sent (a view of the received data)."""
     if isinstance(array, BFloat16Array):
-        return _read_tensor(array.bits).view(torch.bfloat16)
-    return _read_tensor(array)
+        return read_tensor(array.bits).view(torch.bfloat16)
+    return read_tensor(array)
 
 
 @dataclass
@@ -178,7 +180,7 @@ def keep_stages(run_id: str, grid, dask_worker=None) -> int:
     that a worker does not hold a stage it gave up until the fit ends.
     Returns how many were dropped.
     """
-    here = dask_worker.address if dask_worker is not None else _worker_address()
+    here = dask_worker.address if dask_worker is not None else worker_address()
     with _stages_lock:
         gone = [k for k in _stages if k[0] == run_id
                 and not (k[1] < len(grid) and k[2] < len(grid[k[1]])
@@ -188,6 +190,7 @@ def keep_stages(run_id: str, grid, dask_worker=None) -> int:
     return len(gone)
 
 
+@on_drop_run
 def drop_run(run_id: str) -> int:
     """Free the stages of a finished fit on this worker; return how many were dropped."""
     with _stages_lock:
@@ -238,7 +241,7 @@ def _micro(batch, micro: int, n_micro: int):
 
 def _arrive(message, size: int) -> int:
     """Bytes moved so far, counting ``size`` more when ``message`` came from another worker."""
-    here = _worker_address()
+    here = worker_address()
     return message.bytes_moved + (size if message.worker not in (None, here) else 0)
 
 
@@ -269,10 +272,10 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
         X = None if X is None or not len(X) else X
     else:
         X = None if source.x is None else from_wire(source.x)
-        y = None if source.y is None else _read_tensor(source.y)
+        y = None if source.y is None else read_tensor(source.y)
         moved = _arrive(source, _nbytes(source.x) + _nbytes(source.y))
         t_first, times = source.t_start, source.compute_s
-    here = _worker_address()
+    here = worker_address()
     if X is None:  # an empty micro-batch (the replica's slice is smaller than n_micro)
         if last:
             return Backward(None, 0, 0.0, True, here, moved, t_first, times)
@@ -317,7 +320,7 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
     """
     state = _stage(run_id, replica, stage)
     moved = _arrive(message, _nbytes(message.grad))
-    here = _worker_address()
+    here = worker_address()
     times, finite = message.compute_s, message.finite
     t0 = time.perf_counter()
     with state.lock:
@@ -346,7 +349,7 @@ def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: in
         state.at(plan.round, attempt, "gradient")
         vector = torch.nn.utils.parameters_to_vector(
             [p.grad if p.grad is not None else torch.zeros_like(p) for p in state.params])
-    return StageGradient(vector.detach().cpu().numpy(), _worker_address())
+    return StageGradient(vector.detach().cpu().numpy(), worker_address())
 
 
 def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan,

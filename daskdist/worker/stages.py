@@ -28,10 +28,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..spec import ModelSpec, _param_groups
+from ..spec import ModelSpec, param_groups
 from ..state import TrainingState
 
 __all__ = ["StageLayout", "StagePart", "plan_stages", "balanced_split", "stage_spec",
+           "finish_stages",
            "split_state", "join_states"]
 
 
@@ -190,7 +191,7 @@ def plan_stages(spec: ModelSpec, n_stages: int, split_points=None) -> list[Stage
     kwargs = dict(spec.optimizer_kwargs)
     named = list(module.named_parameters())
     by_id = {id(p): n for n, p in named}
-    full = _param_groups(named, kwargs.get("param_groups", []))
+    full = param_groups(named, kwargs.get("param_groups", []))
     full_order = [by_id[id(p)] for g in full for p in g["params"]]  # the optimizer's indices
     index_of = {n: i for i, n in enumerate(full_order)}
     full_groups, start = [], 0
@@ -291,3 +292,14 @@ def _join_optimizer(parts, layouts) -> dict:
         source = next((p for p, lay in zip(parts, layouts) if lay.groups[g]), parts[0])
         param_groups.append({**source.optimizer["param_groups"][g], "params": list(indices)})
     return {"state": dict(sorted(full_state.items())), "param_groups": param_groups}
+
+
+def finish_stages(state: TrainingState, *parts, layouts, plan) -> TrainingState:
+    """The epoch's final state from every stage's part (the pipeline's ``average`` task)."""
+    first = min(parts, key=lambda p: p.stage)
+    records = first.records
+    applied = sum(1 for r in records if not r["skipped"])
+    return join_states(
+        state, parts, layouts, step=state.step + applied, round=state.round + plan.n_steps,
+        epoch=plan.epochs_completed(), skipped=first.skipped,
+        log=(state.log if plan.first_step else ()) + tuple(records), cursors=())

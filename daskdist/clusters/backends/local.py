@@ -104,14 +104,14 @@ class LocalCUDA(Backend):
         }
 
     def start(self, spec):
-        from ..embedded import _temporary_security, embedded_cluster_config
+        from ..embedded import embedded_cluster_config, temporary_security
 
         dask_cuda = require(spec, self, *self.package)
         tls = security(spec)
         if tls is None:
             tls = bool(dask.config.get("daskdist.cluster.tls"))
         if tls is True:
-            tls = _temporary_security()
+            tls = temporary_security()
         with dask.config.set(embedded_cluster_config()):
             return dask_cuda.LocalCUDACluster(security=tls or None,
                                               **self.cluster_options(spec))

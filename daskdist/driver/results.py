@@ -1,0 +1,59 @@
+"""What a fit reports: each epoch's result, and the rows of ``rounds_`` and ``recoveries_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..state import TrainingState
+
+__all__ = ["EpochResult", "ROUND_COLUMNS", "RECOVERY_COLUMNS", "round_rows"]
+
+#: Columns of the ``rounds_`` table: one row per synchronisation round.
+ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
+                 "compute_s", "staleness", "dropped")
+#: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
+#: (the epoch, the round counter training went on from, finished rounds that
+#: had to be run again, and what was lost).
+RECOVERY_COLUMNS = ("epoch", "round", "rounds_lost", "reason")
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced, as the client sees it."""
+
+    epoch: int
+    state: TrainingState
+    train_loss: float
+    samples: int
+    rounds: list
+    duration: float
+    valid: dict = field(default_factory=dict)
+
+    @property
+    def samples_per_sec(self) -> float:
+        """Training samples per second of wall time."""
+        return self.samples / self.duration if self.duration else float("nan")
+
+
+
+def round_rows(state: TrainingState) -> list[dict]:
+    """Rows of the ``rounds_`` table for the rounds logged in ``state``."""
+    rows, prev_end = [], None
+    for r in state.log:
+        start = r["t_start"] if prev_end is None else prev_end
+        span = max(r["t_end"] - start, 0.0)
+        rows.append({
+            "round": r["round"], "epoch": r["epoch"], "replicas": r["replicas"],
+            "skipped": r.get("skipped", ()),
+            "samples": r["samples"],
+            "loss": r["loss_sum"] / r["samples"] if r["samples"] else float("nan"),
+            "bytes": r["bytes"],
+            "sync_s": r["sync_s"] if "sync_s" in r else max(span - r["compute_s"], 0.0),
+            "compute_s": r["compute_s"],
+            # versions applied since the update's replica started (0: all replicas met)
+            "staleness": r.get("staleness", 0),
+            # updates that missed this round's deadline (applied in a later round)
+            "dropped": r.get("dropped", 0),
+        })
+        prev_end = r["t_end"]
+    return rows

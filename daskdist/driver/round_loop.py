@@ -1,0 +1,56 @@
+"""The default round loop: an epoch's rounds submitted a few ahead of the workers.
+
+``sync``, ``local_sgd`` and ``hierarchical`` plug into it
+(:class:`~daskdist.strategies.base.RoundStrategy`): for each round the loop
+builds every replica's plan and asks the strategy to queue the round's tasks
+(``submit_round``); rounds go to the scheduler in graphs of half the
+look-ahead, so that the workers never wait on the client between rounds and
+the client and scheduler pay little per task; each round's output is tracked,
+and the driver settles them in order ``lookahead`` rounds behind, letting go
+of old rounds so that the task graph does not grow with the run.
+"""
+
+from __future__ import annotations
+
+__all__ = ["run_rounds"]
+
+
+def run_rounds(ctx, strategy) -> None:
+    """Run the rounds of ``ctx``'s epoch that its state does not hold yet.
+
+    Parameters
+    ----------
+    ctx : daskdist.driver.context.EpochContext
+        The driver, as the strategy sees it.
+    strategy : daskdist.strategies.base.RoundStrategy
+        What each round does.
+    """
+    info = ctx.info
+    per_flush = max(1, info.lookahead // 2)
+    sizes = strategy.round_sizes(info.steps_per_epoch)
+    first, plans = sum(sizes[:info.done]), None
+    round_, state, tracked = info.round, ctx.state, []
+    for steps in sizes[info.done:]:
+        plans = [ctx.plan(i, round=round_, first_step=first, n_steps=steps,
+                          compression=strategy.compression, density=strategy.density)
+                 for i in range(len(ctx.shards))]
+        state = strategy.submit_round(ctx, state, plans)
+        tracked.append((strategy.state_round(round_), strategy.tracked(state)))
+        first += steps
+        round_ += 1
+        if len(tracked) == per_flush:
+            state = _flush(ctx, state, tracked)
+    if plans is None:  # the state already holds every round of the epoch
+        ctx.finish(ctx.state, round_)
+        return
+    final = _flush(ctx, strategy.finish_epoch(ctx, state, plans), tracked)
+    ctx.finish(final, round_)
+
+
+def _flush(ctx, state, tracked: list):
+    """Send the queued rounds, track their outputs; return ``state`` as futures."""
+    state, outputs = ctx.flush((state, [output for _, output in tracked]))
+    for (state_round, _), output in zip(tracked, outputs):
+        ctx.track(state_round, output)
+    tracked.clear()
+    return state

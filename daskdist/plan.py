@@ -1,0 +1,86 @@
+"""What one replica does in one round: the plan the driver sends with each task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .seeds import seed_for
+
+__all__ = ["RoundPlan", "epoch_order"]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one replica does in one round.
+
+    Attributes
+    ----------
+    run_id : str
+        Identifies the fit (worker caches are keyed by it).
+    replica : int
+        Replica index.
+    epoch : int
+        Epoch index (0-based, counted over the whole fit).
+    round : int
+        Round index over the whole fit.
+    first_step : int
+        Index, within the epoch, of the round's first step.
+    n_steps : int
+        Optimizer steps in this round.
+    batch_size : int
+        This replica's share of the global batch.
+    lr : float or tuple of float
+        Learning rate for every step of the round (one per parameter group).
+    random_state : int
+        Seed of the fit; shuffles and torch seeds derive from it.
+    shuffle : bool
+        Reshuffle the shard every epoch.
+    max_non_finite : int or None
+        Non-finite replica updates the fit tolerates before it fails with
+        :class:`~daskdist.errors.NonFiniteError` (``None``: any number).
+    epoch_steps : int or None
+        Steps in a whole epoch, so that the round that ends an epoch can count
+        it as completed (``None``: not known).
+    compression : {None, "fp16", "bf16", "topk"}
+        How the replica packs what it sends (:mod:`daskdist.compression`).
+    density : float
+        Share of entries ``"topk"`` sends.
+    """
+
+    run_id: str
+    replica: int
+    epoch: int
+    round: int
+    first_step: int
+    n_steps: int
+    batch_size: int
+    lr: float | tuple
+    random_state: int
+    shuffle: bool = False
+    max_non_finite: int | None = None
+    epoch_steps: int | None = None
+    compression: str | None = None
+    density: float = 0.01
+
+    def epochs_completed(self) -> int:
+        """Epochs completed once this round is done (``epoch``, or one more at its end)."""
+        ends_epoch = (self.epoch_steps is not None
+                      and self.first_step + self.n_steps >= self.epoch_steps)
+        return self.epoch + int(ends_epoch)
+
+    def positions(self, n_samples: int) -> list[np.ndarray]:
+        """Shard positions of each step's batch (empty once the shard is exhausted)."""
+        order = epoch_order(n_samples, self)
+        b = self.batch_size
+        return [order[(self.first_step + k) * b:(self.first_step + k + 1) * b]
+                for k in range(self.n_steps)]
+
+
+def epoch_order(n_samples: int, plan: RoundPlan) -> np.ndarray:
+    """A replica's order of its shard's rows in the plan's epoch (seeded when shuffled)."""
+    if not plan.shuffle:
+        return np.arange(n_samples)
+    rng = np.random.default_rng(seed_for(plan.random_state, 1, plan.epoch, plan.replica))
+    return rng.permutation(n_samples)

@@ -1,0 +1,102 @@
+"""Which skorch parameters act on the workers, checked before any work is submitted.
+
+Replicas run a lean torch loop rather than skorch's per-batch machinery, so
+some skorch features cannot act on the workers; :class:`WorkerSupport` (mixed
+into :class:`~daskdist.net.DaskNet`) refuses them with a clear error before
+anything reaches the cluster. See docs/skorch.md.
+"""
+
+from __future__ import annotations
+
+from skorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    EpochScoring,
+    EpochTimer,
+    LRScheduler,
+    PassthroughScoring,
+    PrintLog,
+)
+from skorch.dataset import Dataset, ValidSplit
+from torch.utils.data import DataLoader
+
+from .callbacks import Checkpoint as SafetensorsCheckpoint
+from .data.sources import check_streaming
+from .worker.devices import check_precision
+
+__all__ = ["WorkerSupport", "EPOCH_CALLBACKS", "PER_BATCH_METHODS", "WORKER_ITERATOR_OPTIONS"]
+
+#: Callbacks known to act at epoch boundaries only (their batch hooks are
+#: unused or inert when no per-batch calls are made).
+EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
+                   SafetensorsCheckpoint, EpochScoring)
+#: skorch methods that run per batch; overriding them cannot act on workers.
+PER_BATCH_METHODS = ("train_step", "train_step_single", "get_loss", "infer",
+                     "validation_step", "evaluation_step")
+#: ``iterator_train__*`` options the replicas honour.
+WORKER_ITERATOR_OPTIONS = ("shuffle",)
+
+
+def _overrides(cb, method: str) -> bool:
+    return getattr(type(cb), method) is not getattr(Callback, method)
+
+
+class WorkerSupport:
+    """The checks of a :class:`~daskdist.net.DaskNet` that its skorch parameters can train."""
+
+    def _holdout(self):
+        """``(fraction, stratified)`` of the per-shard hold-out, or ``(None, False)``."""
+        split = self.train_split
+        if split is None:
+            return None, False
+        if not isinstance(split, ValidSplit):
+            raise ValueError(
+                f"train_split={split!r} cannot run on the workers; use skorch's ValidSplit "
+                "(a hold-out inside each shard) or None."
+            )
+        cv = split.cv
+        fraction = float(cv) if isinstance(cv, float) else 1.0 / int(cv)
+        return fraction, bool(split.stratified)
+
+    def check_worker_support(self) -> None:
+        """Raise ``ValueError`` for skorch features that cannot act on the workers.
+
+        See the table of skorch parameters in docs/skorch.md. Called before any work is
+        submitted.
+        """
+        check_precision(self.precision)
+        problems = []
+        if self.dataset is not Dataset:
+            problems.append("a custom dataset (replicas index arrays directly)")
+        if self.iterator_train is not DataLoader:
+            problems.append("a custom iterator_train (replicas batch arrays directly)")
+        for key in self.get_params_for("iterator_train"):
+            if key not in WORKER_ITERATOR_OPTIONS:
+                problems.append(f"iterator_train__{key} (only iterator_train__shuffle acts "
+                                "on workers)")
+        if self.compile:
+            problems.append("compile=True")
+        if self.use_caching not in (False, "auto"):
+            problems.append("use_caching=True (there are no per-batch predictions to cache)")
+        for method in PER_BATCH_METHODS:
+            if getattr(type(self), method) is not getattr(self._skorch_base, method):
+                problems.append(f"an overridden {method}() (replicas run their own loop)")
+        for name, cb in self.callbacks_:
+            if isinstance(cb, LRScheduler):
+                if cb.step_every != "epoch":
+                    problems.append(f"callback {name!r}: LRScheduler(step_every="
+                                    f"{cb.step_every!r}); use step_every='epoch'")
+            elif not isinstance(cb, EPOCH_CALLBACKS) and (
+                    _overrides(cb, "on_batch_begin") or _overrides(cb, "on_batch_end")):
+                problems.append(f"callback {name!r} ({type(cb).__name__}) acts per batch")
+        reduction = getattr(self.criterion_, "reduction", "mean")
+        if reduction != "mean":
+            problems.append(f"criterion with reduction={reduction!r} (averaging needs 'mean')")
+        self._holdout()
+        check_streaming(self.streaming, self.buffer_chunks)
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__} cannot train with: " + "; ".join(problems) + ". "
+                "See the table of skorch parameters on workers in docs/skorch.md."
+            )
