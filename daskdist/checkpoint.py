@@ -36,12 +36,16 @@ from safetensors.numpy import load_file, save_file
 
 from .state import TrainingState
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "SIDECAR"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "SIDECAR", "FORMAT_VERSION",
+           "READABLE_VERSIONS"]
 
 #: Name of the sidecar inside a checkpoint directory.
 SIDECAR = "checkpoint.json"
 _FORMAT = "daskdist-checkpoint"
-_VERSION = 1
+#: The sidecar's format version this daskdist writes (``"version"``).
+FORMAT_VERSION = 1
+#: The format versions this daskdist reads: every one written since the first.
+READABLE_VERSIONS = (1,)
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2 and later
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (pickle inside)
 
@@ -84,7 +88,7 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
 
     sidecar = {
         "format": _FORMAT,
-        "version": _VERSION,
+        "version": FORMAT_VERSION,
         "tensors": name,
         "sha256": digest,
         "state": {"step": int(state.step), "round": int(state.round),
@@ -143,10 +147,10 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         raise CheckpointError(f"{sidecar_path} is not valid JSON ({err}).") from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != _FORMAT:
         raise CheckpointError(f"{sidecar_path} is not a daskdist checkpoint sidecar.")
-    if sidecar.get("version") != _VERSION:
+    if sidecar.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{sidecar_path} has checkpoint format version {sidecar.get('version')!r}; this "
-            f"daskdist reads version {_VERSION}."
+            f"daskdist reads versions {list(READABLE_VERSIONS)}."
         )
     name = sidecar.get("tensors")
     if not isinstance(name, str) or Path(name).name != name:

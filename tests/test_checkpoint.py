@@ -274,3 +274,38 @@ def test_pickle_files_are_refused_unread(tiny_data, tmp_path):
         load_checkpoint(good)
     assert not sentinel.exists()
     assert not os.path.exists(sentinel)
+
+
+def test_a_version_1_checkpoint_on_disk_still_loads():
+    """tests/data/checkpoint-v1 was written by the first format; it must load, value for value.
+
+    The fixture holds a Linear(3, 2) + BatchNorm1d(2) after one SGD step with momentum from known
+    parameters; the test redoes that step and compares.
+    """
+    from pathlib import Path
+
+    from daskdist.checkpoint import READABLE_VERSIONS
+
+    assert 1 in READABLE_VERSIONS
+    state, meta = load_checkpoint(Path(__file__).parent / "data" / "checkpoint-v1")
+    assert meta == {"note": "format version 1"}
+    assert (state.step, state.round, state.epoch, state.skipped) == (7, 7, 1, 0)
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for i, p in enumerate(module.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / 8 + i)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    module(torch.arange(12, dtype=torch.float32).reshape(4, 3)).pow(2).sum().backward()
+    optimizer.step()
+    expected = module_to_state(module, optimizer)
+
+    np.testing.assert_array_equal(state.params, expected.params)
+    assert set(state.buffers) == set(expected.buffers)
+    for name, value in expected.buffers.items():
+        np.testing.assert_array_equal(np.asarray(state.buffers[name]), np.asarray(value))
+    momenta = [s["momentum_buffer"] for s in state.optimizer["state"].values()]
+    for got, want in zip(momenta, [s["momentum_buffer"] for s in
+                                   expected.optimizer["state"].values()], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert state.optimizer["param_groups"][0]["momentum"] == 0.9
