@@ -6,7 +6,7 @@ from .clusters.embedded import cluster_client, embedded_cluster
 from .data.holdout import holdout_split
 from .data.sharding import plan_shards
 from .driver.trainer import EpochResult, Trainer
-from .errors import NonFiniteError, ShardFailedError
+from .errors import NonFiniteError, ReplicaDriftWarning, ShardFailedError
 from .estimators import DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from .models import MLP, SmallCNN
 from .spec import ModelSpec
@@ -35,6 +35,7 @@ __all__ = [
     "EpochResult",
     "ShardFailedError",
     "NonFiniteError",
+    "ReplicaDriftWarning",
     "ModelSpec",
     "TrainingState",
     "Checkpoint",

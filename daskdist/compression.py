@@ -14,20 +14,19 @@ aggregation unpacks it before averaging:
   Compression"), so every part of the update is applied eventually.
 
 Buffers (batch-norm statistics) and optimizer state travel uncompressed. The
-error-feedback memory lives on the replica's worker; a replica rebuilt on
-another worker after a failure starts with an empty one.
+error-feedback memory is part of what the replica keeps of its own
+(:mod:`daskdist.worker.own_state`): kept on its worker by round, carried by
+an epoch's final state into checkpoints, restored after a lost worker.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["COMPRESSIONS", "Packed", "check_compression", "decompress", "pack", "residuals",
-           "unpacked"]
+__all__ = ["COMPRESSIONS", "Packed", "check_compression", "decompress", "pack", "unpacked"]
 
 #: Accepted values of ``compression`` (``None``: send float32 as it is).
 COMPRESSIONS = (None, "fp16", "bf16", "topk")
@@ -124,34 +123,3 @@ def decompress(packed: Packed) -> np.ndarray:
 def unpacked(update):
     """``update`` as a float32 array, unpacking it if it is :class:`Packed`."""
     return decompress(update) if isinstance(update, Packed) else update
-
-
-class _Residuals:
-    """Error-feedback memories of the replicas on this worker, by (run, replica)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._memory: dict = {}
-
-    def take(self, run_id: str, replica: int, size: int) -> np.ndarray | None:
-        """The replica's memory (None when empty or of another size)."""
-        with self._lock:
-            residual = self._memory.pop((run_id, replica), None)
-        return residual if residual is not None and residual.size == size else None
-
-    def keep(self, run_id: str, replica: int, residual: np.ndarray | None) -> None:
-        """Store what the replica did not send this round."""
-        if residual is None:
-            return
-        with self._lock:
-            self._memory[(run_id, replica)] = residual
-
-    def drop_run(self, run_id: str) -> None:
-        """Forget a finished fit's memories."""
-        with self._lock:
-            for key in [k for k in self._memory if k[0] == run_id]:
-                del self._memory[key]
-
-
-#: This worker's error-feedback memories.
-residuals = _Residuals()

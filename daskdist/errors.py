@@ -10,7 +10,8 @@ with a recovery (:mod:`daskdist.driver.recovery`). :class:`NonFiniteError`,
 
 from __future__ import annotations
 
-__all__ = ["WorkerLost", "StateLost", "NonFiniteError", "ShardFailedError", "GroupAborted"]
+__all__ = ["WorkerLost", "StateLost", "NonFiniteError", "ShardFailedError", "GroupAborted",
+           "ReplicaDriftWarning"]
 
 
 class WorkerLost(Exception):
@@ -71,3 +72,13 @@ class ShardFailedError(RuntimeError):
 
 class GroupAborted(RuntimeError):
     """The driver gave up the epoch of a ``ddp`` process group; its ranks stop."""
+
+
+class ReplicaDriftWarning(UserWarning):
+    """Replicas meant to hold equal parameters hold different ones.
+
+    Warned at the end of an epoch where the fingerprints of the replicas'
+    copies differ by more than a relative 1e-5
+    (:mod:`daskdist.driver.agreement`); training goes on from replica 0's
+    state.
+    """

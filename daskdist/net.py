@@ -257,7 +257,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         prev = getattr(self, "_training_state_", None)
         counters = ({} if prev is None
                     else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
-                          "skipped": prev.skipped, "log": prev.log, "cursors": prev.cursors})
+                          "skipped": prev.skipped, "log": prev.log, "cursors": prev.cursors,
+                          "own": prev.own})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:
@@ -399,6 +400,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         if strategy.deadline is not None:
             history.record("dropped_updates", int(sum(r["dropped"] for r in result.rounds)))
         history.record("samples_per_sec", result.samples_per_sec)
+        if result.drift is not None:
+            history.record("replica_drift", result.drift)
 
     def _append_log(self, name: str, rows, columns) -> None:
         """Set the fitted table ``name`` (``rounds_``, ``recoveries_``) from this fit's rows.

@@ -72,6 +72,13 @@ class TrainingState:
         ``(pass, step, rounds)`` per replica — the pass over its shard, the
         next step in it, and the rounds of it applied so far. Empty for the
         others, whose replicas all are at the round's step.
+    own : dict of str to dict
+        What replicas (or groups of them) keep of their own, by owner
+        (``"replica 0"``, ``"group 1"``): error-feedback residuals, their
+        own optimizer state, fp16 loss scalers
+        (:mod:`daskdist.worker.own_state`). Carried by an epoch's final
+        state (and a state recovered after a lost worker); empty where
+        replicas keep nothing of their own.
     """
 
     params: np.ndarray
@@ -83,11 +90,12 @@ class TrainingState:
     skipped: int = 0
     log: tuple = ()
     cursors: tuple = ()
+    own: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes of array data that this state carries."""
-        return tree_nbytes((self.params, self.buffers, self.optimizer))
+        return tree_nbytes((self.params, self.buffers, self.optimizer, self.own))
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)

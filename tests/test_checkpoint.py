@@ -17,7 +17,7 @@ from daskdist.callbacks import Checkpoint
 from daskdist.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from daskdist.models import MLP
 from daskdist.state import TrainingState, module_to_state, params_vector
-from daskdist.testing import TinyNet
+from daskdist.testing import TinyNet, TinySequential
 
 
 def _assert_same_tree(a, b):
@@ -82,12 +82,12 @@ def test_a_writer_killed_mid_write_leaves_a_complete_checkpoint(tmp_path):
     assert len(list(path.glob("state-*.safetensors"))) <= 2  # old tensor files are cleaned up
 
 
-def _net(**kwargs):
+def _net(module=TinyNet, **kwargs):
     params = dict(lr=0.1, batch_size=32, verbose=0, random_state=0, train_split=None,
                   optimizer__momentum=0.9, iterator_train__shuffle=True)
     if kwargs.get("strategy") == "ssp":  # in lock-step, so that runs can be compared
         params["strategy__staleness"] = 0
-    return DaskNeuralNetClassifier(TinyNet, **{**params, **kwargs})
+    return DaskNeuralNetClassifier(module, **{**params, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,59 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, t
     _assert_same_end(resumed, whole)
     assert resumed.rounds_["round"].tolist() == whole.rounds_["round"].tolist()[-len(
         resumed.rounds_):]
+
+
+
+# What replicas keep of their own (daskdist.worker.own_state): topk residuals (per replica, or
+# per group under hierarchical), the replicas' own optimizer state under compressed local_sgd
+# and hierarchical (momentum here), fp16 loss scalers.
+_EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None),
+          ("sync", None, "fp16"), ("local_sgd", "fp16", None), ("local_sgd", "bf16", None),
+          ("local_sgd", "topk", None), ("local_sgd", None, "fp16"),
+          ("hierarchical", None, None), ("hierarchical", "fp16", None),
+          ("hierarchical", "bf16", None), ("hierarchical", "topk", None),
+          ("ddp", None, None), ("pipeline", None, None)]
+
+
+def _exact_net(strategy, compression, precision, **kwargs):
+    params = dict(strategy=strategy, sync_every=3, **kwargs)
+    if compression:
+        params.update(strategy__compression=compression, strategy__density=0.1)
+    if precision:
+        params["precision"] = precision
+    if strategy == "hierarchical":  # two groups of two replicas
+        params.update(n_replicas=4, strategy__groups=[[0, 1], [2, 3]])
+    if strategy == "pipeline":
+        return _net(module=TinySequential, strategy__n_stages=2, **params)
+    return _net(**params)
+
+
+@pytest.mark.parametrize("strategy, compression, precision", _EXACT,
+                         ids=["-".join(filter(None, c)) for c in _EXACT])
+def test_a_resumed_fit_is_exact_whatever_replicas_keep_of_their_own(
+        client, tiny_data, tmp_path, strategy, compression, precision):
+    X, y = tiny_data
+    whole = _exact_net(strategy, compression, precision, max_epochs=4).fit(X, y)
+    ck = tmp_path / "ck"
+    _exact_net(strategy, compression, precision, max_epochs=2,
+               callbacks=[("checkpoint", Checkpoint(ck))]).fit(X, y)
+    saved, _ = load_checkpoint(ck)
+    n_replicas = 4 if strategy == "hierarchical" else 2
+    if compression == "topk" or (compression and strategy != "sync"):
+        # every replica's own part is in the checkpoint: a residual, or its own momentum
+        assert {f"replica {i}" for i in range(n_replicas)} <= set(saved.own)
+    if compression == "topk" and strategy == "hierarchical":
+        assert {"group 0", "group 1"} <= set(saved.own)
+        assert all(saved.own[f"group {g}"]["residual"].any() for g in (0, 1))
+    if compression and strategy != "sync":  # replicas' momenta differ: each keeps its own
+        momenta = [saved.own[f"replica {i}"]["optimizer"]["state"][0]["momentum_buffer"]
+                   for i in range(n_replicas)]
+        assert not np.array_equal(momenta[0], momenta[1])
+    resumed = _exact_net(strategy, compression, precision, max_epochs=4).fit(X, y, resume=ck)
+    np.testing.assert_allclose(params_vector(resumed.module_), params_vector(whole.module_),
+                               atol=1e-6, rtol=0)
+    np.testing.assert_allclose(resumed.history[:, "train_loss"], whole.history[:, "train_loss"],
+                               rtol=1e-6)
 
 
 _DYING_CLIENT = textwrap.dedent("""

@@ -184,6 +184,43 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
     np.testing.assert_array_equal(params_vector(net.module_), params_vector(baseline.module_))
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "hierarchical"])
+def test_a_worker_killed_under_topk_is_recovered_exactly(three_workers, digits, tmp_path,
+                                                         strategy):
+    """The lost worker takes its replica's error-feedback memory (and, for ``local_sgd`` and
+    ``hierarchical``, its own momentum): the epoch continues from its start, which every
+    replica's part came with, and the fit ends where the undisturbed one does."""
+    from daskdist.testing import KillWorkerOnTask
+
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
+    X, y = digits
+    params = dict(max_epochs=4, batch_size=96, lr=0.1, strategy=strategy, sync_every=2,
+                  optimizer__momentum=0.9, strategy__compression="topk",
+                  strategy__density=0.1, train_split=None, verbose=0, random_state=0,
+                  scheduler_address=three_workers.scheduler.address)
+    net_args = dict(module__n_features=64, module__hidden=32, module__n_outputs=10)
+    baseline = DaskNeuralNetClassifier(TinyNet, **net_args, **params).fit(X, y)
+    rounds = baseline.rounds_
+    epoch_starts = rounds.groupby("epoch")["round"].min()
+    victim = int(epoch_starts.iloc[2]) + 3  # a few rounds into epoch 2
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
+    three_workers.register_plugin(plugin)
+    try:
+        net = DaskNeuralNetClassifier(TinyNet, **net_args, **params).fit(X, y)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    assert len(plugin.kills()) == 1
+    assert len(net.recoveries_) == 1
+    recovery = net.recoveries_.iloc[0]
+    # the part the dead worker held is gone: the epoch started again, rounds done counted lost
+    assert recovery["round"] == epoch_starts.iloc[2]
+    assert recovery["rounds_lost"] >= 1
+    assert net.rounds_["round"].tolist() == rounds["round"].tolist()
+    np.testing.assert_allclose(params_vector(net.module_), params_vector(baseline.module_),
+                               atol=1e-6, rtol=0)
+
+
 @pytest.mark.timeout(180)
 def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digits, tmp_path):
     from sklearn.model_selection import train_test_split

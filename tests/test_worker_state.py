@@ -162,3 +162,50 @@ def test_a_round_finds_its_state_when_the_scheduler_dropped_its_workers_copy(cli
         if running:
             client.amm.start()
         client.run(runtime.drop_run, "run-amm")
+
+
+def test_a_round_computed_again_reads_the_part_its_predecessor_left():
+    """Own parts are kept by round, not consumed: a round run twice reads the same memory,
+    and rounds run again from an earlier state replace the attempt given up."""
+    from daskdist.state import TrainingState
+    from daskdist.worker import own_state
+
+    run, owner = "own-test", own_state.replica_owner(1)
+    try:
+        assert own_state.part_for(run, owner, 0) == {}  # the fit's first round
+        for r in range(5):
+            part = own_state.part_for(run, owner, r)
+            part["residual"] = np.full(3, float(r), np.float32)
+            own_state.keep_part(run, owner, r, part)
+        # round 4 again (Dask recomputed it): the residual round 3 left, both times
+        for _ in range(2):
+            np.testing.assert_array_equal(own_state.part_for(run, owner, 4)["residual"], 3.0)
+        # a recovery goes back to round 3: what round 4 left is stale, round 2's is current
+        again = own_state.part_for(run, owner, 3)
+        np.testing.assert_array_equal(again["residual"], 2.0)
+        again["residual"] = np.full(3, 20.0, np.float32)
+        own_state.keep_part(run, owner, 3, again)
+        assert own_state.part_for(run, owner, 5) == {}  # round 4 has not run again yet
+        np.testing.assert_array_equal(own_state.part_for(run, owner, 4)["residual"], 20.0)
+        # a state that carries the parts (an epoch's start, a resumed checkpoint) comes first
+        start = TrainingState(np.zeros(2, np.float32), round=3,
+                              own={owner: {"residual": np.full(3, 7.0, np.float32)}})
+        np.testing.assert_array_equal(
+            own_state.part_for(run, owner, 3, start)["residual"], 7.0)
+    finally:
+        own_state.drop_parts(run)
+    assert own_state.parts_at(run, 2) == {}
+
+
+def test_a_part_is_empty_when_the_next_round_does_not_depend_on_it():
+    from daskdist.worker.own_state import is_empty
+
+    assert is_empty({}) and is_empty({"residual": None, "scaler": None})
+    assert not is_empty({"residual": np.zeros(3, np.float32)})
+    assert is_empty({"optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}})  # plain SGD
+    assert not is_empty({"optimizer": {"state": {0: {"momentum_buffer": np.ones(2)}}}})
+    fresh = torch.amp.GradScaler("cpu")
+    assert is_empty({"scaler": fresh.state_dict()})
+    fresh.scale(torch.ones(1))
+    fresh.update(new_scale=1024.0)
+    assert not is_empty({"scaler": fresh.state_dict()})

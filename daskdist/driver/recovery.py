@@ -8,9 +8,13 @@ state still held — in a round output it tracks, or in a live worker's state
 store (:mod:`daskdist.worker.runtime`) — re-sends the lost shards to live
 workers, moves their replicas there, and continues the epoch from that
 state: at most the round in progress is lost, and every round's update is
-applied once. A shard whose workers keep dying is a *poison* shard: the fit
-stops with a :class:`~daskdist.errors.ShardFailedError` instead
-(:class:`ShardLosses`).
+applied once. What replicas keep of their own (:mod:`daskdist.worker.own_state`:
+``topk`` residuals, their own optimizer state, fp16 loss scalers) goes with
+the state when every replica's part is still held; when a lost worker took
+a part that held something, the epoch continues from its start instead, so
+that recovery stays exact (:mod:`daskdist.driver.own_parts`). A shard whose
+workers keep dying is a *poison* shard: the fit stops with a
+:class:`~daskdist.errors.ShardFailedError` instead (:class:`ShardLosses`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from distributed.client import FutureCancelledError
 from ..errors import ShardFailedError
 from ..state import TrainingState
 from ..worker import runtime
+from .own_parts import with_own_parts
 from .waiting import LOST
 
 __all__ = ["recover", "newest_state", "read_state", "replace_lost_shards", "ShardLosses",
@@ -165,6 +170,7 @@ def recover(trainer, lost, epoch_round: int, epoch_state: TrainingState) -> dict
     state = newest_state(trainer, not_before=epoch_round)
     if state is None or state.round < epoch_round:
         state = epoch_state
+    state = with_own_parts(trainer, state, epoch_state)
     rounds_lost = lost.rounds_lost
     if rounds_lost is None:
         rounds_lost = max((newest or state.round) - state.round, 0)

@@ -10,7 +10,7 @@ __all__ = ["EpochResult", "ROUND_COLUMNS", "RECOVERY_COLUMNS", "round_rows"]
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
-                 "compute_s", "staleness", "dropped")
+                 "compute_s", "staleness", "dropped", "drift")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -28,6 +28,12 @@ class EpochResult:
     rounds: list
     duration: float
     valid: dict = field(default_factory=dict)
+    #: Relative mismatch of the replicas' copies at the epoch's end (None: not compared).
+    drift: float | None = None
+
+    def __post_init__(self):
+        if self.drift is not None and self.rounds:  # on the row of the epoch's last round
+            self.rounds[-1]["drift"] = self.drift
 
     @property
     def samples_per_sec(self) -> float:
@@ -54,6 +60,8 @@ def round_rows(state: TrainingState) -> list[dict]:
             "staleness": r.get("staleness", 0),
             # updates that missed this round's deadline (applied in a later round)
             "dropped": r.get("dropped", 0),
+            # relative mismatch of the replicas' copies, where compared (an epoch's end)
+            "drift": r.get("drift", float("nan")),
         })
         prev_end = r["t_end"]
     return rows

@@ -40,7 +40,7 @@ from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
 from ..worker.replica import evaluate
 from ..worker.runtime import drop_run
-from . import recovery
+from . import agreement, own_parts, recovery
 from .context import EpochContext, EpochInfo
 from .placement import plan_devices
 from .queue import TaskQueue
@@ -277,7 +277,8 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sending large graph")
             self._state = self.client.submit(
-                _identity, state, key=f"daskdist-state-{self.key_prefix}-{self.round}",
+                _identity, state,
+                key=f"daskdist-state-{self.key_prefix}-{self.round}-e{state.epoch}",
                 pure=False)
         self.tracker.reset(state.round, self._state)
 
@@ -395,6 +396,7 @@ class Trainer:
                 final = self._state.result()
             except StateLost as lost:
                 raise WorkerLost(str(lost)) from None
+            final = own_parts.at_epoch_end(self, final)
         except BaseException:  # interrupted, or a worker lost: stop the newest rounds too
             self.queue.release_pending()
             raise
@@ -406,6 +408,7 @@ class Trainer:
             epoch=self.epoch, state=result,
             train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
             samples=samples, rounds=self.round_rows(result), duration=duration,
+            drift=agreement.check_agreement(self, final),
         )
         skipped = [(r["round"], r["skipped"]) for r in epoch.rounds if r["skipped"]]
         if skipped:
@@ -426,6 +429,9 @@ class Trainer:
         state = recovery.read_state(self.client, future)
         if state is None or state.round != state_round:
             return  # gone with a worker: the next one will do
+        state = own_parts.for_round_hook(self, state, self._epoch_state)
+        if state is None:
+            return
         for fn in wanted:
             fn(state)
 

@@ -20,6 +20,7 @@ import inspect
 
 from ..driver.round_loop import run_rounds
 from ..driver.tree import submit_tree
+from ..worker.own_state import replica_owner
 
 __all__ = ["Strategy", "RoundStrategy"]
 
@@ -78,6 +79,18 @@ class Strategy:
     def place_replicas(self, workers: list[str], n: int) -> list[str]:
         """The worker of each of ``n`` replicas (and its shard): round the sorted workers."""
         return [workers[i % len(workers)] for i in range(n)]
+
+    #: Whether every replica applies the same update to its own copy of the state (the
+    #: driver compares the copies once per epoch: :mod:`daskdist.driver.agreement`).
+    replica_copies = False
+
+    def owners(self, replica_workers: list[str]) -> list[str]:
+        """Who may keep a part of its own between rounds (:mod:`daskdist.worker.own_state`).
+
+        Every replica, by default; the driver gathers their parts at the end
+        of each epoch and after a lost worker.
+        """
+        return [replica_owner(i) for i in range(len(replica_workers))]
 
     def check_model(self, spec) -> None:  # noqa: B027 - optional
         """Raise ``ValueError`` if the strategy cannot train the model of ``spec``.

@@ -6,6 +6,7 @@ from distributed.comm import get_address_host
 
 from ..worker.aggregation import average_parameters, combine
 from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round, relay
+from ..worker.own_state import group_owner
 from .local_sgd import LocalSGD
 
 __all__ = ["Hierarchical", "groups_by_host", "relay_sources"]
@@ -123,6 +124,14 @@ class Hierarchical(LocalSGD):
                 "once.")
         return [list(group) for group in self.groups]
 
+    def owners(self, replica_workers: list[str]) -> list[str]:
+        owners = super().owners(replica_workers)
+        if self.compression is None:
+            return owners
+        # compressed, each group packs its mean delta with its own error-feedback memory
+        return owners + [group_owner(g)
+                         for g in range(len(self.resolve_groups(replica_workers)))]
+
     def submit_round(self, ctx, state, plans):
         if self.compression is not None:
             return self._submit_compressed(ctx, state, plans)
@@ -160,11 +169,12 @@ class Hierarchical(LocalSGD):
         """
         workers = list(ctx.info.replica_workers)
         groups = self.resolve_groups(workers)
+        start = None
         if isinstance(state, list):
             own = state[:len(workers)]
             bundles = self._bundles(ctx, groups, state[len(workers):], plans[0])
-        else:  # the epoch's first round
-            own, bundles = [state] * len(workers), {}
+        else:  # the epoch's first round: groups' residuals come with the starting state
+            own, bundles, start = [state] * len(workers), {}, state
         members = [
             ctx.submit(member_round, ctx.spec, ctx.shards[p.replica], own[p.replica],
                        bundles.get(workers[p.replica], ()), plan=p, replica_workers=workers,
@@ -173,7 +183,8 @@ class Hierarchical(LocalSGD):
         ]
         group_outputs = [
             ctx.submit(group_delta, *[members[i] for i in group], group=g,
-                       plan=plans[group[0]], key=ctx.key("average", plans[0].round, 0, g),
+                       plan=plans[group[0]], start=start,
+                       key=ctx.key("average", plans[0].round, 0, g),
                        worker=workers[group[0]])
             for g, group in enumerate(groups)
         ]

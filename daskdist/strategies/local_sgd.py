@@ -71,6 +71,11 @@ class LocalSGD(DeadlineOption, RoundStrategy):
         self.deadline = deadline
         self.validate()
 
+    @property
+    def replica_copies(self) -> bool:
+        # compressed, each replica applies the mean delta to its own copy
+        return self.compression is not None and self.deadline is None
+
     def validate(self) -> None:
         if not isinstance(self.sync_every, (int,)) or isinstance(self.sync_every, bool) \
                 or self.sync_every < 1:

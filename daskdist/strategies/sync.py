@@ -68,6 +68,11 @@ class Sync(DeadlineOption, RoundStrategy):
         self.deadline = deadline
         self.validate()
 
+    @property
+    def replica_copies(self) -> bool:
+        # each replica steps its own copy (with a deadline, one apply task steps the state)
+        return self.deadline is None
+
     def validate(self) -> None:
         check_compression(self.compression, self.density)
         self.check_deadline()

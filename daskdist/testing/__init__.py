@@ -18,7 +18,7 @@ import torch
 from distributed import WorkerPlugin
 
 __all__ = ["TinyNet", "TinySequential", "FailOnLargeInput", "StragglerNet", "make_classification",
-           "KillWorkerOnTask"]
+           "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet"]
 
 
 class TinyNet(torch.nn.Module):
@@ -105,6 +105,46 @@ def _worker_address():
         return get_worker().address
     except ValueError:
         return None
+
+
+class DriftingSGD(torch.optim.SGD):
+    """SGD that, on the worker at address ``drift_worker``, adds ``drift`` to every parameter.
+
+    Replicas meant to hold equal copies drift apart: the replica agreement
+    check must see it.
+    """
+
+    def __init__(self, params, lr=0.1, drift_worker=None, drift=1e-4, **kwargs):
+        super().__init__(params, lr=lr, **kwargs)
+        self.drift_worker, self.drift = drift_worker, drift
+
+    def step(self, closure=None):
+        """An SGD step, then the drift on the named worker."""
+        loss = super().step(closure)
+        if self.drift_worker is not None and _worker_address() == self.drift_worker:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.add_(self.drift)
+        return loss
+
+
+class WorkerScaledNet(TinyNet):
+    """:class:`TinyNet` whose inputs are scaled by ``scale`` on the worker at ``worker``.
+
+    The replicas compute different gradients, but still apply the same
+    averaged update: their copies stay equal.
+    """
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, worker=None, scale=1.5):
+        super().__init__(n_features, hidden, n_outputs)
+        self.worker, self.scale = worker, scale
+
+    def forward(self, X):
+        """Class probabilities of ``X``, scaled first on the named worker."""
+        if self.worker is not None and _worker_address() == self.worker:
+            X = X * self.scale
+        return super().forward(X)
 
 
 def make_classification(n_samples=240, n_features=20, n_classes=3, seed=0):

@@ -177,7 +177,7 @@ def average_parameters(spec, state, *parts, plan, replica_workers):
     mean = total.mean()
     if mean is None:  # no replica trained (shards exhausted, or no finite update)
         new = replace(state, round=state.round + 1, epoch=plan.epochs_completed(),
-                      skipped=skipped)
+                      skipped=skipped, own={})
     else:
         new = TrainingState(
             params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],

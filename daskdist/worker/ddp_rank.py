@@ -20,10 +20,17 @@ import torch
 
 from ..dashboard.events import emit_from_worker, round_event
 from ..errors import GroupAborted, NonFiniteError
-from ..state import TrainingState, grads_finite, module_to_state
+from ..state import (
+    TrainingState,
+    buffers_to_numpy,
+    grads_finite,
+    module_to_state,
+    params_vector,
+)
 from . import process_group
 from .aggregation import check_non_finite
 from .devices import autocast, grad_scaler, is_cuda, seed_round, to_device
+from .fingerprint import fingerprint_of, replica_drift
 from .replica import replica_for
 from .runtime import worker_address
 
@@ -51,6 +58,7 @@ class RankResult:
     skipped: tuple  # steps whose mean gradient was not finite (the same on every rank)
     t_start: float
     state: TrainingState | None = None
+    fingerprint: np.ndarray | None = None  # of the rank's copy at the epoch's end
 
     def __sizeof__(self) -> int:
         state = 0 if self.state is None else self.state.nbytes
@@ -182,8 +190,11 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             emitter.step(k, loss_sums[k], rows, step_s[k], step_end[k])
     rep.moved_on()
     final = module_to_state(rep.module, rep.optimizer) if rank == holder else None
+    # every rank applied the same all-reduced gradients: their copies are compared
+    copy = fingerprint_of(params_vector(rep.module), buffers_to_numpy(rep.module))
     return RankResult(rank, tuple(p.replica for p in plans), worker_address(), samples,
-                      loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final)
+                      loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final,
+                      copy)
 
 
 def _agreed_scaler(scaler, precision, device):
@@ -329,6 +340,12 @@ def finish_ranks(state: TrainingState, *results: RankResult, plan, world: int,
             "t_start": t_end - float(holder.step_s[k]), "t_end": t_end,
             "per_replica": tuple(per_replica),
         })
+    prints = {r.rank: r.fingerprint for r in results if r.fingerprint is not None}
+    if len(prints) > 1 and records:  # the ranks' copies, compared at the epoch's end
+        reference = prints[min(prints)]
+        worst = max(results, key=lambda r: float(np.max(np.abs(r.fingerprint - reference))))
+        records[-1].update(drift=replica_drift(prints),
+                           drift_worker=f"rank {worst.rank} on {worst.worker}")
     final = holder.state
     return TrainingState(
         params=final.params, buffers=final.buffers, optimizer=final.optimizer,

@@ -11,8 +11,10 @@ deltas, so the state never has to be broadcast.
 
 Buffers (batch-norm statistics, small) are averaged uncompressed. Optimizer
 state (momentum, Adam moments) stays on each replica: averaging it would send
-as many floats again, uncompressed. A replica rebuilt after its worker died
-starts from the state of the round it is recovered to, optimizer included.
+as many floats again, uncompressed. It is part of what the replica keeps of
+its own (:mod:`daskdist.worker.own_state`, with ``topk``'s residual), which
+an epoch's final state carries: each replica continues the next epoch, or a
+resumed fit, from its own optimizer state, at every round alike.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..errors import StateLost
 from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import combine, count_skipped, exchange_bytes, log_round
+from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, local_steps, pack_update
 from .runtime import GLOBAL, keep, kept
 
@@ -128,7 +131,7 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
         new = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
                             step=state.step + total.steps, log=state.log, **counters)
     else:  # no replica trained (shards exhausted, or no finite update)
-        new = replace(state, optimizer=optimizer, **counters)
+        new = replace(state, optimizer=optimizer, own={}, **counters)
     # every replica logs the round; one of them tells the scheduler
     return replace(new, log=log_round(state.log, total, plan, own.start_nbytes,
                                       replica_workers, emit=replica == 0))
@@ -144,13 +147,18 @@ def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> Del
     """
     start = isinstance(previous[0], TrainingState)
     state = previous[0] if start else _average(previous, plan.replica, replica_workers)
-    contribution = local_steps(spec, shard, state, plan)
+    owner = replica_owner(plan.replica)
+    part = part_for(plan.run_id, owner, plan.round, state if start else None)
+    if start and part.get("optimizer") is not None:  # the replica's own optimizer state
+        state = replace(state, optimizer=part["optimizer"])
+    contribution = local_steps(spec, shard, state, plan, part)
     optimizer = None
     if contribution.weight and not contribution.non_finite:
         after = contribution.payload
-        optimizer = after["optimizer"]
-        contribution.payload = {"delta": pack_update(after["params"] - state.params, plan),
+        optimizer = part["optimizer"] = after["optimizer"]
+        contribution.payload = {"delta": pack_update(after["params"] - state.params, plan, part),
                                 "buffers": after["buffers"]}
+    keep_part(plan.run_id, owner, plan.round, part)
     return keep(plan.run_id, plan.replica, state.round,
                 DeltaResult(state, optimizer, contribution, state.round, plan,
                             state.nbytes if start else 0))

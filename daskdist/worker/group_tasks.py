@@ -17,15 +17,16 @@ uncompressed; optimizer state stays on each replica.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..compression import pack, residuals
+from ..compression import pack
 from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import WeightedSum, combine
 from .delta_tasks import DeltaResult, apply_mean_delta
+from .own_state import group_owner, keep_part, part_for, replica_owner
 from .replica import local_steps
 from .runtime import GLOBAL, keep
 
@@ -81,33 +82,48 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
     """
     start = isinstance(own, TrainingState)
     state = own if start else _apply_groups(own, groups, plan.replica, replica_workers)
-    contribution = local_steps(spec, shard, state, plan)
+    owner = replica_owner(plan.replica)
+    part = part_for(plan.run_id, owner, plan.round, state if start else None)
+    if start and part.get("optimizer") is not None:  # the replica's own optimizer state
+        state = replace(state, optimizer=part["optimizer"])
+    contribution = local_steps(spec, shard, state, plan, part)
     optimizer = None
     if contribution.weight and not contribution.non_finite:
         after = contribution.payload
-        optimizer = after["optimizer"]
+        optimizer = part["optimizer"] = after["optimizer"]
         contribution.payload = {"delta": after["params"] - state.params,
                                 "buffers": after["buffers"]}
+    keep_part(plan.run_id, owner, plan.round, part)
     return keep(plan.run_id, plan.replica, state.round,
                 DeltaResult(state, optimizer, contribution, state.round, plan,
                             state.nbytes if start else 0))
 
 
-def group_delta(*members: DeltaResult, group: int, plan: RoundPlan) -> GroupDelta:
-    """Average a group's deltas by samples and pack the mean (on the group's first worker)."""
+def group_delta(*members: DeltaResult, group: int, plan: RoundPlan,
+                start: TrainingState | None = None) -> GroupDelta:
+    """Average a group's deltas by samples and pack the mean (on the group's first worker).
+
+    ``topk``'s error-feedback memory is the group's own part
+    (:mod:`daskdist.worker.own_state`), from ``start`` (the epoch's starting
+    state, given in its first round) or kept on this worker.
+    """
     contributions = [m.contribution for m in members]
     stats = combine(*contributions, payload=False)  # counts the deltas fetched from peers
     live = [c for c in contributions if c.weight]
+    owner = group_owner(group)
+    part = part_for(plan.run_id, owner, plan.round, start)
     if not stats.weight:
+        keep_part(plan.run_id, owner, plan.round, part)  # nothing sent: the memory stays
         return GroupDelta(stats, None)
     weights = [c.weight / stats.weight for c in live]
     mean = np.zeros_like(live[0].payload["delta"])
     for c, w in zip(live, weights):
         mean += np.float32(w) * c.payload["delta"]
-    owner = ("group", group)
-    memory = residuals.take(plan.run_id, owner, mean.size)
-    packed, left = pack(mean, plan.compression, density=plan.density, residual=memory)
-    residuals.keep(plan.run_id, owner, left)
+    memory = part.get("residual")
+    packed, part["residual"] = pack(mean, plan.compression, density=plan.density,
+                                    residual=memory if memory is not None
+                                    and memory.size == mean.size else None)
+    keep_part(plan.run_id, owner, plan.round, part)
     buffers = tree_weighted_sum([c.payload["buffers"] for c in live], weights)
     return GroupDelta(stats, {"delta": packed, "buffers": buffers})
 

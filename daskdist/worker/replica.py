@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..compression import pack, residuals
+from ..compression import pack
 from ..plan import RoundPlan
 from ..spec import ModelSpec
 from ..state import (
@@ -35,15 +35,16 @@ from ..state import (
     tree_nbytes,
 )
 from .devices import autocast, grad_scaler, seed_round, to_device
+from .own_state import keep_part, latest_part, part_for, replica_owner
 from .runtime import GLOBAL, keep, on_drop_run, set_lr, worker_address
 
 __all__ = ["Contribution", "Replica", "replica_for", "local_steps", "local_round", "gradient",
            "evaluate",
-           "pack_update", "sits_out", "skipped_update", "all_finite", "scaled_backward_overflowed"]
+           "pack_update", "sits_out", "skipped_update", "all_finite", "scaled_backward_overflowed",
+           "use_scaler", "keep_scaler"]
 
 _CACHE_SIZE = 16
 _cache: OrderedDict = OrderedDict()
-on_drop_run(residuals.drop_run)  # the error-feedback memory of packed updates
 _cache_lock = threading.Lock()
 
 
@@ -161,17 +162,21 @@ def _train_batch(rep: Replica, X, y) -> float:
     return float(loss.item())
 
 
-def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
+def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
+                part: dict | None = None) -> Contribution:
     """Run ``plan.n_steps`` local optimizer steps; return the new parameters.
 
-    The ``daskdist-round`` task of parameter-averaging strategies
+    The body of the ``daskdist-round`` task of parameter-averaging strategies
     (``local_sgd``). The replica starts from ``state`` (parameters, buffers and
     optimizer state) and returns where it got to, weighted by the number of
-    samples it trained on.
+    samples it trained on. ``part`` is what the replica keeps of its own
+    (:mod:`daskdist.worker.own_state`): its loss scaler starts from there,
+    and is left there.
     """
     t_start = time.time()
     rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state)
+    use_scaler(rep, part)
     rep.set_lr(plan.lr)
     rep.module.train()
     device = rep.device
@@ -185,6 +190,7 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
         if not np.isfinite(loss_sum):
             break  # the round's update will be skipped: stop spending time on it
     compute_s = time.perf_counter() - t0
+    keep_scaler(rep, part)
     payload = {
         "params": params_vector(rep.module),
         "buffers": buffers_to_numpy(rep.module),
@@ -202,10 +208,33 @@ def local_round(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -
 
     The state every replica starts the round from is kept on this worker
     (:mod:`daskdist.worker.runtime`), so that a recovery finds it on any
-    replica's worker.
+    replica's worker; so is the replica's own part (its loss scaler).
     """
     keep(plan.run_id, GLOBAL, state.round, state)
-    return local_steps(spec, shard, state, plan)
+    owner = replica_owner(plan.replica)
+    part = part_for(plan.run_id, owner, plan.round, state)
+    contribution = local_steps(spec, shard, state, plan, part)
+    keep_part(plan.run_id, owner, plan.round, part)
+    return contribution
+
+
+def use_scaler(rep: Replica, part: dict | None) -> None:
+    """Give the replica the loss scaler of its part (a fresh one where the part has none).
+
+    Nothing to do without fp16 (no scaler) or without a part (the caller
+    does not track the scaler: it stays as the replica left it).
+    """
+    if rep.scaler is None or part is None:
+        return
+    rep.scaler = grad_scaler(rep.spec.precision, rep.device)
+    if part.get("scaler"):
+        rep.scaler.load_state_dict(part["scaler"])
+
+
+def keep_scaler(rep: Replica, part: dict | None) -> None:
+    """Record the replica's loss scaler in its part."""
+    if rep.scaler is not None and part is not None:
+        part["scaler"] = rep.scaler.state_dict()
 
 
 def all_finite(tree) -> bool:
@@ -223,16 +252,27 @@ def skipped_update(plan: RoundPlan, steps: int, compute_s: float, t_start: float
                         worker_address(), non_finite=True)
 
 
-def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> Contribution:
+def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
+             part: dict | None = None) -> Contribution:
     """Compute the gradient of one step on this replica's slice of the batch.
 
-    The ``daskdist-round`` task of ``sync``: the gradient is the mean over the
-    replica's slice, weighted by the slice's size, so the weighted average over
-    replicas is the gradient of the combined batch.
+    The body of the ``daskdist-round`` task of ``sync``: the gradient is the
+    mean over the replica's slice, weighted by the slice's size, so the
+    weighted average over replicas is the gradient of the combined batch.
+    ``part`` is what the replica keeps of its own (its loss scaler and
+    ``topk`` residual, :mod:`daskdist.worker.own_state`), updated in place;
+    without it (a round deadline, where arrival order rules anyway) the
+    replica's newest part on this worker is used and kept.
     """
     t_start = time.time()
+    if part is None:
+        part = latest_part(plan.run_id, replica_owner(plan.replica))
+        contribution = gradient(spec, shard, state, plan, part)
+        keep_part(plan.run_id, replica_owner(plan.replica), plan.round, part)
+        return contribution
     rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state, with_optimizer=False)
+    use_scaler(rep, part)
     rep.module.train()
     device = rep.device
     seed_round(plan, device)
@@ -250,7 +290,9 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     elif scaled_backward_overflowed(rep, loss):
         # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
         # step out (an overflow is not a non-finite update)
+        keep_scaler(rep, part)
         return sits_out(plan, 1, time.perf_counter() - t0, t_start)
+    keep_scaler(rep, part)
     grad = torch.nn.utils.parameters_to_vector(
         [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
     ).detach().cpu().numpy()
@@ -260,7 +302,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan) -> C
     if not (torch.isfinite(loss).item() and all_finite(payload)):
         return skipped_update(plan, 1, compute_s, t_start)
     if plan.compression:
-        payload["grad"] = pack_update(grad, plan)
+        payload["grad"] = pack_update(grad, plan, part)
     return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
                         compute_s, t_start, time.time(), worker_address())
 
@@ -283,11 +325,17 @@ def scaled_backward_overflowed(rep: Replica, loss) -> bool:
     return overflow
 
 
-def pack_update(update: np.ndarray, plan: RoundPlan):
-    """Compress a replica's update, with its error-feedback memory on this worker."""
-    memory = residuals.take(plan.run_id, plan.replica, update.size)
+def pack_update(update: np.ndarray, plan: RoundPlan, part: dict):
+    """Compress an update with the error-feedback memory of ``part``, which keeps what is left.
+
+    ``part`` is its owner's (a replica's, or under ``hierarchical`` a
+    group's, :mod:`daskdist.worker.own_state`).
+    """
+    memory = part.get("residual")
+    if memory is not None and memory.size != update.size:
+        memory = None
     packed, left = pack(update, plan.compression, density=plan.density, residual=memory)
-    residuals.keep(plan.run_id, plan.replica, left)
+    part["residual"] = left
     return packed
 
 

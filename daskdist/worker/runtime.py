@@ -20,7 +20,8 @@ from __future__ import annotations
 import threading
 
 __all__ = ["worker_address", "set_lr", "on_drop_run",
-           "drop_run", "keep", "kept", "kept_index", "kept_state", "forget_from", "GLOBAL"]
+           "drop_run", "keep", "kept", "kept_items", "kept_index", "kept_state", "forget_from",
+           "GLOBAL"]
 
 #: Functions ``fn(run_id)`` that free what a worker keeps of a fit.
 _droppers: list = []
@@ -83,6 +84,13 @@ def kept(run_id: str, replica: int, round: int):
     """What :func:`keep` holds for ``replica`` at ``round``, or None."""
     with _store_lock:
         return _store.get((run_id, replica), {}).get(round)
+
+
+def kept_items(run_id: str, round: int) -> list:
+    """``(replica, value)`` of every value this worker keeps of a fit at ``round``."""
+    with _store_lock:
+        return [(replica, rounds[round]) for (run, replica), rounds in _store.items()
+                if run == run_id and round in rounds]
 
 
 def kept_index(run_id: str) -> list[tuple[int, int]]:

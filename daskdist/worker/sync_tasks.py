@@ -27,6 +27,7 @@ from ..state import (
     tree_weighted_sum,
 )
 from .aggregation import combine, count_skipped, exchange_bytes, log_round
+from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, gradient, replica_for
 from .runtime import GLOBAL, keep, kept
 from .update_tasks import next_version
@@ -145,7 +146,7 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
                               log=state.log)
     else:  # no replica contributed a finite gradient: no step
         new = replace(state, round=state.round + 1, epoch=step_plan.epochs_completed(),
-                      skipped=skipped)
+                      skipped=skipped, own={})
     # every replica logs the round (an epoch's first, with the starting state its workers
     # fetched); one of them tells the scheduler
     new = replace(new, log=log_round(state.log, total, step_plan, own.start_nbytes,
@@ -166,8 +167,13 @@ def sync_step(spec, shard, *previous, plan, replica_workers) -> StepResult:
     """
     start = isinstance(previous[0], TrainingState)
     state = previous[0] if start else _apply(spec, previous, plan, replica_workers)
-    result = StepResult(state, gradient(spec, shard, state, plan), state.round,
+    # the replica's own part (loss scaler, topk residual): from the starting state, or kept
+    # here after the previous step
+    owner = replica_owner(plan.replica)
+    part = part_for(plan.run_id, owner, plan.round, state if start else None)
+    result = StepResult(state, gradient(spec, shard, state, plan, part), state.round,
                         state.nbytes if start else 0)
+    keep_part(plan.run_id, owner, plan.round, part)
     return keep(plan.run_id, plan.replica, state.round, result)
 
 

@@ -17,6 +17,7 @@ from ..dashboard.events import emit_from_worker, round_event
 from ..plan import RoundPlan
 from ..state import TrainingState, tree_add, tree_diff, tree_nbytes
 from .aggregation import combine, count_skipped
+from .own_state import keep_part, latest_part, replica_owner
 from .replica import local_steps, pack_update
 from .runtime import GLOBAL, keep, worker_address
 
@@ -39,8 +40,11 @@ def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
         before = {"params": state.params, "buffers": state.buffers,
                   "optimizer": state.optimizer}
         delta = tree_diff(contribution.payload, before)
-        if plan.compression:
-            delta["params"] = pack_update(delta["params"], plan)
+        if plan.compression:  # arrival order rules here: the newest memory on this worker
+            owner = replica_owner(plan.replica)
+            part = latest_part(plan.run_id, owner)
+            delta["params"] = pack_update(delta["params"], plan, part)
+            keep_part(plan.run_id, owner, plan.round, part)
         contribution.payload = delta
     return contribution
 
