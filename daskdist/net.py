@@ -40,7 +40,7 @@ from .data.validation import check_features, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
-from .seeds import seed_for
+from .seeds import seed_for, seeded_torch
 from .spec import ModelSpec
 from .state import (
     TrainingState,
@@ -152,8 +152,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         if self.random_state is None:
             self.module_ = self.initialized_instance(self.module, kwargs)
         else:  # random_state also fixes the initial weights, without touching torch's RNG
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed_for(self.random_state, 0))
+            with seeded_torch(seed_for(self.random_state, 0)):
                 self.module_ = self.initialized_instance(self.module, kwargs)
         return self
 
@@ -235,9 +234,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                    for p in self.module_.parameters()):
             return
         self.module_.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            if self.random_state is not None:
-                torch.manual_seed(seed_for(self.random_state, 0))
+        seed = None if self.random_state is None else seed_for(self.random_state, 0)
+        with torch.no_grad(), seeded_torch(seed):
             dtype = torch.int64 if takes_indices(self.module_) else torch.float32
             self.module_(torch.zeros((1, *sample_shape), dtype=dtype))
         self._initialize_optimizer()

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+import threading
 
-__all__ = ["seed_for"]
+import numpy as np
+import torch
+
+__all__ = ["seed_for", "seeded_torch"]
+
+# torch has one global generator per process: fits built in several threads at once (a
+# search with a threading backend, fits started side by side) take turns with it
+_torch_rng = threading.Lock()
 
 
 def seed_for(random_state: int, *parts: int) -> int:
@@ -15,3 +23,19 @@ def seed_for(random_state: int, *parts: int) -> int:
     """
     entropy = [int(random_state), *map(int, parts)]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int | None):
+    """Run the block with torch's CPU generator seeded by ``seed``, restored afterwards.
+
+    Other threads of this process that enter the block wait for it, so a
+    module built inside it (its initial weights) depends on ``seed`` only,
+    even when several fits start at once. ``None``: no seeding, no lock.
+    """
+    if seed is None:
+        yield
+        return
+    with _torch_rng, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
