@@ -136,7 +136,11 @@ def three_workers():
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("numpy", "sync"),
                                             ("dask", "local_sgd"), ("stream", "sync"),
                                             ("numpy", "local_sgd-fp16"),
-                                            ("numpy", "hierarchical-fp16")])
+                                            ("numpy", "hierarchical-fp16"),
+                                            ("numpy", "sync-fp16"), ("numpy", "sync-bf16"),
+                                            ("numpy", "local_sgd-bf16"),
+                                            ("numpy", "hierarchical"),
+                                            ("numpy", "hierarchical-bf16")])
 def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, tmp_path,
                                                          kind, strategy):
     from sklearn.model_selection import train_test_split
@@ -253,8 +257,11 @@ def test_worker_killed_mid_epoch_under_ddp_reforms_the_group(three_workers, digi
     assert "ddp process group" in recovery["reason"]
     assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
     assert net.rounds_["samples"].sum() == baseline.rounds_["samples"].sum()
-    assert abs(net.score(X_test, y_test) - baseline.score(X_test, y_test)) <= 0.02
     assert baseline.score(X_test, y_test) > 0.9
+    # the same steps on the same data from the same state: the same model, up to the order in
+    # which the regrouped ranks add their replicas' gradients (8.9e-8 measured)
+    np.testing.assert_allclose(params_vector(net.module_), params_vector(baseline.module_),
+                               atol=1e-6, rtol=0)
     # no rank of a group given up is left running (or stuck in a collective) for the next test
     _assert_idle(three_workers)
 
