@@ -92,8 +92,11 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
     __doc__ = (
         "NeuralNetClassifier trained data-parallel on a Dask cluster.\n\n"
         "Labels may be any sortable values; they are encoded on the workers and\n"
-        "``predict`` returns them. A module class that takes ``n_outputs`` gets\n"
-        "the number of classes when none is given.\n" + _DASK_PARAMS_DOC
+        "``predict`` returns them. ``classes`` fixes them, in its order (output\n"
+        "column ``i`` is ``classes[i]``); ``classes=[]``, as in skorch, means that\n"
+        "``y`` already holds class indices and the net has no ``classes_``. A\n"
+        "module class that takes ``n_outputs`` gets the number of classes when\n"
+        "none is given.\n" + _DASK_PARAMS_DOC
         + NeuralNetClassifier.__doc__
     )
     _skorch_base = NeuralNetClassifier
@@ -113,27 +116,54 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
                                buffer_chunks, precision)
 
     def _set_target_info(self, y, classes, found=None) -> None:
-        if classes is not None and not self._in_partial_fit_:
-            found = np.unique(np.asarray(classes))
-        elif found is not None:
+        if found is not None:
             found = np.unique(found)
         elif isinstance(y, da.Array):
             found = np.unique(np.asarray(da.unique(y).compute()))
         else:
             found = np.unique(y)
         if self._in_partial_fit_:
-            unknown = np.setdiff1d(found, self.classes_)
+            known = self._class_labels()
+            unknown = (np.setdiff1d(found, known) if known is not None
+                       else found[(found < 0) | (found >= self._n_outputs_)])
             if len(unknown):
                 raise ValueError(f"y has labels {unknown.tolist()} not seen in the first fit "
-                                 f"(classes: {self.classes_.tolist()}).")
+                                 f"({_describe_classes(known, self._n_outputs_)}).")
             return
-        if len(found) < 2 and self.classes is None:
+        if self.classes is not None:  # the estimator's parameter, as skorch reads it
+            self._check_given_classes(np.asarray(self.classes), found)
+        elif classes is not None:  # partial_fit(classes=...): every label, on the first call
+            self._check_given_classes(np.unique(np.asarray(classes)), found)
+            found = np.unique(np.asarray(classes))
+        elif len(found) < 2:
             raise ValueError(f"Classifier can't train when only one class is present: {found}.")
         self.classes_inferred_ = found
-        self._n_outputs_ = len(self.classes_)
+        labels = self._class_labels()
+        self._n_outputs_ = len(labels) if labels is not None else int(found.max()) + 1
+
+    def _check_given_classes(self, classes: np.ndarray, found: np.ndarray) -> None:
+        """Refuse targets that ``classes`` cannot encode (before any work is sent)."""
+        if not len(classes):  # skorch's classes=[]: y holds class indices already
+            if found.dtype.kind not in "iub" or (len(found) and found.min() < 0):
+                raise ValueError(
+                    "classes=[] means that y holds class indices 0, 1, ...; got labels "
+                    f"{found[:10].tolist()}. Pass the labels as classes=[...] instead.")
+            return
+        if len(np.unique(classes)) != len(classes):
+            raise ValueError(f"classes must name each class once, got {classes.tolist()}.")
+        unknown = np.setdiff1d(found, classes)
+        if len(unknown):
+            raise ValueError(f"y has labels {unknown[:10].tolist()} that are not in "
+                             f"classes={classes.tolist()}.")
+
+    def _class_labels(self):
+        """The class labels (output column ``i`` is label ``i``); None for ``classes=[]``."""
+        if self.classes is not None and not len(self.classes):
+            return None
+        return np.asarray(self.classes_)
 
     def _shard_kwargs(self) -> dict:
-        return {**super()._shard_kwargs(), "classes": np.asarray(self.classes_),
+        return {**super()._shard_kwargs(), "classes": self._class_labels(),
                 "y_dtype": np.int64}
 
     def predict_proba(self, X):
@@ -144,18 +174,21 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
         """
         X, labels = self._predict_input(X)
         if isinstance(X, da.Array):
-            out = self._blockwise(X, "predict_proba", (len(self.classes_),), np.float32)
+            out = self._blockwise(X, "predict_proba", (self._n_outputs_,), np.float32)
         else:
             out = self._local_proba(X)
-        return labels.wrap(out, columns=self.classes_, column_dim="class")
+        return labels.wrap(out, columns=self._class_labels(), column_dim="class")
 
     def predict(self, X):
-        """Predicted class labels (the original labels, not indices)."""
+        """Predicted class labels (the original labels; indices with ``classes=[]``)."""
         X, labels = self._predict_input(X)
+        classes = self._class_labels()
         if isinstance(X, da.Array):
-            out = self._blockwise(X, "predict", (), np.asarray(self.classes_).dtype)
+            dtype = classes.dtype if classes is not None else np.dtype(np.int64)
+            out = self._blockwise(X, "predict", (), dtype)
         else:
-            out = np.asarray(self.classes_)[self._local_proba(X).argmax(axis=1)]
+            index = self._local_proba(X).argmax(axis=1)
+            out = classes[index] if classes is not None else index
         return labels.wrap(out)
 
 
@@ -219,3 +252,10 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
             return labels.wrap(self._blockwise(X, "predict_proba", (self._n_outputs_,),
                                                np.float32))
         return labels.wrap(self._local_proba(X))
+
+
+def _describe_classes(classes, n_outputs: int) -> str:
+    """The classes of a fit, for an error message."""
+    if classes is None:
+        return f"class indices 0..{n_outputs - 1}"
+    return f"classes: {classes.tolist()}"

@@ -240,6 +240,43 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             self.module_(torch.zeros((1, *sample_shape), dtype=dtype))
         self._initialize_optimizer()
 
+    def _check_output_width(self, sample_shape) -> None:
+        """Refuse a module whose output columns do not match the targets (before any work).
+
+        One forward pass of two zero rows on the client, in eval mode and
+        without gradients. Skipped where it cannot judge: a preprocessor (the
+        module sees its output's width), outputs other than one 2-d tensor,
+        or a module that cannot take zeros.
+        """
+        expected = getattr(self, "_n_outputs_", None)
+        if expected is None or self.preprocessor is not None:
+            return
+        module = self.module_
+        training = module.training
+        device = next(module.parameters()).device
+        dtype = torch.int64 if takes_indices(module) else torch.float32
+        try:
+            module.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                out = module(torch.zeros((2, *sample_shape), dtype=dtype, device=device))
+        except Exception:  # noqa: BLE001 - the workers will report the module's own error
+            return
+        finally:
+            module.train(training)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] == expected:
+            return
+        if self._classifier and out.shape[1] > expected and not self._named_classes():
+            return  # classes=[]: class indices the targets seen so far do not reach
+        what = "classes" if self._classifier else "target columns"
+        raise ValueError(
+            f"The module's output has {out.shape[1]} columns, but y has {expected} {what}: "
+            f"give the module {expected} outputs (module__n_outputs={expected} for daskdist's "
+            "models).")
+
+    def _named_classes(self) -> bool:
+        """Whether the targets' classes are named (a classifier without ``classes=[]``)."""
+        return self._classifier and not (self.classes is not None and not len(self.classes))
+
     def _model_spec(self) -> ModelSpec:
         kwargs = self.get_params_for("optimizer")
         kwargs.setdefault("lr", self.lr)
@@ -283,6 +320,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         self.check_worker_support()
         epochs = self.max_epochs if epochs is None else epochs
         self._materialise_lazy(tuple(X.shape[1:]))
+        self._check_output_width(tuple(X.shape[1:]))
         holdout, stratified = self._holdout()
         if self.random_state is None:
             self.random_state_ = int(np.random.SeedSequence().generate_state(1)[0] >> 1)

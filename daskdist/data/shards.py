@@ -174,7 +174,8 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
         Integer features stay integers (int64) for an embedding; see
         :func:`feature_dtype`.
     classes : numpy.ndarray, optional
-        Sorted class labels; ``y`` is replaced by indices into it.
+        Class labels in output-column order (any order); ``y`` is replaced by each
+        label's position in it.
     y_2d : bool
         Reshape a 1-d ``y`` to one column (regression on one target).
     holdout : float or None
@@ -225,8 +226,9 @@ def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, index_features:
         X = X.astype(feature_dtype(X.dtype, x_dtype=x_dtype, index_features=index_features),
                      copy=False)
     if y is not None:
-        if classes is not None:
-            y = np.searchsorted(classes, y)
+        if classes is not None:  # each label's position in classes (given in any order)
+            order = np.argsort(classes, kind="stable")
+            y = order[np.searchsorted(classes, y, sorter=order)]
         if y_dtype is not None:
             y = np.asarray(y).astype(y_dtype, copy=False)
         if y_2d and y.ndim == 1:
