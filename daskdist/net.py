@@ -40,7 +40,7 @@ from .data.validation import check_features, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
-from .seeds import seed_for, seeded_torch
+from .seeds import seed_for, seeded_torch, torch_rng_kept
 from .spec import ModelSpec
 from .state import (
     TrainingState,
@@ -149,11 +149,10 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         if (n_out is not None and isinstance(self.module, type) and "n_outputs" not in kwargs
                 and "n_outputs" in inspect.signature(self.module).parameters):
             kwargs["n_outputs"] = n_out
-        if self.random_state is None:
+        # random_state also fixes the initial weights, without touching torch's RNG
+        seed = None if self.random_state is None else seed_for(self.random_state, 0)
+        with seeded_torch(seed):
             self.module_ = self.initialized_instance(self.module, kwargs)
-        else:  # random_state also fixes the initial weights, without touching torch's RNG
-            with seeded_torch(seed_for(self.random_state, 0)):
-                self.module_ = self.initialized_instance(self.module, kwargs)
         return self
 
     def _initialize_module(self, reason=None):
@@ -257,7 +256,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         dtype = torch.int64 if takes_indices(module) else torch.float32
         try:
             module.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch_rng_kept():
                 out = module(torch.zeros((2, *sample_shape), dtype=dtype, device=device))
         except Exception:  # noqa: BLE001 - the workers will report the module's own error
             return

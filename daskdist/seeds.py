@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["seed_for", "seeded_torch"]
+__all__ = ["seed_for", "seeded_torch", "torch_rng_kept"]
 
 # torch has one global generator per process: fits built in several threads at once (a
 # search with a threading backend, fits started side by side) take turns with it
-_torch_rng = threading.Lock()
+_torch_rng = threading.RLock()
 
 
 def seed_for(random_state: int, *parts: int) -> int:
@@ -29,13 +29,28 @@ def seed_for(random_state: int, *parts: int) -> int:
 def seeded_torch(seed: int | None):
     """Run the block with torch's CPU generator seeded by ``seed``, restored afterwards.
 
-    Other threads of this process that enter the block wait for it, so a
-    module built inside it (its initial weights) depends on ``seed`` only,
-    even when several fits start at once. ``None``: no seeding, no lock.
+    Other threads of this process that enter this block or :func:`torch_rng_kept`
+    wait for it, so a module built inside it (its initial weights) depends on
+    ``seed`` only, even when several fits start at once. ``None``: no seeding,
+    the generator draws on from where it is (still one thread at a time, so
+    that an unseeded fit never draws from a seeded fit's stream).
     """
-    if seed is None:
-        yield
-        return
+    with _torch_rng:
+        if seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+
+@contextlib.contextmanager
+def torch_rng_kept():
+    """Run the block one thread at a time, torch's CPU generator restored afterwards.
+
+    For work on the client that must leave no trace on the generator (a dry
+    forward pass): restoring the generator while another thread draws from it
+    would replay that thread's draws.
+    """
     with _torch_rng, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         yield
