@@ -1,7 +1,7 @@
 """daskdist: data-parallel PyTorch training on Dask, behind scikit-learn estimators."""
 
 from . import _moved, config  # noqa: F401  (config registers daskdist's Dask config defaults)
-from .callbacks import Checkpoint
+from .callbacks import Checkpoint, GradientValueClipping
 from .clusters.embedded import cluster_client, embedded_cluster
 from .data.holdout import holdout_split
 from .data.sharding import plan_shards
@@ -38,6 +38,7 @@ __all__ = [
     "ReplicaDriftWarning",
     "ModelSpec",
     "TrainingState",
+    "GradientValueClipping",
     "Checkpoint",
     "Strategy",
     "Sync",

@@ -1,10 +1,11 @@
-"""Epoch callbacks that belong to daskdist."""
+"""Callbacks that belong to daskdist: safetensors checkpoints, gradient clipping by value."""
 
 from __future__ import annotations
 
 from skorch.callbacks import Callback
+from torch.nn.utils import clip_grad_value_
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "GradientValueClipping"]
 
 
 class Checkpoint(Callback):
@@ -69,3 +70,26 @@ class Checkpoint(Callback):
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class GradientValueClipping(Callback):
+    """Clip every gradient entry to ``[-gradient_clip_value, gradient_clip_value]``.
+
+    The by-value counterpart of skorch's ``GradientNormClipping``
+    (:func:`torch.nn.utils.clip_grad_value_`). In a plain skorch net it acts in
+    ``on_grad_computed``; in a daskdist estimator each replica clips the
+    gradient of every step on its worker (the averaged gradient under
+    ``sync`` and ``ddp``), see docs/skorch.md.
+
+    Parameters
+    ----------
+    gradient_clip_value : float or None
+        The largest absolute value a gradient entry keeps; None: no clipping.
+    """
+
+    def __init__(self, gradient_clip_value=None):
+        self.gradient_clip_value = gradient_clip_value
+
+    def on_grad_computed(self, net, named_parameters, **kwargs):
+        if self.gradient_clip_value is not None:
+            clip_grad_value_([p for _, p in named_parameters], self.gradient_clip_value)

@@ -72,6 +72,18 @@ _DASK_PARAMS_DOC = """
         or float16 (with a dynamic loss scale per replica); None trains in
         float32. The parameters, optimizer state and what is averaged stay
         float32. See :mod:`daskdist.worker.devices`.
+    gradient_clip : float or None (default=None)
+        Clip the gradient of every step to this (Euclidean) norm, on the
+        workers: under ``sync`` and ``ddp`` the averaged gradient of the
+        global batch, under ``local_sgd`` and relatives each replica's own.
+        The same as skorch's ``GradientNormClipping`` callback, which is
+        honoured too. See docs/skorch.md.
+    accumulate_steps : int (default=1)
+        Micro-batches of ``batch_size`` samples whose gradients add up to
+        one optimizer step: a step sees ``batch_size * accumulate_steps``
+        samples, while a worker holds the activations of one micro-batch at
+        a time. Steps per epoch count optimizer steps
+        (``net.steps_per_epoch_``).
 
     ``device`` is where the workers train: ``"cuda"`` gives each worker its
     own GPU (workers of one host take its GPUs in turn); a worker without
@@ -82,7 +94,9 @@ _DASK_PARAMS_DOC = """
 
     Fitted attributes added to skorch's: ``rounds_`` (a DataFrame, one row per
     synchronisation round: replicas, samples, loss, bytes, synchronisation and
-    compute seconds), ``recoveries_`` (one row per recovery from a lost
+    compute seconds), ``steps_per_epoch_`` (optimizer steps in an epoch, what a
+    per-step schedule counts: ``OneCycleLR(total_steps=max_epochs *
+    steps_per_epoch_)``), ``recoveries_`` (one row per recovery from a lost
     worker) and ``dashboard_link_`` (the address of the run's ``/daskdist``
     page on the scheduler's dashboard, or None).
 """
@@ -108,12 +122,12 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
                  streaming="auto", buffer_chunks=4, precision=None,
-                 use_caching=False, **kwargs):
+                 gradient_clip=None, accumulate_steps=1, use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,
                          classes=classes, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks, precision)
+                               buffer_chunks, precision, gradient_clip, accumulate_steps)
 
     def _set_target_info(self, y, classes, found=None) -> None:
         if found is not None:
@@ -205,11 +219,11 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
                  sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
                  random_state=None, preprocessor=None, sample_dim=None, features=None,
                  streaming="auto", buffer_chunks=4, precision=None,
-                 use_caching=False, **kwargs):
+                 gradient_clip=None, accumulate_steps=1, use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks, precision)
+                               buffer_chunks, precision, gradient_clip, accumulate_steps)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

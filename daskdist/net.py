@@ -40,6 +40,7 @@ from .data.validation import check_features, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
+from .schedules import EpochSchedules, batch_schedulers, steps_done
 from .seeds import seed_for, seeded_torch, torch_rng_kept
 from .spec import ModelSpec
 from .state import (
@@ -49,6 +50,7 @@ from .state import (
     optimizer_state_from_numpy,
     params_vector,
 )
+from .step_callbacks import clip_options
 from .strategies import resolve_strategy
 from .worker.devices import check_precision
 from .worker_support import WorkerSupport
@@ -72,7 +74,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
     # -- parameters ---------------------------------------------------------------------------
     def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
                           random_state, preprocessor, sample_dim=None, features=None,
-                          streaming="auto", buffer_chunks=4, precision=None):
+                          streaming="auto", buffer_chunks=4, precision=None,
+                          gradient_clip=None, accumulate_steps=1):
         self.strategy = strategy
         self.sync_every = sync_every
         self.sharding = sharding
@@ -85,6 +88,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         self.streaming = streaming
         self.buffer_chunks = buffer_chunks
         self.precision = precision
+        self.gradient_clip = gradient_clip
+        self.accumulate_steps = accumulate_steps
 
     @property
     def _default_callbacks(self):
@@ -218,6 +223,21 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             self.initialize()
         return self._train(X, y, **fit_params)
 
+    def notify(self, method_name, **cb_kwargs):
+        """Call ``method_name`` of the net and of every callback, as skorch does.
+
+        Except ``on_train_begin`` of per-step ``LRScheduler`` callbacks: their
+        schedulers are built for the fit by :mod:`daskdist.schedules`, from the
+        steps the fit's history counts.
+        """
+        if method_name != "on_train_begin":
+            return super().notify(method_name, **cb_kwargs)
+        stepped_here = {id(cb) for _, cb in batch_schedulers(self.callbacks_)}
+        getattr(self, method_name)(self, **cb_kwargs)
+        for _, cb in self.callbacks_:
+            if id(cb) not in stepped_here:
+                getattr(cb, method_name)(self, **cb_kwargs)
+
     def _train(self, X, y, **fit_params):
         self.notify("on_train_begin", X=X, y=y)
         try:
@@ -284,7 +304,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             criterion=self.criterion_,
             log_probs=self._classifier and isinstance(self.criterion_, torch.nn.NLLLoss),
             classifier=self._classifier, device=str(self.device),
-            precision=check_precision(self.precision),
+            precision=check_precision(self.precision), accumulate=self.accumulate_steps,
+            **clip_options(self),
         )
 
     def _current_state(self) -> TrainingState:
@@ -340,7 +361,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                                 convert=self._shard_kwargs(), streaming=self.streaming,
                                 buffer_chunks=self.buffer_chunks)
             trainer = Trainer(
-                client, self._model_spec(), strategy, batch_size=self.batch_size,
+                client, self._model_spec(), strategy,
+                batch_size=self.batch_size * self.accumulate_steps,
                 n_replicas=n_replicas, random_state=self.random_state_,
                 shuffle=bool(self.get_params_for("iterator_train").get("shuffle", False)),
                 data=data,
@@ -357,9 +379,12 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 with span("daskdist-fit", trainer.run_id):
                     with span("data"):
                         trainer.start(X, y, self._current_state())
+                    self.steps_per_epoch_ = trainer.steps_per_epoch
+                    schedules = (EpochSchedules(self, trainer.spec, steps_done(self.history))
+                                 if batch_schedulers(self.callbacks_) else None)
                     reporter.started(trainer, epochs)
                     self._train_epochs(trainer, reporter, epochs, rows,
-                                       self._client_datasets(X, y, trainer))
+                                       self._client_datasets(X, y, trainer), schedules)
                 status = "finished"
             except KeyboardInterrupt:
                 status = "interrupted"
@@ -376,15 +401,19 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 trainer.close()
         return self
 
-    def _train_epochs(self, trainer, reporter, epochs: int, rows: list, datasets: dict) -> None:
+    def _train_epochs(self, trainer, reporter, epochs: int, rows: list, datasets: dict,
+                      schedules=None) -> None:
         """Run ``epochs`` epochs: rounds on the cluster, then history and callbacks here."""
         for _ in range(epochs):
             self.notify("on_epoch_begin", **datasets)
+            table = schedules.next_epoch(trainer.steps_per_epoch) if schedules else None
             with span(f"epoch-{trainer.epoch + 1}"):
-                result = trainer.run_epoch(self._lrs())
+                result = trainer.run_epoch(self._lrs(), table)
             rows.extend(result.rounds)
             self._load_state(result.state)
             self._record_epoch(result, trainer.strategy)
+            if schedules:
+                schedules.epoch_done(self)
             with warnings.catch_warnings():
                 # Schedulers step between epochs; the optimizer steps on the workers.
                 warnings.filterwarnings("ignore", message="Detected call of `lr_sched")

@@ -8,7 +8,38 @@ import numpy as np
 
 from .seeds import seed_for
 
-__all__ = ["RoundPlan", "epoch_order"]
+__all__ = ["RoundPlan", "StepTable", "epoch_order"]
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """The optimizer hyperparameters of each step of an epoch, as a per-step schedule sets them.
+
+    ``values[step, group, column]``; ``columns`` name what each column is:
+    ``(key, None)`` for a number (``("lr", None)``), ``(key, i)`` for entry
+    ``i`` of a tuple (``("betas", 0)``). A few KB for thousands of steps, so
+    that every round's plan can carry its epoch's table.
+    """
+
+    columns: tuple
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def at(self, step: int) -> list[dict]:
+        """One dict per parameter group: the hyperparameters of the epoch's step ``step``."""
+        row = self.values[min(step, len(self.values) - 1)]
+        groups = []
+        for values in row:
+            group: dict = {}
+            for (key, index), value in zip(self.columns, values.tolist()):
+                if index is None:
+                    group[key] = value
+                else:
+                    group.setdefault(key, []).append(value)
+            groups.append({k: tuple(v) if isinstance(v, list) else v for k, v in group.items()})
+        return groups
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,10 @@ class RoundPlan:
         How the replica packs what it sends (:mod:`daskdist.compression`).
     density : float
         Share of entries ``"topk"`` sends.
+    schedule : StepTable or None
+        A per-step schedule's optimizer hyperparameters for every step of the
+        epoch, set before each step (:mod:`daskdist.schedules`). ``None``:
+        ``lr`` for every step.
     """
 
     run_id: str
@@ -63,6 +98,16 @@ class RoundPlan:
     epoch_steps: int | None = None
     compression: str | None = None
     density: float = 0.01
+    schedule: StepTable | None = None
+
+    def hyper(self, k: int) -> list[dict] | None:
+        """One dict per parameter group: the hyperparameters of the round's step ``k``.
+
+        ``None`` without a per-step schedule (``lr`` holds for every step).
+        """
+        if self.schedule is None:
+            return None
+        return self.schedule.at(self.first_step + k)
 
     def epochs_completed(self) -> int:
         """Epochs completed once this round is done (``epoch``, or one more at its end)."""

@@ -47,6 +47,15 @@ class ModelSpec:
     placement : dict
         Worker address -> device, planned by the driver for ``device``
         (:func:`daskdist.worker.devices.plan_devices`); empty: ``device`` everywhere.
+    clip_norm : float or None
+        Clip the gradient each step applies to this norm (``None``: no clipping).
+    clip_norm_type : float
+        The norm ``clip_norm`` measures (2: Euclidean).
+    clip_value : float or None
+        Clip each gradient entry to ``[-clip_value, clip_value]``.
+    accumulate : int
+        Micro-batches each step's batch is split into, their gradients added
+        up before the step (:func:`daskdist.worker.stepping.micro_batches`).
     """
 
     module: torch.nn.Module
@@ -58,6 +67,10 @@ class ModelSpec:
     device: str = "cpu"
     precision: str | None = None
     placement: dict = field(default_factory=dict)
+    clip_norm: float | None = None
+    clip_norm_type: float = 2.0
+    clip_value: float | None = None
+    accumulate: int = 1
 
     def device_here(self) -> str:
         """The device replicas train on in this worker process."""

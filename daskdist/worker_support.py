@@ -8,38 +8,20 @@ anything reaches the cluster. See docs/skorch.md.
 
 from __future__ import annotations
 
-from skorch.callbacks import (
-    Callback,
-    Checkpoint,
-    EarlyStopping,
-    EpochScoring,
-    EpochTimer,
-    LRScheduler,
-    PassthroughScoring,
-    PrintLog,
-)
 from skorch.dataset import Dataset, ValidSplit
 from torch.utils.data import DataLoader
 
-from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .data.sources import check_streaming
+from .step_callbacks import EPOCH_CALLBACKS, step_problems
 from .worker.devices import check_precision
 
 __all__ = ["WorkerSupport", "EPOCH_CALLBACKS", "PER_BATCH_METHODS", "WORKER_ITERATOR_OPTIONS"]
 
-#: Callbacks known to act at epoch boundaries only (their batch hooks are
-#: unused or inert when no per-batch calls are made).
-EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
-                   SafetensorsCheckpoint, EpochScoring)
 #: skorch methods that run per batch; overriding them cannot act on workers.
 PER_BATCH_METHODS = ("train_step", "train_step_single", "get_loss", "infer",
                      "validation_step", "evaluation_step")
 #: ``iterator_train__*`` options the replicas honour.
 WORKER_ITERATOR_OPTIONS = ("shuffle",)
-
-
-def _overrides(cb, method: str) -> bool:
-    return getattr(type(cb), method) is not getattr(Callback, method)
 
 
 class WorkerSupport:
@@ -82,14 +64,7 @@ class WorkerSupport:
         for method in PER_BATCH_METHODS:
             if getattr(type(self), method) is not getattr(self._skorch_base, method):
                 problems.append(f"an overridden {method}() (replicas run their own loop)")
-        for name, cb in self.callbacks_:
-            if isinstance(cb, LRScheduler):
-                if cb.step_every != "epoch":
-                    problems.append(f"callback {name!r}: LRScheduler(step_every="
-                                    f"{cb.step_every!r}); use step_every='epoch'")
-            elif not isinstance(cb, EPOCH_CALLBACKS) and (
-                    _overrides(cb, "on_batch_begin") or _overrides(cb, "on_batch_end")):
-                problems.append(f"callback {name!r} ({type(cb).__name__}) acts per batch")
+        problems += step_problems(self, self.get_strategy())
         reduction = getattr(self.criterion_, "reduction", "mean")
         if reduction != "mean":
             problems.append(f"criterion with reduction={reduction!r} (averaging needs 'mean')")

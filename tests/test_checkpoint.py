@@ -17,7 +17,7 @@ from daskdist.callbacks import Checkpoint
 from daskdist.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from daskdist.models import MLP
 from daskdist.state import TrainingState, module_to_state, params_vector
-from daskdist.testing import TinyNet, TinySequential
+from daskdist.testing import CtrlCAfterRound, TinyNet, TinySequential
 
 
 def _assert_same_tree(a, b):
@@ -237,17 +237,11 @@ def test_ctrl_c_mid_epoch_saves_the_last_round_and_resumes_exactly(client, tiny_
     X, y = tiny_data
     whole = uninterrupted(strategy, X, y)
 
-    class CtrlCInEpoch2(Checkpoint):
-        def save_round(self, net, state):
-            super().save_round(net, state)
-            if any(r["epoch"] == 1 for r in state.log):
-                signal.raise_signal(signal.SIGINT)
-
     ck = tmp_path / "ck"
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         interrupted = _net(max_epochs=4, strategy=strategy, sync_every=3, callbacks=[
-            ("checkpoint", CtrlCInEpoch2(ck, every=10, every_rounds=2))]).fit(X, y)
+            ("checkpoint", CtrlCAfterRound(ck, every=10, every_rounds=2, epoch=1))]).fit(X, y)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert len(interrupted.history) == 2 and "train_loss" not in interrupted.history[-1]

@@ -11,7 +11,7 @@ from daskdist.spec import ModelSpec
 from daskdist.state import params_vector
 from daskdist.testing import TinyNet, TinySequential
 from daskdist.worker.devices import check_precision, device_here
-from daskdist.worker.replica import Replica, scaled_backward_overflowed
+from daskdist.worker.replica import Replica, unscaled_overflowed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine (GPU check skipped)")
@@ -70,12 +70,16 @@ def test_fp16_overflow_lowers_the_scale_and_is_not_a_non_finite_update():
     with torch.autocast("cpu", dtype=torch.float16):
         out = rep.module(torch.randn(8, 4))
     # the scaled gradient reaching the fp16 output, 10 * 65536, overflows float16
-    assert scaled_backward_overflowed(rep, (out.float() * 10).sum())
+    loss = (out.float() * 10).sum()
+    rep.scaler.scale(loss).backward()
+    assert unscaled_overflowed(rep, loss)
     assert rep.scaler.get_scale() == scale / 2
     rep.module.zero_grad()
     with torch.autocast("cpu", dtype=torch.float16):
         out = rep.module(torch.randn(8, 4))
-    assert not scaled_backward_overflowed(rep, out.float().mean())
+    loss = out.float().mean()
+    rep.scaler.scale(loss).backward()
+    assert not unscaled_overflowed(rep, loss)
     assert all(torch.isfinite(p.grad).all() for p in rep.module.parameters())
 
 

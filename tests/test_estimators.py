@@ -12,6 +12,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from skorch.callbacks import BatchScoring, EarlyStopping, EpochScoring, LRScheduler
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from daskdist import MLP, DaskNeuralNetClassifier, DaskNeuralNetRegressor
 from daskdist.state import params_vector
@@ -180,7 +181,7 @@ def test_per_batch_features_are_refused_before_work(client, tiny_data):
     with pytest.raises(ValueError, match="acts per batch"):
         _clf(callbacks=[("b", BatchScoring("accuracy"))]).fit(X, y)
     with pytest.raises(ValueError, match="step_every='epoch'"):
-        _clf(callbacks=[("lr", LRScheduler(step_every="batch"))]).fit(X, y)
+        _clf(callbacks=[("lr", LRScheduler(ReduceLROnPlateau, step_every="batch"))]).fit(X, y)
     with pytest.raises(ValueError, match="iterator_train__num_workers"):
         _clf(iterator_train__num_workers=2).fit(X, y)
     with pytest.raises(ValueError, match="ValidSplit"):

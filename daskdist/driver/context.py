@@ -45,6 +45,9 @@ class EpochInfo:
     lr : float or tuple of float
         The learning rate of every round of the epoch (one per parameter
         group).
+    schedule : StepTable or None
+        A per-step schedule's hyperparameters for each step of the epoch
+        (every plan carries it; :meth:`RoundPlan.hyper`), or None.
     model : ModelSpec
         What each replica trains (its future is :attr:`EpochContext.spec`).
     start : TrainingState
@@ -73,6 +76,7 @@ class EpochInfo:
     first_round: int
     round: int
     lr: float | tuple
+    schedule: object
     model: ModelSpec
     start: TrainingState
     replica_workers: tuple
@@ -118,7 +122,7 @@ class EpochContext:
         info = self.info
         values = dict(run_id=info.run_id, replica=replica, epoch=info.epoch, round=round,
                       first_step=first_step, n_steps=n_steps,
-                      batch_size=info.replica_batch[replica], lr=info.lr,
+                      batch_size=info.replica_batch[replica], lr=info.lr, schedule=info.schedule,
                       random_state=info.random_state, shuffle=info.shuffle,
                       max_non_finite=info.max_non_finite, epoch_steps=info.steps_per_epoch)
         values.update(fields)

@@ -38,10 +38,10 @@ from ..errors import ShardFailedError, StateLost, WorkerLost
 from ..spec import ModelSpec
 from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
-from ..worker.replica import evaluate
 from ..worker.runtime import drop_run
 from . import agreement, own_parts, recovery
 from .context import EpochContext, EpochInfo
+from .holdout import score_holdout
 from .placement import plan_devices
 from .queue import TaskQueue
 from .results import RECOVERY_COLUMNS, ROUND_COLUMNS, EpochResult, round_rows
@@ -336,7 +336,7 @@ class Trainer:
             ) from None
 
     # -- epochs ---------------------------------------------------------------------------------
-    def run_epoch(self, lr) -> EpochResult:
+    def run_epoch(self, lr, schedule=None) -> EpochResult:
         """Train one epoch and return its result (state and statistics).
 
         If a worker is lost and takes with it data that Dask cannot recompute
@@ -352,13 +352,16 @@ class Trainer:
         ----------
         lr : float or tuple of float
             Learning rate of every round in the epoch (one per parameter group).
+        schedule : daskdist.plan.StepTable, optional
+            A per-step schedule's hyperparameters for each step of the epoch,
+            in place of ``lr`` (:mod:`daskdist.schedules`).
         """
         limit = dask.config.get("daskdist.driver.recoveries")
         epoch_round, epoch_state = self._epoch_round, self._epoch_state
         t0 = time.perf_counter()
         for attempt in range(limit + 1):
             try:
-                return self._run_epoch_once(lr, t0)
+                return self._run_epoch_once(lr, t0, schedule)
             except WorkerLost as lost:
                 if attempt == limit:
                     raise RuntimeError(
@@ -368,11 +371,12 @@ class Trainer:
                 self.recoveries.append(recovery.recover(self, lost, epoch_round, epoch_state))
         raise AssertionError("unreachable")
 
-    def context(self, lr) -> EpochContext:
+    def context(self, lr, schedule=None) -> EpochContext:
         """The strategy's view of this epoch attempt."""
         info = EpochInfo(
             run_id=self.run_id, attempt=self.key_prefix, epoch=self.epoch,
-            first_round=self._epoch_round, round=self.round, lr=lr, model=self.spec,
+            first_round=self._epoch_round, round=self.round, lr=lr, schedule=schedule,
+            model=self.spec,
             start=self._epoch_state, replica_workers=tuple(self.replica_workers),
             shard_sizes=tuple(self.shard_sizes), replica_batch=tuple(self.replica_batch),
             steps_per_epoch=self.steps_per_epoch, lookahead=self.lookahead,
@@ -382,9 +386,9 @@ class Trainer:
                             state=self._state, client=self.client, scratch=self.scratch,
                             _driver=self)
 
-    def _run_epoch_once(self, lr, t0: float) -> EpochResult:
+    def _run_epoch_once(self, lr, t0: float, schedule) -> EpochResult:
         self.tracker.on_settle = self._call_round_hooks if self.round_hooks else None
-        ctx = self.context(lr)
+        ctx = self.context(lr, schedule)
         try:
             self.strategy.train_epoch(ctx)
             if ctx._final is None:
@@ -442,21 +446,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Loss (and accuracy) of the current state on every shard's hold-out."""
-        futures = [
-            self.client.submit(
-                evaluate, self.spec_future, shard, self._state, self.run_id,
-                max(self.batch_size, 1), key=self.task_key("valid", i, epoch=self.epoch),
-                workers=[self.replica_workers[i]], allow_other_workers=True, pure=False)
-            for i, shard in enumerate(self.shards)
-        ]
-        parts = self.client.gather(futures)
-        n = sum(p["n"] for p in parts)
-        if not n:
-            return {}
-        out = {"loss": sum(p["loss_sum"] for p in parts) / n, "n": n}
-        if self.spec.classifier:
-            out["acc"] = sum(p["correct"] for p in parts) / n
-        return out
+        return score_holdout(self)
 
     # -- results and tear-down ---------------------------------------------------------------
     def state(self) -> TrainingState:

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from distributed import WorkerPlugin
 
-__all__ = ["TinyNet", "TinySequential", "FailOnLargeInput", "StragglerNet", "make_classification",
-           "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet"]
+from ..callbacks import Checkpoint
+
+__all__ = ["CtrlCAfterRound", "TinyNet", "TinySequential", "FailOnLargeInput", "StragglerNet",
+           "make_classification", "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet"]
 
 
 class TinyNet(torch.nn.Module):
@@ -227,3 +229,23 @@ class KillWorkerOnTask(WorkerPlugin):
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
             os._exit(1)
+
+
+class CtrlCAfterRound(Checkpoint):
+    """A round checkpoint that sends this process SIGINT once it saved a round of ``epoch``.
+
+    Ctrl-C in the middle of an epoch, at a known point: the checkpoint holds
+    the round before it (``every_rounds`` sets how often rounds are saved).
+    """
+
+    def __init__(self, dirname="checkpoint", every=1, every_rounds=None, at_train_end=True,
+                 epoch=1):
+        super().__init__(dirname, every=every, every_rounds=every_rounds,
+                         at_train_end=at_train_end)
+        self.epoch = epoch
+
+    def save_round(self, net, state):
+        """Save the round's state, then press Ctrl-C if it belongs to ``epoch``."""
+        super().save_round(net, state)
+        if any(r["epoch"] == self.epoch for r in state.log):
+            signal.raise_signal(signal.SIGINT)

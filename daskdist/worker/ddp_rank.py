@@ -33,6 +33,7 @@ from .devices import autocast, grad_scaler, is_cuda, seed_round, to_device
 from .fingerprint import fingerprint_of, replica_drift
 from .replica import replica_for
 from .runtime import worker_address
+from .stepping import clip_gradients, set_hyper
 
 __all__ = ["RankResult", "train_rank", "finish_ranks", "device_options", "module_nbytes",
            "step_rows_of", "failed_step", "failed_at", "blames_itself", "EMIT_S",
@@ -121,7 +122,6 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
     world = member.spec.world_size
     rep = replica_for(spec, first.run_id, ("ddp", rank))
     rep.load(state)
-    rep.set_lr(first.lr)
     rep.module.train()
     device = rep.device
     model = member.wrap(rep.module, device, **options, **device_options(device))
@@ -153,6 +153,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             t0 = time.perf_counter()
             X, y = _batch([p for p in parts if p is not None], device)
             seed_round(replace(first, round=first.round + k), device)
+            set_hyper(rep.optimizer, first, k)
             rep.optimizer.zero_grad()
             with autocast(spec.precision, device):
                 loss = spec.loss(model(X), y)
@@ -168,6 +169,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
                 rep.scaler.unscale_(rep.optimizer)
             step_plan = replace(first, round=first.round + k)
             if grads_finite(params):  # the mean gradient: the same on every rank
+                clip_gradients(spec, params)
                 if rep.scaler is None:
                     rep.optimizer.step()
                 else:

@@ -37,10 +37,11 @@ from ..state import (
 from .devices import autocast, grad_scaler, seed_round, to_device
 from .own_state import keep_part, latest_part, part_for, replica_owner
 from .runtime import GLOBAL, keep, on_drop_run, set_lr, worker_address
+from .stepping import clip_gradients, micro_batches, set_hyper
 
 __all__ = ["Contribution", "Replica", "replica_for", "local_steps", "local_round", "gradient",
            "evaluate",
-           "pack_update", "sits_out", "skipped_update", "all_finite", "scaled_backward_overflowed",
+           "pack_update", "sits_out", "skipped_update", "all_finite", "unscaled_overflowed",
            "use_scaler", "keep_scaler"]
 
 _CACHE_SIZE = 16
@@ -141,22 +142,41 @@ def drop_replicas(run_id: str) -> int:
     return len(keys)
 
 
-def _train_batch(rep: Replica, X, y) -> float:
-    """One step: loss → backward → optimizer step; returns the loss.
+def _backward(rep: Replica, X, y) -> torch.Tensor:
+    """Forward and backward passes of a step's batch, micro-batch by micro-batch.
 
-    In reduced precision the forward pass and loss run under autocast; with
-    ``"fp16"`` the loss is scaled, and the scaler skips a step whose
-    gradients overflowed (and lowers the scale).
+    Returns the batch's mean loss (detached). Under autocast in reduced
+    precision; with ``"fp16"`` the gradients are left scaled.
+    """
+    spec, module = rep.spec, rep.module
+    total = None
+    for X_part, y_part, share in micro_batches(spec, X, y):
+        with autocast(spec.precision, rep.device):
+            loss = spec.loss(module(X_part), y_part)
+            if share != 1.0:
+                loss = loss * share
+        (loss if rep.scaler is None else rep.scaler.scale(loss)).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def _train_batch(rep: Replica, X, y, plan: RoundPlan, k: int) -> float:
+    """Step ``k`` of the round: loss → backward → clipping → optimizer step; returns the loss.
+
+    With ``"fp16"`` the loss is scaled, the gradients unscaled before
+    clipping, and the scaler skips a step whose gradients overflowed (and
+    lowers the scale).
     """
     module, optimizer, scaler = rep.module, rep.optimizer, rep.scaler
+    set_hyper(optimizer, plan, k)
     optimizer.zero_grad()
-    with autocast(rep.spec.precision, rep.device):
-        loss = rep.spec.loss(module(X), y)
+    loss = _backward(rep, X, y)
     if scaler is None:
-        loss.backward()
+        clip_gradients(rep.spec, module.parameters())
         optimizer.step()
     else:
-        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_gradients(rep.spec, module.parameters())
         scaler.step(optimizer)
         scaler.update()
     return float(loss.item())
@@ -177,14 +197,14 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state)
     use_scaler(rep, part)
-    rep.set_lr(plan.lr)
     rep.module.train()
     device = rep.device
     seed_round(plan, device)
     loss_sum, n, steps = 0.0, 0, 0
     t0 = time.perf_counter()
     for X, y in shard.batches(plan):
-        loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device)) * len(X)
+        loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device), plan,
+                                 steps) * len(X)
         n += len(X)
         steps += 1
         if not np.isfinite(loss_sum):
@@ -283,11 +303,8 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     X, y = batch
     module = rep.module
     module.zero_grad()
-    with autocast(spec.precision, device):
-        loss = spec.loss(module(to_device(X, device)), to_device(y, device))
-    if rep.scaler is None:
-        loss.backward()
-    elif scaled_backward_overflowed(rep, loss):
+    loss = _backward(rep, to_device(X, device), to_device(y, device))
+    if rep.scaler is not None and unscaled_overflowed(rep, loss):
         # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
         # step out (an overflow is not a non-finite update)
         keep_scaler(rep, part)
@@ -313,12 +330,11 @@ def sits_out(plan: RoundPlan, steps: int, compute_s: float, t_start: float) -> C
                         compute_s, t_start, time.time(), worker_address())
 
 
-def scaled_backward_overflowed(rep: Replica, loss) -> bool:
-    """Backward of the scaled loss, gradients unscaled; whether they overflowed.
+def unscaled_overflowed(rep: Replica, loss) -> bool:
+    """Unscale the gradients a scaled backward pass left; whether they overflowed.
 
     A non-finite loss is not an overflow: it is left to the non-finite checks.
     """
-    rep.scaler.scale(loss).backward()
     rep.scaler.unscale_(rep.optimizer)
     overflow = bool(torch.isfinite(loss).item()) and not grads_finite(rep.module.parameters())
     rep.scaler.update()

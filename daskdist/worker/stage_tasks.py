@@ -42,8 +42,9 @@ from ..state import (
 )
 from .aggregation import check_non_finite
 from .devices import autocast, seed_generators, to_device
-from .runtime import on_drop_run, set_lr, worker_address
+from .runtime import on_drop_run, worker_address
 from .stages import StageLayout, StagePart, build_stage
+from .stepping import clip_gradients, set_hyper
 
 __all__ = ["Activation", "BFloat16Array", "Backward", "StageGradient", "load_stage",
            "step_batch", "forward", "backward", "stage_gradient", "update", "export_stage",
@@ -373,7 +374,7 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
     with state.lock:
         state.at(plan.round, attempt, "update")
         if finite:
-            set_lr(state.optimizer, plan.lr)
+            set_hyper(state.optimizer, plan)
             if gradients:
                 for p in state.params:
                     if p.grad is None:
@@ -381,6 +382,7 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
                 with torch.no_grad():
                     mean_flat_into([p.grad for p in state.params],
                                    [g.vector for g in gradients], [1.0] * len(gradients))
+            clip_gradients(spec, state.params)  # by value: norm clipping spans the stages
             state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.saved.clear()

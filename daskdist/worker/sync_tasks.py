@@ -30,6 +30,7 @@ from .aggregation import combine, count_skipped, exchange_bytes, log_round
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, gradient, replica_for
 from .runtime import GLOBAL, keep, kept
+from .stepping import clip_gradients, set_hyper
 from .update_tasks import next_version
 
 __all__ = ["StepResult", "own_state", "sync_step", "finish_steps", "apply_gradients"]
@@ -83,11 +84,15 @@ def own_state(own: StepResult, plan) -> TrainingState:
     )
 
 
-def _step(rep, contributions, weight: float, lr) -> None:
-    """One optimizer step of the replica's module with the contributions' mean gradient."""
+def _step(rep, contributions, weight: float, plan) -> None:
+    """Step ``plan.first_step`` of the replica's module, with the contributions' mean gradient.
+
+    The mean gradient is the global batch's: clipping acts on it, as it would
+    in a single process.
+    """
     live = [c for c in contributions if c.weight]
     weights = [c.weight / weight for c in live]
-    rep.set_lr(lr)
+    set_hyper(rep.optimizer, plan)
     params = list(rep.module.parameters())
     for p in params:
         if p.grad is None:
@@ -96,6 +101,7 @@ def _step(rep, contributions, weight: float, lr) -> None:
         # the sample-weighted mean gradient, written straight into .grad
         mean_flat_into([p.grad for p in params],
                        [unpacked(c.payload["grad"]) for c in live], weights)
+    clip_gradients(rep.spec, params)
     rep.optimizer.step()
     load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live], weights))
 
@@ -114,7 +120,7 @@ def apply_gradients(spec, state, *contributions, record: dict, cursors: tuple, t
     rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state)
     if total.weight:
-        _step(rep, contributions, total.weight, plan.lr)
+        _step(rep, contributions, total.weight, plan)
         stepped = module_to_state(rep.module, rep.optimizer)
         tree = {"params": stepped.params, "buffers": stepped.buffers,
                 "optimizer": stepped.optimizer}
@@ -139,7 +145,7 @@ def _apply(spec, previous, plan, replica_workers) -> TrainingState:
     rep = replica_for(spec, plan.run_id, plan.replica)
     rep.load(state)
     if total.weight:
-        _step(rep, contributions, total.weight, plan.lr)
+        _step(rep, contributions, total.weight, step_plan)
         new = module_to_state(rep.module, rep.optimizer, step=state.step + 1,
                               round=state.round + 1, epoch=step_plan.epochs_completed(),
                               skipped=skipped,
