@@ -114,23 +114,35 @@ class DDP(Strategy):
         out.
     allow_insecure : bool
         Start the (unencrypted) process group on a TLS cluster.
+    sync_batchnorm : bool
+        Normalise with the statistics of the whole step's batch over every
+        rank, in the forward and the backward pass, so that a fit equals
+        single-process training on the combined batch (and every rank's
+        running statistics are the combined batch's): daskdist's own
+        synchronised BatchNorm on gloo and the CPU, torch's ``SyncBatchNorm``
+        on CUDA (:mod:`daskdist.worker.sync_batchnorm`). Needs every rank to
+        take every step of an epoch. Without it each rank normalises its own
+        slice.
     """
 
     name = "ddp"
 
     def __init__(self, backend: str | None = None, timeout: float = 60.0,
                  bucket_cap_mb: float = 25.0, find_unused_parameters: bool = False,
-                 allow_insecure: bool = False):
+                 allow_insecure: bool = False, sync_batchnorm: bool = False):
         self.backend = backend
         self.timeout = timeout
         self.bucket_cap_mb = bucket_cap_mb
         self.find_unused_parameters = find_unused_parameters
         self.allow_insecure = allow_insecure
+        self.sync_batchnorm = sync_batchnorm
         self.validate()
 
     def validate(self) -> None:
         if self.backend not in (None, "gloo", "nccl"):
             raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {self.backend!r}.")
+        if not isinstance(self.sync_batchnorm, bool):
+            raise ValueError(f"sync_batchnorm must be True or False, got {self.sync_batchnorm!r}.")
         for name in ("timeout", "bucket_cap_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -319,6 +331,13 @@ class DDPEpoch(DrivenEpoch):
         rank_steps = [max(int(np.ceil(sizes[i] / batches[i])) for i in replicas) - first
                       for _, replicas in self.ranks]
         holder = rank_steps.index(max(rank_steps))
+        if self.strategy.sync_batchnorm and min(rank_steps) != max(rank_steps):
+            raise ValueError(
+                f"strategy__sync_batchnorm needs every rank to take every step, but the ranks' "
+                f"shards give them {min(rank_steps)} to {max(rank_steps)} steps this epoch "
+                f"(shards of {list(sizes)} samples, {list(batches)} per step): make the shards "
+                "even (a number of samples that divides by the replicas and the batch)."
+            )
         options = self.strategy.ddp_options("cpu")  # (each rank adds its own device)
         futures = []
         for rank, (worker, replicas) in enumerate(self.ranks):
@@ -328,8 +347,8 @@ class DDPEpoch(DrivenEpoch):
                 train_rank, ctx.spec, ctx.state, *[ctx.shards[i] for i in replicas],
                 group=self.group, rank=rank, plans=plans, step_rows=self.step_rows,
                 holder=holder, common_steps=max(min(rank_steps), 0), options=options,
-                key=ctx.key("ddp", info.round, rank), worker=worker, queue=False,
-                strict=True))
+                sync_batchnorm=self.strategy.sync_batchnorm,
+                key=ctx.key("ddp", info.round, rank), worker=worker, queue=False, strict=True))
         self.plan = ctx.plan(self.ranks[0][1][0], round=info.round, first_step=first,
                              n_steps=steps)
         return futures

@@ -19,8 +19,9 @@ from distributed import WorkerPlugin
 
 from ..callbacks import Checkpoint
 
-__all__ = ["CtrlCAfterRound", "TinyNet", "TinySequential", "FailOnLargeInput", "StragglerNet",
-           "make_classification", "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet"]
+__all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
+           "FailOnLargeInput", "StragglerNet", "make_classification", "KillWorkerOnTask",
+           "DriftingSGD", "WorkerScaledNet"]
 
 
 class TinyNet(torch.nn.Module):
@@ -49,6 +50,20 @@ class TinySequential(torch.nn.Sequential):
                   torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
                   torch.nn.Linear(hidden, n_outputs)]
         super().__init__(*layers, *([torch.nn.Softmax(dim=-1)] if softmax else []))
+
+
+class TinyBatchNormNet(torch.nn.Module):
+    """:class:`TinyNet` with a BatchNorm layer: Linear → BatchNorm1d → Tanh → Linear → softmax."""
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, momentum=0.1):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(n_features, hidden), torch.nn.BatchNorm1d(hidden, momentum=momentum),
+            torch.nn.Tanh(), torch.nn.Linear(hidden, n_outputs))
+
+    def forward(self, X):
+        """Class probabilities for a batch."""
+        return torch.softmax(self.net(X), dim=-1)
 
 
 class FailOnLargeInput(TinyNet):

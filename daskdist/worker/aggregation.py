@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from ..dashboard.events import emit_from_worker, round_event
 from ..errors import NonFiniteError
 from ..state import TrainingState, tree_nbytes, tree_scale, tree_weighted_sum
+from .batchnorm import pooled
 from .replica import Contribution
 from .runtime import GLOBAL, keep, worker_address
 
@@ -179,8 +180,11 @@ def average_parameters(spec, state, *parts, plan, replica_workers):
         new = replace(state, round=state.round + 1, epoch=plan.epochs_completed(),
                       skipped=skipped, own={})
     else:
+        buffers = mean["buffers"]
+        if "moments" in mean:  # BatchNorm: the running variances pooled
+            buffers = pooled(buffers, mean["moments"])
         new = TrainingState(
-            params=mean["params"], buffers=mean["buffers"], optimizer=mean["optimizer"],
+            params=mean["params"], buffers=buffers, optimizer=mean["optimizer"],
             step=state.step + total.steps, round=state.round + 1, epoch=plan.epochs_completed(),
             skipped=skipped, log=state.log,
         )

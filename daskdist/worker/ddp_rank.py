@@ -34,6 +34,7 @@ from .fingerprint import fingerprint_of, replica_drift
 from .replica import replica_for
 from .runtime import worker_address
 from .stepping import clip_gradients, set_hyper
+from .sync_batchnorm import convert
 
 __all__ = ["RankResult", "train_rank", "finish_ranks", "device_options", "module_nbytes",
            "step_rows_of", "failed_step", "failed_at", "blames_itself", "EMIT_S",
@@ -83,7 +84,8 @@ def _batch(parts, device):
 
 
 def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tuple,
-               step_rows: tuple, holder: int, common_steps: int, options: dict) -> RankResult:
+               step_rows: tuple, holder: int, common_steps: int, options: dict,
+               sync_batchnorm: bool = False) -> RankResult:
     """Train one rank's shards for the rest of an epoch in the process group ``group``.
 
     The ``daskdist-ddp`` task. ``plans`` holds one
@@ -95,7 +97,9 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
     data before the last step, every rank trains inside DDP's ``join``. Every
     :data:`STOP_CHECK_STEPS` steps of those, the ranks check together whether
     the driver gave the epoch up (interrupted, or a rank lost), and stop at
-    the same step if so. A failed rank's exception carries
+    the same step if so. With ``sync_batchnorm`` the module's BatchNorm layers
+    normalise over every rank's batch (:mod:`daskdist.worker.sync_batchnorm`).
+    A failed rank's exception carries
     ``daskdist_rank``, ``daskdist_step`` and ``daskdist_failed_at``.
     """
     t_start = time.time()
@@ -104,7 +108,7 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
     try:
         member = process_group.join(group, rank)
         return _train(spec, state, shards, member, rank, plans, step_rows, holder,
-                      common_steps, options, progress, t_start)
+                      common_steps, options, progress, t_start, sync_batchnorm)
     except BaseException as error:
         error.daskdist_rank, error.daskdist_step = rank, progress[0]
         error.daskdist_failed_at = time.time()
@@ -117,13 +121,15 @@ def train_rank(spec, state: TrainingState, *shards, group, rank: int, plans: tup
 
 
 def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_steps, options,
-           progress, t_start) -> RankResult:
+           progress, t_start, sync_batchnorm=False) -> RankResult:
     first = plans[0]
     world = member.spec.world_size
     rep = replica_for(spec, first.run_id, ("ddp", rank))
     rep.load(state)
     rep.module.train()
     device = rep.device
+    if sync_batchnorm:
+        convert(rep.module, device)
     model = member.wrap(rep.module, device, **options, **device_options(device))
     if rep.scaler is not None:  # fp16: every rank starts the epoch with the same loss scale
         rep.scaler = _agreed_scaler(rep.scaler, spec.precision, device)
@@ -192,8 +198,11 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             emitter.step(k, loss_sums[k], rows, step_s[k], step_end[k])
     rep.moved_on()
     final = module_to_state(rep.module, rep.optimizer) if rank == holder else None
-    # every rank applied the same all-reduced gradients: their copies are compared
-    copy = fingerprint_of(params_vector(rep.module), buffers_to_numpy(rep.module))
+    # every rank applied the same all-reduced gradients: their copies are compared. Buffers
+    # too where they must agree: without sync_batchnorm, the last forward pass updated each
+    # rank's BatchNorm statistics from its own slice (rank 0's are broadcast before the next)
+    copy = fingerprint_of(params_vector(rep.module),
+                          buffers_to_numpy(rep.module) if sync_batchnorm else {})
     return RankResult(rank, tuple(p.replica for p in plans), worker_address(), samples,
                       loss_sums, step_end, step_s, finite, tuple(skipped), t_start, final,
                       copy)

@@ -29,6 +29,7 @@ from ..errors import StateLost
 from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import combine, count_skipped, exchange_bytes, log_round
+from .batchnorm import pooled, with_buffers
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, local_steps, pack_update
 from .runtime import GLOBAL, keep, kept
@@ -126,8 +127,11 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
         params = state.params.copy()
         for w, payload in live:
             params += np.float32(w / total.weight) * unpacked(payload["delta"])
-        buffers = tree_weighted_sum([payload["buffers"] for _, payload in live],
-                                    [w / total.weight for w, _ in live])
+        shares = [w / total.weight for w, _ in live]
+        buffers = tree_weighted_sum([payload["buffers"] for _, payload in live], shares)
+        if all("moments" in payload for _, payload in live):  # BatchNorm: pooled variances
+            buffers = pooled(buffers, tree_weighted_sum([p["moments"] for _, p in live],
+                                                        shares))
         new = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
                             step=state.step + total.steps, log=state.log, **counters)
     else:  # no replica trained (shards exhausted, or no finite update)
@@ -157,7 +161,7 @@ def delta_round(spec, shard, *previous, plan: RoundPlan, replica_workers) -> Del
         after = contribution.payload
         optimizer = part["optimizer"] = after["optimizer"]
         contribution.payload = {"delta": pack_update(after["params"] - state.params, plan, part),
-                                "buffers": after["buffers"]}
+                                **with_buffers(after)}
     keep_part(plan.run_id, owner, plan.round, part)
     return keep(plan.run_id, plan.replica, state.round,
                 DeltaResult(state, optimizer, contribution, state.round, plan,

@@ -25,6 +25,7 @@ from ..compression import pack
 from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import WeightedSum, combine
+from .batchnorm import with_buffers
 from .delta_tasks import DeltaResult, apply_mean_delta
 from .own_state import group_owner, keep_part, part_for, replica_owner
 from .replica import local_steps
@@ -92,7 +93,7 @@ def member_round(spec, shard, own, groups: tuple, *, plan: RoundPlan,
         after = contribution.payload
         optimizer = part["optimizer"] = after["optimizer"]
         contribution.payload = {"delta": after["params"] - state.params,
-                                "buffers": after["buffers"]}
+                                **with_buffers(after)}
     keep_part(plan.run_id, owner, plan.round, part)
     return keep(plan.run_id, plan.replica, state.round,
                 DeltaResult(state, optimizer, contribution, state.round, plan,
@@ -124,8 +125,9 @@ def group_delta(*members: DeltaResult, group: int, plan: RoundPlan,
                                     residual=memory if memory is not None
                                     and memory.size == mean.size else None)
     keep_part(plan.run_id, owner, plan.round, part)
-    buffers = tree_weighted_sum([c.payload["buffers"] for c in live], weights)
-    return GroupDelta(stats, {"delta": packed, "buffers": buffers})
+    sums = {key: tree_weighted_sum([c.payload[key] for c in live], weights)
+            for key in ("buffers", "moments") if all(key in c.payload for c in live)}
+    return GroupDelta(stats, {"delta": packed, **sums})
 
 
 def finish_group_deltas(spec, own: DeltaResult, *groups, plan: RoundPlan,

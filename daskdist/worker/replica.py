@@ -34,6 +34,7 @@ from ..state import (
     params_vector,
     tree_nbytes,
 )
+from .batchnorm import count_rows, running_moments
 from .devices import autocast, grad_scaler, seed_round, to_device
 from .own_state import keep_part, latest_part, part_for, replica_owner
 from .runtime import GLOBAL, keep, on_drop_run, set_lr, worker_address
@@ -216,6 +217,9 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
         "buffers": buffers_to_numpy(rep.module),
         "optimizer": optimizer_state_to_numpy(rep.optimizer),
     }
+    moments = running_moments(rep.module)
+    if moments:  # BatchNorm: averaged as a mixture (daskdist.worker.batchnorm)
+        payload["moments"] = moments
     rep.moved_on()
     if not (np.isfinite(loss_sum) and all_finite(payload)):
         return skipped_update(plan, steps, compute_s, t_start)
@@ -303,7 +307,8 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     X, y = batch
     module = rep.module
     module.zero_grad()
-    loss = _backward(rep, to_device(X, device), to_device(y, device))
+    with count_rows(module, {}) as rows:
+        loss = _backward(rep, to_device(X, device), to_device(y, device))
     if rep.scaler is not None and unscaled_overflowed(rep, loss):
         # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
         # step out (an overflow is not a non-finite update)
@@ -316,6 +321,8 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     compute_s = time.perf_counter() - t0
     rep.ran_forward()
     payload = {"grad": grad, "buffers": buffers_to_numpy(module)}
+    if rows:  # BatchNorm: combined as the combined batch's (daskdist.worker.batchnorm)
+        payload["bn_rows"] = rows
     if not (torch.isfinite(loss).item() and all_finite(payload)):
         return skipped_update(plan, 1, compute_s, t_start)
     if plan.compression:

@@ -20,6 +20,7 @@ from ..compression import unpacked
 from ..errors import StateLost
 from ..state import (
     TrainingState,
+    buffers_to_numpy,
     load_buffers,
     mean_flat_into,
     module_to_state,
@@ -27,6 +28,7 @@ from ..state import (
     tree_weighted_sum,
 )
 from .aggregation import combine, count_skipped, exchange_bytes, log_round
+from .batchnorm import combine_step
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, gradient, replica_for
 from .runtime import GLOBAL, keep, kept
@@ -94,6 +96,7 @@ def _step(rep, contributions, weight: float, plan) -> None:
     weights = [c.weight / weight for c in live]
     set_hyper(rep.optimizer, plan)
     params = list(rep.module.parameters())
+    start = buffers_to_numpy(rep.module)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -103,7 +106,13 @@ def _step(rep, contributions, weight: float, plan) -> None:
                        [unpacked(c.payload["grad"]) for c in live], weights)
     clip_gradients(rep.spec, params)
     rep.optimizer.step()
-    load_buffers(rep.module, tree_weighted_sum([c.payload["buffers"] for c in live], weights))
+    buffers = [c.payload["buffers"] for c in live]
+    if any("bn_rows" in c.payload for c in live):
+        load_buffers(rep.module, combine_step(rep.module, start, buffers,
+                                              [c.payload.get("bn_rows", {}) for c in live],
+                                              weights))
+    else:
+        load_buffers(rep.module, tree_weighted_sum(buffers, weights))
 
 
 def apply_gradients(spec, state, *contributions, record: dict, cursors: tuple, transfers: int,

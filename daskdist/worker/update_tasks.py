@@ -36,6 +36,8 @@ def local_delta(spec, shard, state: TrainingState, plan: RoundPlan):
     as they are).
     """
     contribution = local_steps(spec, shard, state, plan)
+    # one replica's delta at a time: its BatchNorm statistics replace the state's as they are
+    contribution.payload.pop("moments", None)
     if contribution.weight and not contribution.non_finite:
         before = {"params": state.params, "buffers": state.buffers,
                   "optimizer": state.optimizer}
