@@ -36,8 +36,9 @@ from .dashboard.reporter import FitReporter
 from .data.inputs import to_arrays
 from .data.shards import takes_indices
 from .data.sources import ShardOptions
-from .data.validation import check_features, check_targets, scan_dask_values
+from .data.validation import check_features, check_sample_weight, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
+from .epoch_history import record_epoch
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
 from .schedules import EpochSchedules, batch_schedulers, steps_done
@@ -173,7 +174,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         # private bookkeeping (``_params_to_validate`` …) out of the parameters.
         return [k for k in super()._get_param_names() if not k.startswith("_")]
 
-    def fit(self, X, y=None, resume=None, **fit_params):
+    def fit(self, X, y=None, resume=None, sample_weight=None, **fit_params):
         """Initialize (unless ``warm_start``) and train on the Dask cluster.
 
         Parameters
@@ -188,6 +189,13 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             with its parameters, optimizer state, history and random state,
             for the remaining of ``max_epochs`` epochs. The result equals an
             uninterrupted run's up to float rounding.
+        sample_weight : array-like of shape (n_samples,), optional
+            A non-negative weight per sample (scikit-learn's convention),
+            never passed to the module: each batch's loss is the weighted mean
+            of its rows' losses, and replicas are averaged by the weight they
+            trained on, so that ``sync`` equals single-process weighted
+            training on the combined batch. In-memory inputs only; not under
+            ``ddp`` or ``pipeline``. See docs/skorch.md.
         **fit_params
             Not supported (the replicas call the module with ``X`` only).
 
@@ -197,13 +205,14 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         """
         self._in_partial_fit_ = False
         X, y = self._check_fit_data(X, y)
+        weights = self._check_weights(sample_weight, X)
         checkpoint = None if resume is None else load_checkpoint(resume)
         if not self.warm_start or not self.initialized_ or checkpoint is not None:
             self.initialize()
         self._resume_from_ = checkpoint
-        return self._train(X, y, **fit_params)
+        return self._train(X, y, sample_weight=weights, **fit_params)
 
-    def partial_fit(self, X, y=None, classes=None, **fit_params):
+    def partial_fit(self, X, y=None, classes=None, sample_weight=None, **fit_params):
         """Continue training from the current parameters for ``max_epochs`` epochs.
 
         Parameters
@@ -212,6 +221,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             As in :meth:`fit`.
         classes : array-like, optional
             All class labels (classifiers), for the first call.
+        sample_weight : array-like of shape (n_samples,), optional
+            As in :meth:`fit`.
 
         Returns
         -------
@@ -219,9 +230,21 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         """
         self._in_partial_fit_ = self.initialized_
         X, y = self._check_fit_data(X, y, classes)
+        weights = self._check_weights(sample_weight, X)
         if not self.initialized_:
             self.initialize()
-        return self._train(X, y, **fit_params)
+        return self._train(X, y, sample_weight=weights, **fit_params)
+
+    def _check_weights(self, sample_weight, X):
+        """``sample_weight`` validated (before any work), or None."""
+        if sample_weight is None:
+            return None
+        strategy = self.get_strategy()
+        if strategy.name in ("ddp", "pipeline"):
+            raise ValueError(
+                f"sample_weight is not supported under strategy={strategy.name!r}, which plans "
+                "each step's shares of the batch from row counts; use 'sync' (the same maths).")
+        return check_sample_weight(sample_weight, n_samples=X.shape[0])
 
     def notify(self, method_name, **cb_kwargs):
         """Call ``method_name`` of the net and of every callback, as skorch does.
@@ -325,7 +348,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         lrs = tuple(g["lr"] for g in self.optimizer_.param_groups)
         return lrs if len(lrs) > 1 else lrs[0]
 
-    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+    def fit_loop(self, X, y=None, epochs=None, sample_weight=None, **fit_params):
         """Train ``epochs`` epochs (default ``max_epochs``) on the cluster.
 
         Each epoch runs as rounds on the workers; at its end the averaged
@@ -378,7 +401,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             try:
                 with span("daskdist-fit", trainer.run_id):
                     with span("data"):
-                        trainer.start(X, y, self._current_state())
+                        trainer.start(X, y, self._current_state(), sample_weight)
                     self.steps_per_epoch_ = trainer.steps_per_epoch
                     schedules = (EpochSchedules(self, trainer.spec, steps_done(self.history))
                                  if batch_schedulers(self.callbacks_) else None)
@@ -411,7 +434,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 result = trainer.run_epoch(self._lrs(), table)
             rows.extend(result.rounds)
             self._load_state(result.state)
-            self._record_epoch(result, trainer.strategy)
+            record_epoch(self.history, result, trainer.strategy)
             if schedules:
                 schedules.epoch_done(self)
             with warnings.catch_warnings():
@@ -437,35 +460,6 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         dataset_valid = None if valid is None else Dataset(X[valid], y[valid])
         return {"dataset_train": Dataset(X[train_rows], y[train_rows]),
                 "dataset_valid": dataset_valid}
-
-    def _record_epoch(self, result, strategy) -> None:
-        history = self.history
-        trained = [r for r in result.rounds if r["samples"]]  # not every update skipped
-        for r in trained:  # one history "batch" per synchronisation round
-            history.new_batch()
-            history.record_batch("train_loss", r["loss"])
-            history.record_batch("train_batch_size", r["samples"])
-        if not trained:  # no finite update in the whole epoch
-            history.record("train_loss", float("nan"))
-        if result.valid:
-            history.new_batch()
-            history.record_batch("valid_loss", result.valid["loss"])
-            history.record_batch("valid_batch_size", result.valid["n"])
-            if "acc" in result.valid:
-                history.record_batch("valid_acc", result.valid["acc"])
-        history.record("train_batch_count", len(result.rounds))
-        history.record("rounds", len(result.rounds))
-        history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
-        history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
-        if strategy.asynchronous:
-            staleness = [r["staleness"] for r in result.rounds] or [0]
-            history.record("max_staleness", int(max(staleness)))
-            history.record("mean_staleness", float(np.mean(staleness)))
-        if strategy.deadline is not None:
-            history.record("dropped_updates", int(sum(r["dropped"] for r in result.rounds)))
-        history.record("samples_per_sec", result.samples_per_sec)
-        if result.drift is not None:
-            history.record("replica_drift", result.drift)
 
     def _append_log(self, name: str, rows, columns) -> None:
         """Set the fitted table ``name`` (``rounds_``, ``recoveries_``) from this fit's rows.

@@ -85,11 +85,35 @@ class ModelSpec:
         groups = param_groups(module.named_parameters(), kwargs.pop("param_groups", []))
         return module, self.optimizer(groups, **kwargs)
 
-    def loss(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch, as the estimator defines it."""
+    def loss(self, y_pred: torch.Tensor, y_true: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of a batch, as the estimator defines it.
+
+        With ``weights`` (one per row), the weighted mean of the rows' losses
+        (the criterion with ``reduction="none"``; a row's loss is the mean
+        over its other dimensions); 0 for a batch whose weights sum to 0.
+        """
         if self.log_probs:
             y_pred = torch.log(y_pred + torch.finfo(y_pred.dtype).eps)
-        return self.criterion_on(y_pred.device)(y_pred, y_true)
+        if weights is None:
+            return self.criterion_on(y_pred.device)(y_pred, y_true)
+        rows = self._per_row(y_pred.device)(y_pred, y_true)
+        if rows.dim() > 1:
+            rows = rows.reshape(len(rows), -1).mean(dim=1)
+        weights = weights.to(device=rows.device, dtype=rows.dtype)
+        return (rows * weights).sum() / weights.sum().clamp_min(torch.finfo(rows.dtype).tiny)
+
+    def _per_row(self, device) -> torch.nn.Module:
+        """The criterion with ``reduction="none"`` (made once per worker process)."""
+        per_row = self.__dict__.get("_criterion_per_row")
+        if per_row is None:
+            per_row = copy.deepcopy(self.criterion)
+            per_row.reduction = "none"
+            self.__dict__["_criterion_per_row"] = per_row
+        held = next(itertools.chain(per_row.buffers(), per_row.parameters()), None)
+        if held is not None and held.device != torch.device(device):
+            per_row.to(device)
+        return per_row
 
     def criterion_on(self, device) -> torch.nn.Module:
         """The criterion with its tensors (``criterion__weight``, say) on ``device``.

@@ -56,6 +56,7 @@ class RawShard:
     X: np.ndarray
     y: np.ndarray | None
     valid_positions: np.ndarray | None = None  # hold-out chosen on the client
+    w: np.ndarray | None = None  # sample weights
 
 
 @dataclass
@@ -67,9 +68,10 @@ class Shard:
     X_valid: np.ndarray
     y_valid: np.ndarray | None
     replica: int
+    w: np.ndarray | None = None  # sample weights of the training rows (None: unweighted)
 
     def __post_init__(self):
-        for name in ("X", "y", "X_valid", "y_valid"):
+        for name in ("X", "y", "X_valid", "y_valid", "w"):
             setattr(self, name, aligned(getattr(self, name)))
 
     def __setstate__(self, state: dict) -> None:
@@ -87,7 +89,7 @@ class Shard:
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)
-        arrays = (self.X, self.y, self.X_valid, self.y_valid)
+        arrays = (self.X, self.y, self.X_valid, self.y_valid, self.w)
         return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
 
     def batches(self, plan):
@@ -99,6 +101,14 @@ class Shard:
             if len(positions) == 0:
                 return
             yield self.batch(positions)
+
+    def weighted_batches(self, plan):
+        """``(X, y, w)`` of each step of a round; ``w`` (a tensor) is None when unweighted."""
+        for positions in plan.positions(len(self)):
+            if len(positions) == 0:
+                return
+            X, y = self.batch(positions)
+            yield X, y, None if self.w is None else torch.from_numpy(self.w[positions])
 
     def batch(self, positions: np.ndarray):
         """Return ``(X, y)`` tensors for the given training positions.
@@ -188,7 +198,9 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
     """
     if isinstance(raw, list):
         raw = RawShard(np.concatenate([p.X for p in raw]),
-                       None if raw[0].y is None else np.concatenate([p.y for p in raw]))
+                       None if raw[0].y is None else np.concatenate([p.y for p in raw]),
+                       w=None if raw[0].w is None else np.concatenate([p.w for p in raw]))
+    w = None if raw.w is None else np.asarray(raw.w, dtype=np.float32)
     X, y = convert_rows(raw.X, raw.y, preprocessor=preprocessor, x_dtype=x_dtype,
                         index_features=index_features, classes=classes, y_dtype=y_dtype,
                         y_2d=y_2d)
@@ -197,11 +209,12 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
         _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
     if valid is None or len(valid) == 0:
         empty = X[:0]
-        return Shard(X, y, empty, None if y is None else y[:0], replica)  # Shard aligns them
+        return Shard(X, y, empty, None if y is None else y[:0], replica, w)  # Shard aligns them
     mask = np.ones(len(X), dtype=bool)
     mask[valid] = False
     return Shard(X=X[mask], y=None if y is None else y[mask], X_valid=X[valid],
-                 y_valid=None if y is None else y[valid], replica=replica)
+                 y_valid=None if y is None else y[valid], replica=replica,
+                 w=None if w is None else w[mask])
 
 
 def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, index_features: bool = False,

@@ -145,16 +145,18 @@ _SCATTER_WAIT = 5
 class NumpySource(Source):
     """Features and targets held in client memory (numpy arrays)."""
 
-    def __init__(self, X, y=None, *, direct: bool = True):
+    def __init__(self, X, y=None, *, direct: bool = True, sample_weight=None):
         super().__init__(np.asarray(X) if not hasattr(X, "shape") else X,
                          None if y is None else np.asarray(y))
         self.direct = direct
+        self.w = sample_weight
 
     def labels(self):
         return self.y
 
     def _raw(self, client, index, rows, worker, valid_positions):
-        raw = RawShard(self.X[rows], None if self.y is None else self.y[rows], valid_positions)
+        raw = RawShard(self.X[rows], None if self.y is None else self.y[rows], valid_positions,
+                       None if self.w is None else self.w[rows])
         try:
             return client.scatter(raw, workers=[worker], direct=self.direct, hash=False,
                                   timeout=_SCATTER_WAIT)
@@ -388,7 +390,7 @@ def check_streaming(streaming, buffer_chunks) -> None:
 
 
 def as_source(X, y=None, *, direct: bool = True, streaming="auto",
-              buffer_chunks: int = 4) -> Source:
+              buffer_chunks: int = 4, sample_weight=None) -> Source:
     """Wrap ``X`` (and ``y``) in the matching :class:`Source`.
 
     Parameters
@@ -403,8 +405,15 @@ def as_source(X, y=None, *, direct: bool = True, streaming="auto",
         Stream dask shards chunk by chunk (see :class:`DaskArraySource`).
     buffer_chunks : int
         Chunks a streaming replica shuffles together.
+    sample_weight : numpy.ndarray, optional
+        One weight per sample, carried by in-memory shards.
     """
     check_streaming(streaming, buffer_chunks)
+    if sample_weight is not None and (isinstance(X, (Source, da.Array))
+                                      or isinstance(y, da.Array)):
+        raise ValueError(
+            "sample_weight is supported for in-memory (numpy) inputs only: a dask, xarray or "
+            "Zarr input's shards are assembled on the workers without weights.")
     if isinstance(X, Source):
         return X
     if isinstance(X, da.Array):
@@ -418,7 +427,7 @@ def as_source(X, y=None, *, direct: bool = True, streaming="auto",
             "or a Zarr store; this X is already in memory (a numpy array), so its shards are "
             "sent to the workers. Use streaming='auto' or False.")
     if hasattr(X, "shape") and hasattr(X, "__getitem__"):
-        return NumpySource(X, y, direct=direct)
+        return NumpySource(X, y, direct=direct, sample_weight=sample_weight)
     raise TypeError(
         f"daskdist cannot train on X of type {type(X).__name__}; pass a numpy array or a "
         "dask array (xarray, Zarr and dataframes are read through dask)."

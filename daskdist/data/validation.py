@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_array, column_or_1d
 
-__all__ = ["check_features", "check_targets", "scan_dask_values"]
+__all__ = ["check_features", "check_targets", "check_sample_weight", "scan_dask_values"]
 
 
 def _is_dask(a) -> bool:
@@ -97,6 +97,43 @@ def check_targets(y, *, classifier: bool, n_samples: int):
     y = check_array(y, ensure_2d=False, dtype="numeric", ensure_all_finite=True,
                     input_name="y")
     return y.astype(np.float32, copy=False)
+
+
+def check_sample_weight(sample_weight, *, n_samples: int) -> np.ndarray:
+    """Validate ``fit``'s ``sample_weight``; return it as float64, scaled to a mean of 1.
+
+    A weighted loss is a weighted mean, so the scale of the weights changes
+    nothing but what ``rounds_`` counts as samples: scaled to a mean of 1,
+    a round's weight reads as its number of (weighted) samples.
+
+    Raises
+    ------
+    ValueError
+        For weights that are not one finite, non-negative number per sample,
+        or that are all zero; dask arrays are refused (weights travel with
+        in-memory shards).
+    """
+    if _is_dask(sample_weight):
+        raise ValueError("sample_weight as a dask array is not supported: pass a numpy array "
+                         "(one weight per row travels with each in-memory shard).")
+    w = np.asarray(sample_weight)
+    if w.ndim == 0:
+        w = np.full(n_samples, float(w))
+    if w.ndim != 1 or len(w) != n_samples:
+        raise ValueError(f"sample_weight must hold one weight per sample: X has {n_samples} "
+                         f"samples, sample_weight has shape {w.shape}.")
+    if w.dtype.kind not in "biuf":
+        raise ValueError(f"sample_weight must be numbers, got dtype {w.dtype}.")
+    w = w.astype(np.float64)
+    if not np.isfinite(w).all():
+        raise ValueError(f"sample_weight has {int((~np.isfinite(w)).sum())} NaN or infinite "
+                         "values.")
+    if (w < 0).any():
+        raise ValueError(f"sample_weight has {int((w < 0).sum())} negative values; weights "
+                         "must be >= 0.")
+    if not w.sum() > 0:
+        raise ValueError("sample_weight is zero for every sample: nothing would be learnt.")
+    return w * (n_samples / w.sum())
 
 
 def scan_dask_values(X, y=None, *, classifier: bool = False):

@@ -152,7 +152,7 @@ class Trainer:
         return replace(data, **{_SOURCE_KEYWORDS[k]: v for k, v in given.items()})
 
     # -- set-up -------------------------------------------------------------------------------
-    def start(self, X, y, state: TrainingState) -> Trainer:
+    def start(self, X, y, state: TrainingState, sample_weight=None) -> Trainer:
         """Place the shards, and send the model and initial state.
 
         Parameters
@@ -162,12 +162,14 @@ class Trainer:
             are assembled on them from the chunks.
         state : TrainingState
             Where training starts.
+        sample_weight : numpy.ndarray, optional
+            One weight per sample of in-memory ``X``; each shard carries its rows'.
         """
         data = self.data
         direct = (data.direct_scatter if data.direct_scatter is not None
                   else dask.config.get("daskdist.shards.direct-scatter"))
         self.source = as_source(X, y, direct=direct, streaming=data.streaming,
-                                buffer_chunks=data.buffer_chunks)
+                                buffer_chunks=data.buffer_chunks, sample_weight=sample_weight)
         self.wait_for_a_worker()
         self._plan_devices()
         workers = self.live_workers()

@@ -143,17 +143,18 @@ def drop_replicas(run_id: str) -> int:
     return len(keys)
 
 
-def _backward(rep: Replica, X, y) -> torch.Tensor:
+def _backward(rep: Replica, X, y, w=None) -> torch.Tensor:
     """Forward and backward passes of a step's batch, micro-batch by micro-batch.
 
-    Returns the batch's mean loss (detached). Under autocast in reduced
-    precision; with ``"fp16"`` the gradients are left scaled.
+    Returns the batch's mean loss (detached; weighted by ``w`` where there
+    are sample weights). Under autocast in reduced precision; with
+    ``"fp16"`` the gradients are left scaled.
     """
     spec, module = rep.spec, rep.module
     total = None
-    for X_part, y_part, share in micro_batches(spec, X, y):
+    for X_part, y_part, w_part, share in micro_batches(spec, X, y, w):
         with autocast(spec.precision, rep.device):
-            loss = spec.loss(module(X_part), y_part)
+            loss = spec.loss(module(X_part), y_part, w_part)
             if share != 1.0:
                 loss = loss * share
         (loss if rep.scaler is None else rep.scaler.scale(loss)).backward()
@@ -161,7 +162,7 @@ def _backward(rep: Replica, X, y) -> torch.Tensor:
     return total
 
 
-def _train_batch(rep: Replica, X, y, plan: RoundPlan, k: int) -> float:
+def _train_batch(rep: Replica, X, y, w, plan: RoundPlan, k: int) -> float:
     """Step ``k`` of the round: loss → backward → clipping → optimizer step; returns the loss.
 
     With ``"fp16"`` the loss is scaled, the gradients unscaled before
@@ -171,7 +172,7 @@ def _train_batch(rep: Replica, X, y, plan: RoundPlan, k: int) -> float:
     module, optimizer, scaler = rep.module, rep.optimizer, rep.scaler
     set_hyper(optimizer, plan, k)
     optimizer.zero_grad()
-    loss = _backward(rep, X, y)
+    loss = _backward(rep, X, y, w)
     if scaler is None:
         clip_gradients(rep.spec, module.parameters())
         optimizer.step()
@@ -181,6 +182,14 @@ def _train_batch(rep: Replica, X, y, plan: RoundPlan, k: int) -> float:
         scaler.step(optimizer)
         scaler.update()
     return float(loss.item())
+
+
+def _batches(shard, plan: RoundPlan):
+    """``(X, y, w)`` of each step: ``w``, the sample weights, None where the shard has none."""
+    weighted = getattr(shard, "weighted_batches", None)
+    if weighted is not None:
+        return weighted(plan)
+    return ((X, y, None) for X, y in shard.batches(plan))
 
 
 def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
@@ -201,12 +210,13 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     rep.module.train()
     device = rep.device
     seed_round(plan, device)
-    loss_sum, n, steps = 0.0, 0, 0
+    loss_sum, n, steps = 0.0, 0.0, 0
     t0 = time.perf_counter()
-    for X, y in shard.batches(plan):
-        loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device), plan,
-                                 steps) * len(X)
-        n += len(X)
+    for X, y, w in _batches(shard, plan):
+        mass = len(X) if w is None else float(w.sum())  # rows, or their sample weight
+        loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device), w, plan,
+                                 steps) * mass
+        n += mass
         steps += 1
         if not np.isfinite(loss_sum):
             break  # the round's update will be skipped: stop spending time on it
@@ -301,14 +311,14 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     device = rep.device
     seed_round(plan, device)
     t0 = time.perf_counter()
-    batch = next(iter(shard.batches(plan)), None)
+    batch = next(iter(_batches(shard, plan)), None)
     if batch is None:  # shard exhausted: weight zero
         return sits_out(plan, 0, 0.0, t_start)
-    X, y = batch
+    X, y, w = batch
     module = rep.module
     module.zero_grad()
     with count_rows(module, {}) as rows:
-        loss = _backward(rep, to_device(X, device), to_device(y, device))
+        loss = _backward(rep, to_device(X, device), to_device(y, device), w)
     if rep.scaler is not None and unscaled_overflowed(rep, loss):
         # fp16's loss scale was too large: the scaler lowers it, and this replica sits the
         # step out (an overflow is not a non-finite update)
@@ -327,7 +337,8 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
         return skipped_update(plan, 1, compute_s, t_start)
     if plan.compression:
         payload["grad"] = pack_update(grad, plan, part)
-    return Contribution(plan.replica, float(len(X)), payload, float(loss.item()) * len(X), 1,
+    mass = float(len(X)) if w is None else float(w.sum())  # rows, or their sample weight
+    return Contribution(plan.replica, mass, payload, float(loss.item()) * mass, 1,
                         compute_s, t_start, time.time(), worker_address())
 
 

@@ -45,16 +45,24 @@ def clip_gradients(spec, params) -> None:
         torch.nn.utils.clip_grad_value_(grads, spec.clip_value)
 
 
-def micro_batches(spec, X, y):
-    """``(X, y, share)`` of each micro-batch of a step's batch; ``share``: its rows' fraction.
+def micro_batches(spec, X, y, w=None):
+    """``(X, y, w, share)`` of each micro-batch of a step's batch.
 
-    One micro-batch (the batch itself) unless the spec accumulates; a loss
-    multiplied by its share and backpropagated for every micro-batch leaves
-    the batch's mean gradient.
+    ``share`` is the micro-batch's fraction of the batch's rows (or of its
+    sample weight, with ``w``). One micro-batch (the batch itself) unless the
+    spec accumulates; a loss multiplied by its share and backpropagated for
+    every micro-batch leaves the batch's mean gradient.
     """
     n = len(X)
     parts = min(spec.accumulate, n) if n else 1
     if parts <= 1:
-        return [(X, y, 1.0)]
+        return [(X, y, w, 1.0)]
     size = -(-n // parts)
-    return [(X[i:i + size], y[i:i + size], min(size, n - i) / n) for i in range(0, n, size)]
+    total = None if w is None else float(w.sum())
+    out = []
+    for i in range(0, n, size):
+        part_w = None if w is None else w[i:i + size]
+        share = (min(size, n - i) / n if w is None
+                 else float(part_w.sum()) / total if total > 0 else 0.0)
+        out.append((X[i:i + size], None if y is None else y[i:i + size], part_w, share))
+    return out
