@@ -21,6 +21,7 @@ from distributed import span
 from skorch.callbacks import (
     EpochScoring,
     EpochTimer,
+    Initializer,
     PassthroughScoring,
     PrintLog,
 )
@@ -427,8 +428,12 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
     def _train_epochs(self, trainer, reporter, epochs: int, rows: list, datasets: dict,
                       schedules=None) -> None:
         """Run ``epochs`` epochs: rounds on the cluster, then history and callbacks here."""
+        initializers = any(isinstance(cb, Initializer) for _, cb in self.callbacks_)
         for _ in range(epochs):
+            before = params_vector(self.module_) if initializers else None
             self.notify("on_epoch_begin", **datasets)
+            if before is not None and not np.array_equal(before, params_vector(self.module_)):
+                trainer.change_state(self._current_state())  # an Initializer set them
             table = schedules.next_epoch(trainer.steps_per_epoch) if schedules else None
             with span(f"epoch-{trainer.epoch + 1}"):
                 result = trainer.run_epoch(self._lrs(), table)
@@ -443,7 +448,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 self.notify("on_epoch_end", **datasets)
             reporter.epoch(len(self.history), self.history[-1])
             if not np.array_equal(params_vector(self.module_), result.state.params):
-                trainer.set_state(self._current_state())  # a callback changed them
+                trainer.change_state(self._current_state())  # a callback changed them
 
     def _client_datasets(self, X, y, trainer) -> dict:
         """``dataset_train``/``dataset_valid`` for epoch callbacks that score on the client."""

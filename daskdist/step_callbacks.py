@@ -28,9 +28,19 @@ from skorch.callbacks import (
     EpochScoring,
     EpochTimer,
     GradientNormClipping,
+    Initializer,
+    InputShapeSetter,
+    LoadInitState,
     LRScheduler,
+    MlflowLogger,
+    NeptuneLogger,
+    ParamMapper,
     PassthroughScoring,
     PrintLog,
+    SacredLogger,
+    TensorBoard,
+    TrainEndCheckpoint,
+    WandbLogger,
 )
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -48,7 +58,10 @@ WORKER_CALLBACKS = (LRScheduler, GradientNormClipping, GradientValueClipping)
 #: callbacks known to act at epoch boundaries only (their batch hooks are unused or inert
 #: when no per-batch calls are made)
 EPOCH_CALLBACKS = (EpochTimer, PassthroughScoring, PrintLog, EarlyStopping, Checkpoint,
-                   SafetensorsCheckpoint, EpochScoring)
+                   SafetensorsCheckpoint, EpochScoring, TrainEndCheckpoint, InputShapeSetter,
+                   LoadInitState, Initializer, TensorBoard, WandbLogger)
+#: loggers whose per-batch logging is an option (``log_on_batch_end``)
+LOGGERS = (MlflowLogger, NeptuneLogger, SacredLogger)
 
 
 def _overrides(cb, method: str) -> bool:
@@ -117,6 +130,18 @@ def step_problems(net, strategy) -> list[str]:
                             "shards at their own pace (there is no common step); use "
                             "step_every='epoch', or strategy='local_sgd'")
     for name, cb in net.callbacks_:
+        if isinstance(cb, LOGGERS):
+            if getattr(cb, "log_on_batch_end", False):
+                problems.append(f"callback {name!r}: log_on_batch_end=True logs per batch on "
+                                "the client, where no batch runs; log_on_batch_end=False logs "
+                                "every epoch (with a row per round in rounds_)")
+            continue
+        if isinstance(cb, ParamMapper) and not isinstance(cb, Initializer):
+            problems.append(f"callback {name!r} ({type(cb).__name__}) changes the module's "
+                            "parameters (requires_grad) on the client during the fit, while "
+                            "the replicas are built once per fit; freeze in the module "
+                            "(requires_grad=False) or with optimizer__param_groups and lr=0")
+            continue
         if isinstance(cb, WORKER_CALLBACKS + EPOCH_CALLBACKS):
             continue
         hooks = [h for h in PER_STEP_HOOKS if _overrides(cb, h)]

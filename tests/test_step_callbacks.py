@@ -7,13 +7,25 @@ these tests fail.
 """
 
 import copy
+import inspect
 import math
+import pathlib
 import signal
 
 import numpy as np
 import pytest
+import skorch.callbacks
 import torch
-from skorch.callbacks import GradientNormClipping, LRScheduler, ProgressBar
+from skorch import NeuralNet, NeuralNetClassifier
+from skorch.callbacks import (
+    Freezer,
+    GradientNormClipping,
+    Initializer,
+    InputShapeSetter,
+    LRScheduler,
+    ProgressBar,
+    SacredLogger,
+)
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
 from daskdist import DaskNeuralNetClassifier, GradientValueClipping
@@ -238,6 +250,9 @@ _REFUSED = [
     (dict(gradient_clip=1.0, callbacks=[("clip", GradientNormClipping(1.0))]),
      "more than once"),
     (dict(callbacks=[("progress", ProgressBar())]), r"acts per batch .* where no batch runs"),
+    (dict(callbacks=[("freeze", Freezer("net.0.*"))]), "replicas are built once per fit"),
+    (dict(callbacks=[("sacred", SacredLogger(None, log_on_batch_end=True))]),
+     "log_on_batch_end=True logs per batch"),
 ]
 
 
@@ -250,3 +265,30 @@ def test_what_cannot_act_on_the_workers_is_refused_with_its_reason(tiny_data, pa
                                   scheduler_address="tcp://127.0.0.1:1", **params)
     with pytest.raises(ValueError, match=message):  # before it connects to any cluster
         net.fit(X, y)
+
+
+def test_an_initializer_at_the_first_epoch_reaches_the_workers(client, tiny_data):
+    X, y = tiny_data
+
+    def constant(tensor):
+        return torch.nn.init.constant_(tensor, 0.25)
+
+    net = _net(lr=0.0, callbacks=[("init", Initializer("*", fn=constant))]).fit(X, y)
+    # lr=0: the workers trained the initialised parameters and left them as they were
+    np.testing.assert_array_equal(params_vector(net.module_), 0.25)
+
+
+def test_an_input_shape_setter_sizes_the_module_before_the_fit_starts(client, tiny_data):
+    X, y = tiny_data
+    net = _net(callbacks=[("shape", InputShapeSetter(param_name="n_features"))])
+    net.fit(X[:, :12], y)  # TinyNet expects 20 features unless told otherwise
+    assert net.module_.net[0].in_features == 12
+
+
+def test_the_skorch_page_names_every_skorch_parameter_and_callback():
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "skorch.md").read_text()
+    parameters = {*inspect.signature(NeuralNet.__init__).parameters,
+                  *inspect.signature(NeuralNetClassifier.__init__).parameters}
+    names = (parameters - {"self", "args", "kwargs"}) | (set(skorch.callbacks.__all__)
+                                                         - {"Callback"})
+    assert sorted(n for n in names if f"`{n}" not in page) == []

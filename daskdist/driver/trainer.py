@@ -280,9 +280,17 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Sending large graph")
             self._state = self.client.submit(
                 _identity, state,
-                key=f"daskdist-state-{self.key_prefix}-{self.round}-e{state.epoch}",
+                # a fresh key for every state sent: one sent again at the same round (changed
+                # by a callback) must not be taken for the one already there
+                key=f"daskdist-state-{self.key_prefix}-{self.round}-e{state.epoch}-"
+                    f"{uuid.uuid4().hex[:6]}",
                 pure=False)
         self.tracker.reset(state.round, self._state)
+
+    def change_state(self, state: TrainingState) -> None:
+        """Between epochs: continue from ``state``, which the next epoch also recovers to."""
+        self.set_state(state)
+        self._epoch_state = state
 
     # -- tasks and waiting ----------------------------------------------------------------------
     def submit(self, func, *args, key, worker: str, **kwargs):
