@@ -35,15 +35,17 @@ from .checkpoint import load_checkpoint
 from .clusters.embedded import cluster_client
 from .dashboard.reporter import FitReporter
 from .data.inputs import to_arrays
+from .data.named import check_named, is_named, n_rows, take
 from .data.shards import takes_indices
 from .data.sources import ShardOptions
 from .data.validation import check_features, check_sample_weight, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
+from .dry_pass import check_output_width, materialise_lazy
 from .epoch_history import record_epoch
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
 from .schedules import EpochSchedules, batch_schedulers, steps_done
-from .seeds import seed_for, seeded_torch, torch_rng_kept
+from .seeds import seed_for, seeded_torch
 from .spec import ModelSpec
 from .state import (
     TrainingState,
@@ -113,6 +115,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
 
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
+        if is_named(X):
+            return self._check_named_fit_data(X, y, classes)
         X, y, labels = to_arrays(X, y, sample_dim=self.sample_dim, features=self.features)
         if classes is None and labels.classes is not None:
             classes = labels.classes  # a categorical target's categories
@@ -130,6 +134,25 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             found = scan_dask_values(X, y, classifier=self._classifier)
         self._set_target_info(y, classes, found)
         self.n_features_in_ = X.shape[1] if X.ndim == 2 else None
+        return X, y
+
+    def _check_named_fit_data(self, X, y, classes):
+        """A dict input (:mod:`daskdist.data.named`), checked before any work."""
+        X = check_named(X, keys=getattr(self, "input_keys_", None) if self._fitted_before()
+                        else None)
+        if self.preprocessor is not None:
+            raise ValueError("A preprocessor transforms one feature array; with a dict X, "
+                             "preprocess each array before fit.")
+        if self.get_strategy().name == "pipeline":
+            raise ValueError("strategy='pipeline' passes one tensor between its stages; a "
+                             "dict X needs another strategy.")
+        if isinstance(y, da.Array):
+            raise ValueError("With a dict X, y must be in memory (a numpy array) too.")
+        y = check_targets(y, classifier=self._classifier, n_samples=n_rows(X))
+        self.input_features_, self.target_name_ = None, None
+        self._set_target_info(y, classes)
+        self.input_keys_ = sorted(X)
+        self.n_features_in_ = None
         return X, y
 
     def _fitted_before(self) -> bool:
@@ -245,7 +268,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             raise ValueError(
                 f"sample_weight is not supported under strategy={strategy.name!r}, which plans "
                 "each step's shares of the batch from row counts; use 'sync' (the same maths).")
-        return check_sample_weight(sample_weight, n_samples=X.shape[0])
+        return check_sample_weight(sample_weight, n_samples=n_rows(X))
 
     def notify(self, method_name, **cb_kwargs):
         """Call ``method_name`` of the net and of every callback, as skorch does.
@@ -270,51 +293,6 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             pass
         self.notify("on_train_end", X=X, y=y)
         return self
-
-    def _materialise_lazy(self, sample_shape) -> None:
-        """Run one dry forward pass so lazy modules get their shapes."""
-        if not any(isinstance(p, torch.nn.parameter.UninitializedParameter)
-                   for p in self.module_.parameters()):
-            return
-        self.module_.eval()
-        seed = None if self.random_state is None else seed_for(self.random_state, 0)
-        with torch.no_grad(), seeded_torch(seed):
-            dtype = torch.int64 if takes_indices(self.module_) else torch.float32
-            self.module_(torch.zeros((1, *sample_shape), dtype=dtype))
-        self._initialize_optimizer()
-
-    def _check_output_width(self, sample_shape) -> None:
-        """Refuse a module whose output columns do not match the targets (before any work).
-
-        One forward pass of two zero rows on the client, in eval mode and
-        without gradients. Skipped where it cannot judge: a preprocessor (the
-        module sees its output's width), outputs other than one 2-d tensor,
-        or a module that cannot take zeros.
-        """
-        expected = getattr(self, "_n_outputs_", None)
-        if expected is None or self.preprocessor is not None:
-            return
-        module = self.module_
-        training = module.training
-        device = next(module.parameters()).device
-        dtype = torch.int64 if takes_indices(module) else torch.float32
-        try:
-            module.eval()
-            with torch.no_grad(), torch_rng_kept():
-                out = module(torch.zeros((2, *sample_shape), dtype=dtype, device=device))
-        except Exception:  # noqa: BLE001 - the workers will report the module's own error
-            return
-        finally:
-            module.train(training)
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] == expected:
-            return
-        if self._classifier and out.shape[1] > expected and not self._named_classes():
-            return  # classes=[]: class indices the targets seen so far do not reach
-        what = "classes" if self._classifier else "target columns"
-        raise ValueError(
-            f"The module's output has {out.shape[1]} columns, but y has {expected} {what}: "
-            f"give the module {expected} outputs (module__n_outputs={expected} for daskdist's "
-            "models).")
 
     def _named_classes(self) -> bool:
         """Whether the targets' classes are named (a classifier without ``classes=[]``)."""
@@ -363,8 +341,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             )
         self.check_worker_support()
         epochs = self.max_epochs if epochs is None else epochs
-        self._materialise_lazy(tuple(X.shape[1:]))
-        self._check_output_width(tuple(X.shape[1:]))
+        materialise_lazy(self, X)
+        check_output_width(self, X)
         holdout, stratified = self._holdout()
         if self.random_state is None:
             self.random_state_ = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
@@ -379,7 +357,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))
-                n_replicas = max(1, min(strategy.replicas_for(n_workers), X.shape[0]))
+                n_replicas = max(1, min(strategy.replicas_for(n_workers), n_rows(X)))
             data = ShardOptions(sharding=self.sharding, holdout=holdout,
                                 stratify=stratified and self._classifier,
                                 convert=self._shard_kwargs(), streaming=self.streaming,
@@ -461,9 +439,9 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 "dask input use the per-worker valid_loss/valid_acc in history instead."
             )
         valid = trainer.valid_rows()
-        train_rows = np.setdiff1d(np.arange(X.shape[0]), valid if valid is not None else [])
-        dataset_valid = None if valid is None else Dataset(X[valid], y[valid])
-        return {"dataset_train": Dataset(X[train_rows], y[train_rows]),
+        train_rows = np.setdiff1d(np.arange(n_rows(X)), valid if valid is not None else [])
+        dataset_valid = None if valid is None else Dataset(take(X, valid), y[valid])
+        return {"dataset_train": Dataset(take(X, train_rows), y[train_rows]),
                 "dataset_valid": dataset_valid}
 
     def _append_log(self, name: str, rows, columns) -> None:

@@ -34,7 +34,8 @@ import torch
 from skorch.dataset import unpack_data
 from skorch.utils import to_device
 
-from .data.inputs import to_arrays
+from .data.inputs import Labels, to_arrays
+from .data.named import check_named, each, is_named
 from .data.shards import apply_preprocessor, feature_dtype, takes_indices
 from .data.validation import check_features
 from .worker.devices import is_cuda
@@ -176,6 +177,8 @@ class Predicting:
             from sklearn.exceptions import NotFittedError
 
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
+        if is_named(X):
+            return check_named(X, keys=getattr(self, "input_keys_", None)), Labels()
         features = self.features or getattr(self, "input_features_", None)
         X, _, labels = to_arrays(X, sample_dim=self.sample_dim, features=features)
         labels = dataclasses.replace(labels, name=labels.name or getattr(self, "target_name_",
@@ -203,11 +206,16 @@ class Predicting:
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""
-        X = np.asarray(apply_preprocessor(self.preprocessor, X))
-        X = X.astype(feature_dtype(X.dtype, index_features=takes_indices(self.module_)),
-                     copy=False)
-        if not X.flags.writeable:  # pandas and xarray hand out read-only views
-            X = X.copy()
+        if not is_named(X):
+            X = np.asarray(apply_preprocessor(self.preprocessor, X))
+        indices = takes_indices(self.module_)
+
+        def convert(a):
+            a = np.asarray(a)
+            a = a.astype(feature_dtype(a.dtype, index_features=indices), copy=False)
+            return a if a.flags.writeable else a.copy()  # pandas and xarray: read-only views
+
+        X = each(X, convert)
         with skorch_device(self, follow_module=True):
             return self._skorch_base.predict_proba(self, X)
 

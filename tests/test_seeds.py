@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import torch
 
 from daskdist import MLP, DaskNeuralNetRegressor
+from daskdist.dry_pass import check_output_width
 from daskdist.seeds import seeded_torch
 
 _WAIT = 0.5
@@ -44,7 +46,7 @@ def test_a_dry_forward_pass_never_replays_a_seeded_builds_draws():
     net = DaskNeuralNetRegressor(_Pausing, train_split=None, verbose=0).initialize()
     net._n_outputs_ = 1
     module = net.module_
-    dry_pass = threading.Thread(target=net._check_output_width, args=((4,),))
+    dry_pass = threading.Thread(target=check_output_width, args=(net, np.zeros((2, 4))))
     with seeded_torch(7):
         draws = [torch.rand(1)]
         dry_pass.start()

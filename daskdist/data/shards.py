@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .holdout import holdout_split
+from .named import each, is_named, leaves, n_rows, take
 
 __all__ = ["Shard", "RawShard", "make_shard", "convert_rows", "apply_preprocessor", "aligned",
            "feature_dtype", "takes_indices",
@@ -72,7 +73,8 @@ class Shard:
 
     def __post_init__(self):
         for name in ("X", "y", "X_valid", "y_valid", "w"):
-            setattr(self, name, aligned(getattr(self, name)))
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else each(value, aligned))
 
     def __setstate__(self, state: dict) -> None:
         # Arrays unpickled from a message sit wherever the message put them.
@@ -80,16 +82,16 @@ class Shard:
         self.__post_init__()
 
     def __len__(self) -> int:
-        return len(self.X)
+        return n_rows(self.X)
 
     @property
     def n_valid(self) -> int:
         """Number of hold-out samples."""
-        return len(self.X_valid)
+        return n_rows(self.X_valid)
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)
-        arrays = (self.X, self.y, self.X_valid, self.y_valid, self.w)
+        arrays = [*leaves(self.X), self.y, *leaves(self.X_valid), self.y_valid, self.w]
         return object.__sizeof__(self) + sum(a.nbytes for a in arrays if a is not None)
 
     def batches(self, plan):
@@ -117,7 +119,7 @@ class Shard:
         """
         if len(positions) > 1 and np.all(np.diff(positions) == 1):
             positions = slice(int(positions[0]), int(positions[-1]) + 1)
-        X = torch.from_numpy(self.X[positions])
+        X = each(take(self.X, positions), torch.from_numpy)
         y = None if self.y is None else torch.from_numpy(self.y[positions])
         return X, y
 
@@ -206,13 +208,14 @@ def make_shard(raw: RawShard | list, *, replica: int, preprocessor=None, x_dtype
                         y_2d=y_2d)
     valid = raw.valid_positions
     if valid is None and holdout:
-        _, valid = holdout_split(len(X), holdout, labels=y if stratify else None, random_state=seed)
+        _, valid = holdout_split(n_rows(X), holdout, labels=y if stratify else None,
+                                 random_state=seed)
     if valid is None or len(valid) == 0:
-        empty = X[:0]
+        empty = take(X, slice(0, 0))
         return Shard(X, y, empty, None if y is None else y[:0], replica, w)  # Shard aligns them
-    mask = np.ones(len(X), dtype=bool)
+    mask = np.ones(n_rows(X), dtype=bool)
     mask[valid] = False
-    return Shard(X=X[mask], y=None if y is None else y[mask], X_valid=X[valid],
+    return Shard(X=take(X, mask), y=None if y is None else y[mask], X_valid=take(X, valid),
                  y_valid=None if y is None else y[valid], replica=replica,
                  w=None if w is None else w[mask])
 
@@ -234,10 +237,13 @@ def convert_rows(X, y, *, preprocessor=None, x_dtype=np.float32, index_features:
     -------
     X, y : numpy.ndarray
     """
-    X = np.asarray(apply_preprocessor(preprocessor, X))
+    if is_named(X):  # a dict input: each array converted on its own (no preprocessor)
+        X = each(X, np.asarray)
+    else:
+        X = np.asarray(apply_preprocessor(preprocessor, X))
     if x_dtype is not None:
-        X = X.astype(feature_dtype(X.dtype, x_dtype=x_dtype, index_features=index_features),
-                     copy=False)
+        X = each(X, lambda a: a.astype(feature_dtype(a.dtype, x_dtype=x_dtype,
+                                                     index_features=index_features), copy=False))
     if y is not None:
         if classes is not None:  # each label's position in classes (given in any order)
             order = np.argsort(classes, kind="stable")

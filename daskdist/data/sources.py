@@ -37,6 +37,7 @@ import numpy as np
 from .._compat import who_has
 from .._compat import workers as cluster_workers
 from .holdout import client_holdout
+from .named import is_named, n_rows, take
 from .shard_set import ShardOptions, ShardSet
 from .sharding import chunk_rows, plan_chunks, plan_shards
 from .shards import RawShard, make_shard
@@ -60,9 +61,9 @@ class Source(abc.ABC):
     streaming = False
 
     def __init__(self, X, y=None):
-        if y is not None and len(y) != X.shape[0]:
+        if y is not None and len(y) != n_rows(X):
             raise ValueError(
-                f"X has {X.shape[0]} samples but y has {len(y)}; they must match."
+                f"X has {n_rows(X)} samples but y has {len(y)}; they must match."
             )
         self.X = X
         self.y = y
@@ -70,7 +71,7 @@ class Source(abc.ABC):
     @property
     def n_samples(self) -> int:
         """Number of samples."""
-        return int(self.X.shape[0])
+        return n_rows(self.X)
 
     @abc.abstractmethod
     def labels(self) -> np.ndarray | None:
@@ -146,7 +147,7 @@ class NumpySource(Source):
     """Features and targets held in client memory (numpy arrays)."""
 
     def __init__(self, X, y=None, *, direct: bool = True, sample_weight=None):
-        super().__init__(np.asarray(X) if not hasattr(X, "shape") else X,
+        super().__init__(X if is_named(X) or hasattr(X, "shape") else np.asarray(X),
                          None if y is None else np.asarray(y))
         self.direct = direct
         self.w = sample_weight
@@ -155,7 +156,8 @@ class NumpySource(Source):
         return self.y
 
     def _raw(self, client, index, rows, worker, valid_positions):
-        raw = RawShard(self.X[rows], None if self.y is None else self.y[rows], valid_positions,
+        raw = RawShard(take(self.X, rows), None if self.y is None else self.y[rows],
+                       valid_positions,
                        None if self.w is None else self.w[rows])
         try:
             return client.scatter(raw, workers=[worker], direct=self.direct, hash=False,
@@ -426,7 +428,7 @@ def as_source(X, y=None, *, direct: bool = True, streaming="auto",
             "streaming=True reads shards chunk by chunk from a dask array, an xarray object "
             "or a Zarr store; this X is already in memory (a numpy array), so its shards are "
             "sent to the workers. Use streaming='auto' or False.")
-    if hasattr(X, "shape") and hasattr(X, "__getitem__"):
+    if is_named(X) or (hasattr(X, "shape") and hasattr(X, "__getitem__")):
         return NumpySource(X, y, direct=direct, sample_weight=sample_weight)
     raise TypeError(
         f"daskdist cannot train on X of type {type(X).__name__}; pass a numpy array or a "

@@ -83,6 +83,8 @@ def check_targets(y, *, classifier: bool, n_samples: int):
             raise ValueError(f"Regression targets must be numbers, got dtype {y.dtype}.")
         return y if classifier else y.astype(np.float32)
     y = np.asarray(y)
+    if y.ndim == 0:
+        raise ValueError(f"y must hold one target per sample, got the scalar {y!r}.")
     if y.shape[0] != n_samples:
         raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}.")
     if classifier:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..dashboard.events import emit_from_worker, round_event
+from ..data.named import call, is_named, n_rows
 from ..errors import GroupAborted, NonFiniteError
 from ..state import (
     TrainingState,
@@ -78,7 +79,9 @@ def _batch(parts, device):
     if len(parts) == 1:
         X, y = parts[0]
     else:
-        X = torch.cat([X for X, _ in parts])
+        first = parts[0][0]
+        X = ({key: torch.cat([X[key] for X, _ in parts]) for key in first}
+             if is_named(first) else torch.cat([X for X, _ in parts]))
         y = None if parts[0][1] is None else torch.cat([y for _, y in parts])
     return to_device(X, device), to_device(y, device)
 
@@ -150,7 +153,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
                 raise GroupAborted(
                     f"The driver gave up epoch {first.epoch}; rank {rank} stopped at step {k}.")
             parts = [next(b, None) for b in batches]
-            counts = [0 if p is None else len(p[0]) for p in parts]
+            counts = [0 if p is None else n_rows(p[0]) for p in parts]
             rows = sum(counts)
             if not rows:
                 if not uneven:
@@ -162,7 +165,7 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             set_hyper(rep.optimizer, first, k)
             rep.optimizer.zero_grad()
             with autocast(spec.precision, device):
-                loss = spec.loss(model(X), y)
+                loss = spec.loss(call(model, X), y)
             # this rank's share of the step's mean; a non-finite loss makes every rank's
             # mean gradient NaN, so that all of them skip the step (no sync with the device)
             share = torch.where(torch.isfinite(loss.detach()), rows * world / step_rows[k],

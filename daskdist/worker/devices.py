@@ -115,9 +115,12 @@ def use_device(device: str) -> bool:
 
 
 def to_device(tensor, device: str):
-    """``tensor`` on ``device``; to a GPU through pinned memory, without blocking."""
+    """``tensor`` (or a dict of them) on ``device``; to a GPU through pinned memory, without
+    blocking."""
     if tensor is None:
         return None
+    if isinstance(tensor, dict):
+        return {key: to_device(value, device) for key, value in tensor.items()}
     if is_cuda(device):
         if tensor.device.type == "cpu":
             tensor = tensor.pin_memory()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..compression import pack
+from ..data.named import call, each, n_rows, take
 from ..plan import RoundPlan
 from ..spec import ModelSpec
 from ..state import (
@@ -154,7 +155,7 @@ def _backward(rep: Replica, X, y, w=None) -> torch.Tensor:
     total = None
     for X_part, y_part, w_part, share in micro_batches(spec, X, y, w):
         with autocast(spec.precision, rep.device):
-            loss = spec.loss(module(X_part), y_part, w_part)
+            loss = spec.loss(call(module, X_part), y_part, w_part)
             if share != 1.0:
                 loss = loss * share
         (loss if rep.scaler is None else rep.scaler.scale(loss)).backward()
@@ -213,7 +214,7 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     loss_sum, n, steps = 0.0, 0.0, 0
     t0 = time.perf_counter()
     for X, y, w in _batches(shard, plan):
-        mass = len(X) if w is None else float(w.sum())  # rows, or their sample weight
+        mass = n_rows(X) if w is None else float(w.sum())  # rows, or their sample weight
         loss_sum += _train_batch(rep, to_device(X, device), to_device(y, device), w, plan,
                                  steps) * mass
         n += mass
@@ -337,7 +338,7 @@ def gradient(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
         return skipped_update(plan, 1, compute_s, t_start)
     if plan.compression:
         payload["grad"] = pack_update(grad, plan, part)
-    mass = float(len(X)) if w is None else float(w.sum())  # rows, or their sample weight
+    mass = float(n_rows(X)) if w is None else float(w.sum())  # rows, or their sample weight
     return Contribution(plan.replica, mass, payload, float(loss.item()) * mass, 1,
                         compute_s, t_start, time.time(), worker_address())
 
@@ -386,10 +387,11 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, n, max(batch_size, 1)):
-            X = to_device(torch.from_numpy(shard.X_valid[start:start + batch_size]), device)
-            y = to_device(torch.from_numpy(shard.y_valid[start:start + batch_size]), device)
-            y_pred = rep.module(X)
-            loss_sum += float(spec.loss(y_pred, y).item()) * len(X)
+            rows = slice(start, start + batch_size)
+            X = to_device(each(take(shard.X_valid, rows), torch.from_numpy), device)
+            y = to_device(torch.from_numpy(shard.y_valid[rows]), device)
+            y_pred = call(rep.module, X)
+            loss_sum += float(spec.loss(y_pred, y).item()) * len(y)
             if spec.classifier:
                 correct += int((y_pred.argmax(dim=1) == y).sum().item())
     return {"replica": shard.replica, "n": n, "loss_sum": loss_sum, "correct": correct}

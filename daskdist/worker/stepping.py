@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.named import n_rows, take
 from .runtime import set_lr
 
 __all__ = ["set_hyper", "clip_gradients", "micro_batches"]
@@ -53,7 +54,7 @@ def micro_batches(spec, X, y, w=None):
     spec accumulates; a loss multiplied by its share and backpropagated for
     every micro-batch leaves the batch's mean gradient.
     """
-    n = len(X)
+    n = n_rows(X)
     parts = min(spec.accumulate, n) if n else 1
     if parts <= 1:
         return [(X, y, w, 1.0)]
@@ -64,5 +65,6 @@ def micro_batches(spec, X, y, w=None):
         part_w = None if w is None else w[i:i + size]
         share = (min(size, n - i) / n if w is None
                  else float(part_w.sum()) / total if total > 0 else 0.0)
-        out.append((X[i:i + size], None if y is None else y[i:i + size], part_w, share))
+        out.append((take(X, slice(i, i + size)), None if y is None else y[i:i + size], part_w,
+                    share))
     return out
