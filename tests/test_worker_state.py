@@ -18,6 +18,8 @@ from daskdist.state import module_to_state
 from daskdist.testing import TinyNet
 from daskdist.worker import runtime
 from daskdist.worker.group_tasks import group_delta, member_round
+from daskdist.worker.replica import Contribution
+from daskdist.worker.sync_tasks import StepResult, own_state
 
 
 def _delta_spec():
@@ -81,6 +83,20 @@ def test_a_round_results_copy_finds_its_state_on_the_worker_that_made_it():
         _member(spec, shard, stranger, groups, "run-f", 1)
     runtime.drop_run("run-d")
     runtime.drop_run("run-f")
+
+
+def test_a_sync_step_run_away_from_its_worker_takes_a_peers_state():
+    state = module_to_state(*_delta_spec().build())
+    plan = RoundPlan("run-s", 0, 0, 1, 1, 1, 4, 0.1, 0)
+    grad = Contribution(0, 4.0, {}, 0.0, 1, 0.0, 0.0, 0.0, None)
+    # replica 0's result of round 0 was made on another worker: its copy comes without state
+    mine = pickle.loads(pickle.dumps(StepResult(state, grad, 0)))
+    with pytest.raises(StateLost, match="replica 0 at round 0"):
+        own_state(mine, plan)
+    # replica 1, on this worker, holds the same state at round 0 (every replica steps alike)
+    runtime.keep("run-s", 1, 0, StepResult(state, grad, 0))
+    assert own_state(mine, plan) is state
+    runtime.drop_run("run-s")
 
 
 def test_the_store_keeps_two_rounds_per_replica_and_forgets_an_attempt_given_up():

@@ -31,7 +31,7 @@ from .aggregation import combine, count_skipped, exchange_bytes, log_round
 from .batchnorm import combine_step
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, gradient, replica_for
-from .runtime import GLOBAL, keep, kept
+from .runtime import GLOBAL, keep, kept, kept_items
 from .stepping import clip_gradients, set_hyper
 from .update_tasks import next_version
 
@@ -74,12 +74,20 @@ class StepResult:
 
 
 def own_state(own: StepResult, plan) -> TrainingState:
-    """This replica's state from its last step result, or the result this worker keeps."""
+    """This replica's state from its last step result, or the result this worker keeps.
+
+    Every replica holds the same state after a step, so where Dask ran the
+    task away from its replica's worker (a busy worker's queue is shared out),
+    the state a peer replica left on this worker at the same round serves.
+    """
     if own.state is not None:
         return own.state
     original = kept(plan.run_id, plan.replica, own.round)
     if isinstance(original, StepResult) and original.token == own.token:
         return original.state  # the copy this task got was made from it, on this worker
+    for _, peer in kept_items(plan.run_id, own.round):
+        if isinstance(peer, StepResult) and peer.state is not None:
+            return peer.state
     raise StateLost(
         f"The training state of replica {plan.replica} at round {own.round} is not on this "
         "worker (its worker was lost)."
