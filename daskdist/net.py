@@ -38,6 +38,7 @@ from .data.inputs import to_arrays
 from .data.named import check_named, is_named, n_rows, take
 from .data.shards import takes_indices
 from .data.sources import ShardOptions
+from .data.torch_datasets import unpack_dataset
 from .data.validation import check_features, check_sample_weight, check_targets, scan_dask_values
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .dry_pass import check_output_width, materialise_lazy
@@ -115,6 +116,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
 
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
+        X, y = unpack_dataset(X, y)  # TensorDataset(X, y) and skorch's Dataset: their arrays
         if is_named(X):
             return self._check_named_fit_data(X, y, classes)
         X, y, labels = to_arrays(X, y, sample_dim=self.sample_dim, features=self.features)

@@ -37,6 +37,7 @@ from skorch.utils import to_device
 from .data.inputs import Labels, to_arrays
 from .data.named import check_named, each, is_named
 from .data.shards import apply_preprocessor, feature_dtype, takes_indices
+from .data.torch_datasets import unpack_dataset
 from .data.validation import check_features
 from .worker.devices import is_cuda
 
@@ -177,6 +178,7 @@ class Predicting:
             from sklearn.exceptions import NotFittedError
 
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
+        X, _ = unpack_dataset(X, predicting=True)
         if is_named(X):
             return check_named(X, keys=getattr(self, "input_keys_", None)), Labels()
         features = self.features or getattr(self, "input_features_", None)
