@@ -2,9 +2,12 @@
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
+import xarray
 
 from daskdist import DaskNeuralNetClassifier
+from daskdist.data.named import is_named
 from daskdist.state import params_vector
 from daskdist.testing import TinySequential
 
@@ -105,6 +108,13 @@ def test_what_a_dict_cannot_go_with_is_refused(tiny_data):
         _net(_TwoInputs, preprocessor=lambda a: a, **unreachable).fit(_split(X), y)
     with pytest.raises(ValueError, match="passes one tensor between its stages"):
         _net(TinySequential, strategy="pipeline", **unreachable).fit(_split(X), y)
+
+
+def test_only_plain_dicts_are_dict_inputs(tiny_data):
+    X, _ = tiny_data
+    assert is_named(_split(X))
+    assert not is_named(scipy.sparse.dok_array(X))  # a dict with a shape: sparse input
+    assert not is_named(xarray.Dataset({"a": ("sample", X[:, 0])}))  # a mapping, not a dict
 
 
 def test_prediction_needs_the_names_seen_in_fit(client, tiny_data):

@@ -17,8 +17,12 @@ __all__ = ["is_named", "n_rows", "take", "each", "leaves", "call", "check_named"
 
 
 def is_named(X) -> bool:
-    """Whether ``X`` is a dict of named arrays (a ``dict``: an xarray Dataset is a mapping too)."""
-    return isinstance(X, dict)
+    """Whether ``X`` is a dict of named arrays.
+
+    A plain ``dict``: an xarray Dataset is a mapping too, and scipy's DOK
+    sparse matrix is a dict with a shape.
+    """
+    return isinstance(X, dict) and not hasattr(X, "shape")
 
 
 def n_rows(X) -> int:
