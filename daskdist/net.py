@@ -9,6 +9,7 @@ before anything is sent to the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -32,8 +33,9 @@ from . import interrupt
 from ._compat import workers as cluster_workers
 from .callbacks import Checkpoint as SafetensorsCheckpoint
 from .checkpoint import load_checkpoint
-from .clusters.embedded import cluster_client
+from .clusters.embedded import cluster_client, held_cluster
 from .dashboard.reporter import FitReporter
+from .data.indexed import DatasetSource, IndexedInput, check_dataset, reads_by_index
 from .data.inputs import to_arrays
 from .data.named import check_named, is_named, n_rows, take
 from .data.shards import takes_indices
@@ -117,6 +119,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
     # -- data ---------------------------------------------------------------------------------
     def _check_fit_data(self, X, y, classes=None):
         X, y = unpack_dataset(X, y)  # TensorDataset(X, y) and skorch's Dataset: their arrays
+        if reads_by_index(X):
+            return check_dataset(self, X, y, classes), None
         if is_named(X):
             return self._check_named_fit_data(X, y, classes)
         X, y, labels = to_arrays(X, y, sample_dim=self.sample_dim, features=self.features)
@@ -205,10 +209,12 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
 
         Parameters
         ----------
-        X : numpy.ndarray or dask.array.Array
-            Features, samples along the first axis.
+        X : numpy.ndarray, dask.array.Array, dict, xarray, dataframe or torch Dataset
+            Features, samples along the first axis (docs/data.md). A map-style
+            ``Dataset`` of ``(features, target)`` pairs is read on the workers,
+            by index (:mod:`daskdist.data.indexed`).
         y : array-like or dask.array.Array
-            Targets.
+            Targets (None beside a ``Dataset``).
         resume : str or os.PathLike, optional
             A checkpoint directory (:meth:`save_checkpoint`,
             :class:`daskdist.callbacks.Checkpoint`): continue from its epoch,
@@ -230,13 +236,14 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         self
         """
         self._in_partial_fit_ = False
-        X, y = self._check_fit_data(X, y)
-        weights = self._check_weights(sample_weight, X)
-        checkpoint = None if resume is None else load_checkpoint(resume)
-        if not self.warm_start or not self.initialized_ or checkpoint is not None:
-            self.initialize()
-        self._resume_from_ = checkpoint
-        return self._train(X, y, sample_weight=weights, **fit_params)
+        with self._cluster_for(X):
+            X, y = self._check_fit_data(X, y)
+            weights = self._check_weights(sample_weight, X)
+            checkpoint = None if resume is None else load_checkpoint(resume)
+            if not self.warm_start or not self.initialized_ or checkpoint is not None:
+                self.initialize()
+            self._resume_from_ = checkpoint
+            return self._train(X, y, sample_weight=weights, **fit_params)
 
     def partial_fit(self, X, y=None, classes=None, sample_weight=None, **fit_params):
         """Continue training from the current parameters for ``max_epochs`` epochs.
@@ -255,16 +262,27 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         self
         """
         self._in_partial_fit_ = self.initialized_
-        X, y = self._check_fit_data(X, y, classes)
-        weights = self._check_weights(sample_weight, X)
-        if not self.initialized_:
-            self.initialize()
-        return self._train(X, y, sample_weight=weights, **fit_params)
+        with self._cluster_for(X):
+            X, y = self._check_fit_data(X, y, classes)
+            weights = self._check_weights(sample_weight, X)
+            if not self.initialized_:
+                self.initialize()
+            return self._train(X, y, sample_weight=weights, **fit_params)
+
+    def _cluster_for(self, X):
+        """One cluster for the whole fit of a Dataset read on the workers (asked first)."""
+        if not reads_by_index(X):
+            return contextlib.nullcontext()
+        loader_processes = bool(self.get_params_for("iterator_train").get("num_workers"))
+        return held_cluster(self.scheduler_address, daemon=not loader_processes)
 
     def _check_weights(self, sample_weight, X):
         """``sample_weight`` validated (before any work), or None."""
         if sample_weight is None:
             return None
+        if isinstance(X, IndexedInput):
+            raise ValueError("sample_weight is supported for in-memory inputs only; a Dataset "
+                             "read on the workers carries no weights.")
         strategy = self.get_strategy()
         if strategy.name in ("ddp", "pipeline"):
             raise ValueError(
@@ -341,10 +359,11 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 f"fit parameters {sorted(fit_params)} are not supported: replicas call the "
                 "module with X only."
             )
-        self.check_worker_support()
+        self.check_worker_support(reads_dataset=isinstance(X, IndexedInput))
         epochs = self.max_epochs if epochs is None else epochs
-        materialise_lazy(self, X)
-        check_output_width(self, X)
+        dry = X.example if isinstance(X, IndexedInput) else X
+        materialise_lazy(self, dry)
+        check_output_width(self, dry)
         holdout, stratified = self._holdout()
         if self.random_state is None:
             self.random_state_ = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
@@ -382,7 +401,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             try:
                 with span("daskdist-fit", trainer.run_id):
                     with span("data"):
-                        trainer.start(X, y, self._current_state(), sample_weight)
+                        trainer.start(DatasetSource(X) if isinstance(X, IndexedInput) else X,
+                                      y, self._current_state(), sample_weight)
                     self.steps_per_epoch_ = trainer.steps_per_epoch
                     schedules = (EpochSchedules(self, trainer.spec, steps_done(self.history))
                                  if batch_schedulers(self.callbacks_) else None)
@@ -438,7 +458,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         if trainer.source.lazy:
             raise ValueError(
                 "EpochScoring callbacks score on the client and need in-memory data; with a "
-                "dask input use the per-worker valid_loss/valid_acc in history instead."
+                "dask input or a Dataset read on the workers, use the per-worker "
+                "valid_loss/valid_acc in history instead."
             )
         valid = trainer.valid_rows()
         train_rows = np.setdiff1d(np.arange(n_rows(X)), valid if valid is not None else [])

@@ -34,6 +34,7 @@ import torch
 from skorch.dataset import unpack_data
 from skorch.utils import to_device
 
+from .data.indexed import ConvertedDataset, reads_by_index
 from .data.inputs import Labels, to_arrays
 from .data.named import check_named, each, is_named
 from .data.shards import apply_preprocessor, feature_dtype, takes_indices
@@ -179,6 +180,8 @@ class Predicting:
 
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet.")
         X, _ = unpack_dataset(X, predicting=True)
+        if reads_by_index(X):  # read here, through iterator_valid, as skorch reads it
+            return ConvertedDataset(X, index_features=takes_indices(self.module_)), Labels()
         if is_named(X):
             return check_named(X, keys=getattr(self, "input_keys_", None)), Labels()
         features = self.features or getattr(self, "input_features_", None)
@@ -208,6 +211,9 @@ class Predicting:
 
     def _local_proba(self, X):
         """Module output for in-memory ``X`` on the client (preprocessed here)."""
+        if isinstance(X, ConvertedDataset):
+            with skorch_device(self, follow_module=True):
+                return self._skorch_base.predict_proba(self, X)
         if not is_named(X):
             X = np.asarray(apply_preprocessor(self.preprocessor, X))
         indices = takes_indices(self.module_)

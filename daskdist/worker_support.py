@@ -11,6 +11,7 @@ from __future__ import annotations
 from skorch.dataset import Dataset, ValidSplit
 from torch.utils.data import DataLoader
 
+from .data.dataset_shards import LOADER_OPTIONS
 from .data.sources import check_streaming
 from .step_callbacks import EPOCH_CALLBACKS, step_problems
 from .worker.devices import check_precision
@@ -41,11 +42,17 @@ class WorkerSupport:
         fraction = float(cv) if isinstance(cv, float) else 1.0 / int(cv)
         return fraction, bool(split.stratified)
 
-    def check_worker_support(self) -> None:
+    def check_worker_support(self, reads_dataset: bool = False) -> None:
         """Raise ``ValueError`` for skorch features that cannot act on the workers.
 
         See the table of skorch parameters in docs/skorch.md. Called before any work is
         submitted.
+
+        Parameters
+        ----------
+        reads_dataset : bool
+            The fit reads a ``Dataset`` on the workers, through a DataLoader that
+            takes the ``iterator_train__*`` options of :data:`LOADER_OPTIONS`.
         """
         check_precision(self.precision)
         problems = []
@@ -54,9 +61,12 @@ class WorkerSupport:
         if self.iterator_train is not DataLoader:
             problems.append("a custom iterator_train (replicas batch arrays directly)")
         for key in self.get_params_for("iterator_train"):
-            if key not in WORKER_ITERATOR_OPTIONS:
-                problems.append(f"iterator_train__{key} (only iterator_train__shuffle acts "
-                                "on workers)")
+            if key in LOADER_OPTIONS and not reads_dataset:
+                problems.append(f"iterator_train__{key} (it configures the DataLoader that "
+                                "reads a Dataset on the workers; arrays are batched directly)")
+            elif key not in WORKER_ITERATOR_OPTIONS + LOADER_OPTIONS:
+                problems.append(f"iterator_train__{key} (daskdist plans the batches itself; "
+                                "see docs/skorch.md)")
         if self.compile:
             problems.append("compile=True")
         if self.use_caching not in (False, "auto"):

@@ -75,28 +75,31 @@ def test_worker_killed_between_epochs(fault_client, kind):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "local_sgd"), ("dask", "local_sgd"),
-                                            ("numpy", "sync")])
+                                            ("numpy", "sync"), ("dataset", "sync")])
 def test_worker_killed_between_rounds(fault_client, tmp_path, kind, strategy):
-    from daskdist.testing import KillWorkerOnTask
+    from daskdist.testing import KillWorkerOnTask, write_npy_files
 
     fault_client.wait_for_workers(2, timeout=60)  # a worker killed earlier is back
     X, y = make_classification(3000)
-    Xin = da.from_array(X, chunks=500) if kind == "dask" else X
-    baseline = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy).fit(Xin, y)
+    Xin = {"dask": lambda: da.from_array(X, chunks=500),
+           "dataset": lambda: write_npy_files(tmp_path / "files", X, y)}.get(kind, lambda: X)()
+    yin = None if kind == "dataset" else y  # a dataset's samples hold their targets
+    baseline = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy).fit(Xin, yin)
     # replica 1's worker dies as it starts round 30 of 300, once round 29 is done; the
     # fit goes on with the one worker left until the nanny's new worker joins
     victim = 30
-    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
+    (tmp_path / "kills").mkdir()
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path / "kills")
     fault_client.register_plugin(plugin)
     try:
-        net = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy).fit(Xin, y)
+        net = _net(fault_client, max_epochs=4, sync_every=1, strategy=strategy).fit(Xin, yin)
     finally:
         fault_client.unregister_worker_plugin(plugin.name)
     assert len(plugin.kills()) == 1
     assert len(net.history) == 4 and net.score(X, y) > 0.6
     # the driver went on from the newest state a live worker held: one finished round
     # lost at most (numpy shards cannot be recomputed, so the driver must step in; a dask
-    # shard Dask may recompute from its chunks by itself)
+    # or dataset shard Dask may recompute from its chunks or its dataset by itself)
     assert len(net.recoveries_) == 1 if kind == "numpy" else len(net.recoveries_) <= 1
     for _, recovery in net.recoveries_.iterrows():
         assert recovery["epoch"] == 0 and recovery["round"] >= victim - 1
@@ -164,7 +167,7 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
                                        module__n_outputs=10, **params).fit(Xin, y_train)
     rounds = len(baseline.rounds_)
     victim = rounds // 2  # halfway through the fit, in the middle of an epoch
-    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path / "kills")
     three_workers.register_plugin(plugin)
     try:
         net = DaskNeuralNetClassifier(TinyNet, module__n_features=64, module__hidden=32,
@@ -208,7 +211,7 @@ def test_a_worker_killed_under_topk_is_recovered_exactly(three_workers, digits, 
     rounds = baseline.rounds_
     epoch_starts = rounds.groupby("epoch")["round"].min()
     victim = int(epoch_starts.iloc[2]) + 3  # a few rounds into epoch 2
-    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path / "kills")
     three_workers.register_plugin(plugin)
     try:
         net = DaskNeuralNetClassifier(TinyNet, **net_args, **params).fit(X, y)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from skorch.dataset import Dataset as SkorchDataset
-from torch.utils.data import Dataset, IterableDataset, TensorDataset
+from torch.utils.data import IterableDataset, TensorDataset
 
 from daskdist import DaskNeuralNetClassifier
 from daskdist.state import params_vector
@@ -37,19 +37,6 @@ def test_in_memory_datasets_train_as_their_arrays(client, tiny_data):
         arrays.predict(X))
 
 
-class _Files(Dataset):
-    """A dataset that reads each sample by index (here from a list, as if from files)."""
-
-    def __init__(self, X, y):
-        self.X, self.y = X, y
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        return self.X[i], self.y[i]
-
-
 class _Stream(IterableDataset):
     def __iter__(self):
         yield from ()
@@ -58,8 +45,6 @@ class _Stream(IterableDataset):
 def test_datasets_it_cannot_shard_are_refused_with_the_reason(tiny_data):
     X, y = tiny_data
     net = _net(scheduler_address="tcp://127.0.0.1:1")
-    with pytest.raises(ValueError, match="reads its samples by index"):
-        net.fit(_Files(X, y), None)
     with pytest.raises(ValueError, match="no length or index"):
         net.fit(_Stream(), None)
     with pytest.raises(ValueError, match="y is given twice"):

@@ -23,6 +23,7 @@ replicas' training speed on two cores in our benchmark.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 
@@ -32,7 +33,7 @@ from distributed import Client, LocalCluster, worker_client
 from .._compat import KeepRestartingNannies
 from ..dashboard import ROUTES_MODULE
 
-__all__ = ["cluster_client", "embedded_cluster", "embedded_cluster_config",
+__all__ = ["cluster_client", "held_cluster", "embedded_cluster", "embedded_cluster_config",
            "temporary_security"]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,10 @@ def cluster_client(scheduler_address: str | None = None):
     embedded : bool
         True when the cluster was started for this fit (and is closed after it).
     """
+    held = _held.get()
+    if held is not None and held[0] == scheduler_address:
+        yield held[1], False
+        return
     if _in_task(scheduler_address):
         # A fit inside a Dask task (dask-ml's HyperbandSearchCV calls partial_fit
         # in tasks): submit through the worker's client, and leave the worker's
@@ -180,3 +185,34 @@ def _in_task(scheduler_address: str | None) -> bool:
     except ValueError:
         return False
     return scheduler_address is None or scheduler_address == worker.scheduler.address
+
+
+_held: contextvars.ContextVar = contextvars.ContextVar("daskdist_held_cluster", default=None)
+
+
+@contextlib.contextmanager
+def held_cluster(scheduler_address: str | None = None, *, daemon: bool = True):
+    """Keep one cluster for everything inside: :func:`cluster_client` calls get its client.
+
+    For a fit that asks the cluster something before it trains (the
+    samples of a ``Dataset`` read on the workers), so that an embedded
+    cluster starts once.
+
+    Parameters
+    ----------
+    scheduler_address : str, optional
+        As in :func:`cluster_client`.
+    daemon : bool
+        Whether an embedded cluster's worker processes are daemonic; False
+        lets them start processes of their own (a DataLoader's workers).
+    """
+    if _held.get() is not None:
+        yield
+        return
+    settings = {} if daemon else {"distributed.worker.daemon": False}
+    with dask.config.set(settings), cluster_client(scheduler_address) as (client, _):
+        token = _held.set((scheduler_address, client))
+        try:
+            yield
+        finally:
+            _held.reset(token)

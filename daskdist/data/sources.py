@@ -97,7 +97,7 @@ class Source(abc.ABC):
         """
         plan = self.plan(n_shards, options.sharding, random_state=random_state)
         valid = None
-        if options.holdout and not self.lazy:  # the labels are here: choose on the client
+        if options.holdout and self.holdout_on_client():  # choose where the labels are
             labels = self.labels() if options.stratify else None
             valid = client_holdout(plan, options.holdout, labels=labels,
                                    random_state=random_state)
@@ -109,6 +109,10 @@ class Source(abc.ABC):
         labels = self.labels() if sharding == "stratified" else None
         return plan_shards(self.n_samples, n_shards, sharding, labels=labels,
                            random_state=random_state)
+
+    def holdout_on_client(self) -> bool:
+        """Whether the hold-out is chosen on the client (the labels are there)."""
+        return not self.lazy
 
     def prepare(self, client, plan, *, run_id: str, workers=None):  # noqa: B027 - optional
         """Submit whatever the shards of ``plan`` share (lazy sources).

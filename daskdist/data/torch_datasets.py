@@ -2,9 +2,10 @@
 
 skorch users write ``net.fit(TensorDataset(X, y), None)`` or pass skorch's own
 ``Dataset(X, y)``; both hold their samples in memory, so daskdist takes their
-arrays out and shards them like NumPy input (``y=None`` as in skorch). A
-``Dataset`` that reads its samples by index (from files) and an
-``IterableDataset`` are refused with the reason, before any work.
+arrays out and shards them like NumPy input (``y=None`` as in skorch). Other
+map-style datasets read their samples by index (from files, say): they pass
+through, to be read on the workers (:mod:`daskdist.data.indexed`). An
+``IterableDataset`` is refused with the reason, before any work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _array(value):
 
 
 def unpack_dataset(X, y=None, *, predicting: bool = False):
-    """``(X, y)`` of an in-memory dataset's arrays; other inputs as they are.
+    """``(X, y)`` of an in-memory dataset's arrays; other inputs (and datasets) as they are.
 
     Parameters
     ----------
@@ -41,8 +42,7 @@ def unpack_dataset(X, y=None, *, predicting: bool = False):
     Raises
     ------
     ValueError
-        For targets given twice or missing, and for datasets daskdist cannot
-        shard: an ``IterableDataset``, or one that reads its samples by index.
+        For targets given twice or missing, and for an ``IterableDataset``.
     """
     if not isinstance(X, Dataset):
         return X, y
@@ -58,12 +58,8 @@ def unpack_dataset(X, y=None, *, predicting: bool = False):
         data_X, data_y = tensors[0], tensors[1] if len(tensors) == 2 else None
     elif isinstance(X, SkorchDataset):
         data_X, data_y = _array(X.X), _array(X.y)
-    else:
-        raise ValueError(
-            f"{name} is a Dataset that daskdist cannot shard yet: TensorDataset and skorch's "
-            "Dataset are sharded as the arrays they hold, while a dataset that reads its "
-            "samples by index (from files) would have to be read on the workers. Load its "
-            "samples into arrays (or a dask array, read chunk by chunk on the workers).")
+    else:  # read by index, on the workers
+        return X, y
     if predicting:
         return data_X, None
     if data_y is not None and y is not None:

@@ -21,7 +21,7 @@ from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
            "FailOnLargeInput", "StragglerNet", "make_classification", "KillWorkerOnTask",
-           "DriftingSGD", "WorkerScaledNet"]
+           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files"]
 
 
 class TinyNet(torch.nn.Module):
@@ -170,6 +170,39 @@ def make_classification(n_samples=240, n_features=20, n_classes=3, seed=0):
     X = rng.normal(size=(n_samples, n_features)).astype(np.float32)
     y = (X @ rng.normal(size=(n_features, n_classes))).argmax(1)
     return X, y
+
+
+def write_npy_files(root, X, y) -> NpyFiles:
+    """Write one ``.npy`` file per sample (features) and per target under ``root``."""
+    for sub in ("x", "y"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in range(len(X)):
+        np.save(os.path.join(root, "x", f"{i:06d}.npy"), X[i])
+        np.save(os.path.join(root, "y", f"{i:06d}.npy"), np.asarray(y[i]))
+    return NpyFiles(root, len(X))
+
+
+class NpyFiles(torch.utils.data.Dataset):
+    """A dataset that reads each sample from its own ``.npy`` files, by index.
+
+    Holds only the folder and the number of samples; counts its reads in
+    the process that reads (:attr:`reads`).
+    """
+
+    reads = 0
+
+    def __init__(self, root, n: int):
+        self.root = os.fspath(root)
+        self.n = int(n)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        type(self).reads += 1
+        X = np.load(os.path.join(self.root, "x", f"{i:06d}.npy"))
+        y = np.load(os.path.join(self.root, "y", f"{i:06d}.npy"))
+        return X, y[()]
 
 
 class KillWorkerOnTask(WorkerPlugin):

@@ -386,12 +386,22 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
     n = shard.n_valid
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
-        for start in range(0, n, max(batch_size, 1)):
-            rows = slice(start, start + batch_size)
-            X = to_device(each(take(shard.X_valid, rows), torch.from_numpy), device)
-            y = to_device(torch.from_numpy(shard.y_valid[rows]), device)
+        for X, y in _valid_batches(shard, batch_size, run_id):
+            X, y = to_device(X, device), to_device(y, device)
             y_pred = call(rep.module, X)
             loss_sum += float(spec.loss(y_pred, y).item()) * len(y)
             if spec.classifier:
                 correct += int((y_pred.argmax(dim=1) == y).sum().item())
     return {"replica": shard.replica, "n": n, "loss_sum": loss_sum, "correct": correct}
+
+
+def _valid_batches(shard, batch_size: int, run_id: str):
+    """``(X, y)`` tensors of a shard's hold-out, ``batch_size`` rows at a time."""
+    read = getattr(shard, "valid_batches", None)
+    if read is not None:  # a Dataset shard reads them
+        yield from read(batch_size, run_id)
+        return
+    for start in range(0, shard.n_valid, max(batch_size, 1)):
+        rows = slice(start, start + batch_size)
+        yield (each(take(shard.X_valid, rows), torch.from_numpy),
+               torch.from_numpy(shard.y_valid[rows]))
