@@ -167,7 +167,7 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
                                        module__n_outputs=10, **params).fit(Xin, y_train)
     rounds = len(baseline.rounds_)
     victim = rounds // 2  # halfway through the fit, in the middle of an epoch
-    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path / "kills")
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
     three_workers.register_plugin(plugin)
     try:
         net = DaskNeuralNetClassifier(TinyNet, module__n_features=64, module__hidden=32,
@@ -211,7 +211,7 @@ def test_a_worker_killed_under_topk_is_recovered_exactly(three_workers, digits, 
     rounds = baseline.rounds_
     epoch_starts = rounds.groupby("epoch")["round"].min()
     victim = int(epoch_starts.iloc[2]) + 3  # a few rounds into epoch 2
-    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path / "kills")
+    plugin = KillWorkerOnTask(rf"^\('daskdist-round-.*', {victim}, 1\)$", tmp_path)
     three_workers.register_plugin(plugin)
     try:
         net = DaskNeuralNetClassifier(TinyNet, **net_args, **params).fit(X, y)

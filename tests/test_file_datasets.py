@@ -194,3 +194,20 @@ def test_every_strategy_reads_a_dataset_as_its_arrays(client, digit_files, strat
     from_arrays = _classifier(**options).fit(X, y)
     np.testing.assert_allclose(params_vector(from_files.module_),
                                params_vector(from_arrays.module_), rtol=1e-5, atol=1e-6)
+
+
+def test_a_dataset_lost_with_its_workers_is_sent_again(client, digit_files):
+    from daskdist.data.indexed import DatasetSource, survey
+
+    files, _, y = digit_files
+    data = survey(client, files, need_targets=False, loader={})
+    source = DatasetSource(data)
+    lost = data.future
+    client.cancel(lost)  # as when every worker holding it is gone: Dask cannot recompute it
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    shard = source.submit_shard(client, 0, np.arange(100, 150), worker, run_id="lost-dataset",
+                                valid_positions=np.array([0, 1]))
+    built = shard.result()
+    assert data.future is not lost and data.future.status == "finished"
+    assert len(built) == 48 and built.n_valid == 2
+    np.testing.assert_array_equal(built.valid_rows, [100, 101])

@@ -19,6 +19,8 @@ planned per sample on the client, as for NumPy input.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from skorch.dataset import Dataset as SkorchDataset
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
@@ -28,6 +30,8 @@ from . import dataset_shards as reading
 from .named import each
 from .shards import feature_dtype
 from .sources import Source
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["IndexedInput", "DatasetSource", "ConvertedDataset", "reads_by_index", "survey",
            "check_loader", "check_dataset", "loader_options"]
@@ -106,7 +110,7 @@ def survey(client, dataset, *, need_targets: bool, loader: dict) -> IndexedInput
     if n < 1:
         raise ValueError(f"{name} holds no samples; at least 1 is needed to fit.")
     check_loader(client, loader)
-    future = client.scatter(dataset, hash=False, broadcast=True)  # a copy on every worker
+    future = _send(client, dataset)
     example = client.submit(reading.read_example, future, loader.get("collate_fn"), pure=False)
     targets = _known_targets(dataset, n) if need_targets else None
     parts = []
@@ -119,6 +123,11 @@ def survey(client, dataset, *, need_targets: bool, loader: dict) -> IndexedInput
     if parts:
         targets = np.concatenate(client.gather(parts))
     return IndexedInput(dataset, future, n, X0, y0, targets, loader)
+
+
+def _send(client, dataset):
+    """The dataset, sent to every worker (Dask may keep fewer copies later)."""
+    return client.scatter(dataset, hash=False, broadcast=True)
 
 
 def _known_targets(dataset, n: int):
@@ -163,6 +172,11 @@ class DatasetSource(Source):
     def submit_shard(self, client, index, rows, worker, *, run_id, valid_positions=None,
                      **shard_kwargs):
         valid = np.zeros(0, dtype=np.int64) if valid_positions is None else valid_positions
+        if self.data.future.status != "finished":
+            # lost with the workers that held it (Dask cannot recompute sent data): the
+            # client still has the dataset object, so it is sent again, as NumPy shards are
+            logger.info("the dataset was lost with a worker; sending it again")
+            self.data.future = _send(client, self.data.dataset)
         return client.submit(
             reading.make_dataset_shard, self.data.future, reading.pack_rows(rows),
             reading.pack_rows(valid),
