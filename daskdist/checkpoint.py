@@ -43,10 +43,11 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "SIDECAR", "
 SIDECAR = "checkpoint.json"
 _FORMAT = "daskdist-checkpoint"
 #: The sidecar's format version this daskdist writes (``"version"``). Version 2 added
-#: ``state.own``, what replicas keep of their own (a version-1 checkpoint has none).
-FORMAT_VERSION = 2
+#: ``state.own``, what replicas keep of their own (a version-1 checkpoint has none);
+#: version 3 ``state.outer``, the outer optimizer's state (``diloco``).
+FORMAT_VERSION = 3
 #: The format versions this daskdist reads: every one written since the first.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 _PICKLE_MAGIC = (b"\x80",)  # protocol 2 and later
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (pickle inside)
 
@@ -80,6 +81,7 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
     buffers = _to_json(dict(state.buffers), "buffers", tensors)
     optimizer = _to_json(state.optimizer, "optimizer", tensors)
     own = _to_json(dict(state.own), "own", tensors)
+    outer = _to_json(dict(state.outer), "outer", tensors)
     name = f"state-{state.round:09d}-{uuid.uuid4().hex[:8]}.safetensors"
     tmp = directory / f".{name}.tmp"
     save_file(tensors, str(tmp), metadata={"format": _FORMAT})
@@ -96,6 +98,7 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
         "state": {"step": int(state.step), "round": int(state.round),
                   "epoch": int(state.epoch), "skipped": int(state.skipped),
                   "buffers": buffers, "optimizer": optimizer, "own": own,
+                  "outer": outer,
                   "log": [dict(r) for r in state.log],
                   "cursors": [list(map(int, c)) for c in state.cursors]},
         "meta": meta or {},
@@ -173,6 +176,7 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         skipped=saved.get("skipped", 0), log=tuple(_log_record(r) for r in saved.get("log", ())),
         cursors=tuple(tuple(c) for c in saved.get("cursors", ())),
         own=_from_json(saved["own"], tensors) if "own" in saved else {},
+        outer=_from_json(saved["outer"], tensors) if "outer" in saved else {},
     )
     return state, sidecar.get("meta", {})
 

@@ -28,8 +28,11 @@ _DASK_PARAMS_DOC = """
         by default per host, then across groups), ``"async"`` (each replica's
         update applied as it arrives; no replica waits), ``"ssp"`` (``async``
         with replicas at most ``strategy__staleness`` rounds apart),
-        ``"ddp"`` (``sync``'s maths in a torch.distributed process group) or
-        ``"pipeline"`` (the model's stages on different workers). Options
+        ``"ddp"`` (``sync``'s maths in a torch.distributed process group),
+        ``"pipeline"`` (the model's stages on different workers) or
+        ``"diloco"`` (``sync_every`` inner steps, then an outer Nesterov SGD
+        step on the mean parameter change: ``strategy__outer_lr``,
+        ``strategy__outer_momentum``, ``strategy__nesterov``). Options
         of a strategy are set with ``strategy__<option>``
         (``strategy__compression`` and ``strategy__density`` for ``sync``,
         ``local_sgd`` and ``hierarchical``, ``strategy__deadline`` for

@@ -335,7 +335,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         counters = ({} if prev is None
                     else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
                           "skipped": prev.skipped, "log": prev.log, "cursors": prev.cursors,
-                          "own": prev.own})
+                          "own": prev.own, "outer": prev.outer})
         return module_to_state(self.module_, self.optimizer_, **counters)
 
     def _load_state(self, state: TrainingState) -> None:

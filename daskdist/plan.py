@@ -82,6 +82,11 @@ class RoundPlan:
         A per-step schedule's optimizer hyperparameters for every step of the
         epoch, set before each step (:mod:`daskdist.schedules`). ``None``:
         ``lr`` for every step.
+    outer : OuterSGD or None
+        ``diloco``'s outer optimizer, which turns the mean parameter change
+        of a round into the next global parameters
+        (:mod:`daskdist.worker.outer`). ``None``: the mean change is applied
+        as it is.
     """
 
     run_id: str
@@ -99,6 +104,7 @@ class RoundPlan:
     compression: str | None = None
     density: float = 0.01
     schedule: StepTable | None = None
+    outer: object = None
 
     def hyper(self, k: int) -> list[dict] | None:
         """One dict per parameter group: the hyperparameters of the round's step ``k``.

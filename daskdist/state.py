@@ -79,6 +79,10 @@ class TrainingState:
         (:mod:`daskdist.worker.own_state`). Carried by an epoch's final
         state (and a state recovered after a lost worker); empty where
         replicas keep nothing of their own.
+    outer : dict
+        The outer optimizer's state, shared by every replica (``diloco``:
+        ``{"momentum": vector}``, the outer SGD's momentum, laid out as
+        ``params``); empty for other strategies.
     """
 
     params: np.ndarray
@@ -91,11 +95,12 @@ class TrainingState:
     log: tuple = ()
     cursors: tuple = ()
     own: dict = field(default_factory=dict)
+    outer: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes of array data that this state carries."""
-        return tree_nbytes((self.params, self.buffers, self.optimizer, self.own))
+        return tree_nbytes((self.params, self.buffers, self.optimizer, self.own, self.outer))
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)

@@ -133,13 +133,15 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(client, tiny_data, t
 
 # What replicas keep of their own (daskdist.worker.own_state): topk residuals (per replica, or
 # per group under hierarchical), the replicas' own optimizer state under compressed local_sgd
-# and hierarchical (momentum here), fp16 loss scalers.
+# and hierarchical and under diloco (momentum here), fp16 loss scalers; and diloco's outer
+# momentum, shared.
 _EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None),
           ("sync", None, "fp16"), ("local_sgd", "fp16", None), ("local_sgd", "bf16", None),
           ("local_sgd", "topk", None), ("local_sgd", None, "fp16"),
           ("hierarchical", None, None), ("hierarchical", "fp16", None),
           ("hierarchical", "bf16", None), ("hierarchical", "topk", None),
-          ("ddp", None, None), ("pipeline", None, None)]
+          ("ddp", None, None), ("pipeline", None, None),
+          ("diloco", None, None), ("diloco", "topk", None)]
 
 
 def _exact_net(strategy, compression, precision, **kwargs):
@@ -166,13 +168,16 @@ def test_a_resumed_fit_is_exact_whatever_replicas_keep_of_their_own(
                callbacks=[("checkpoint", Checkpoint(ck))]).fit(X, y)
     saved, _ = load_checkpoint(ck)
     n_replicas = 4 if strategy == "hierarchical" else 2
-    if compression == "topk" or (compression and strategy != "sync"):
+    own_momentum = strategy == "diloco" or (compression and strategy != "sync")
+    if compression == "topk" or own_momentum:
         # every replica's own part is in the checkpoint: a residual, or its own momentum
         assert {f"replica {i}" for i in range(n_replicas)} <= set(saved.own)
     if compression == "topk" and strategy == "hierarchical":
         assert {"group 0", "group 1"} <= set(saved.own)
         assert all(saved.own[f"group {g}"]["residual"].any() for g in (0, 1))
-    if compression and strategy != "sync":  # replicas' momenta differ: each keeps its own
+    if strategy == "diloco":  # the outer momentum, shared
+        assert saved.outer["momentum"].shape == saved.params.shape
+    if own_momentum:  # replicas' momenta differ: each keeps its own
         momenta = [saved.own[f"replica {i}"]["optimizer"]["state"][0]["momentum_buffer"]
                    for i in range(n_replicas)]
         assert not np.array_equal(momenta[0], momenta[1])

@@ -143,7 +143,8 @@ def three_workers():
                                             ("numpy", "sync-fp16"), ("numpy", "sync-bf16"),
                                             ("numpy", "local_sgd-bf16"),
                                             ("numpy", "hierarchical"),
-                                            ("numpy", "hierarchical-bf16")])
+                                            ("numpy", "hierarchical-bf16"),
+                                            ("numpy", "diloco")])
 def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, tmp_path,
                                                          kind, strategy):
     from sklearn.model_selection import train_test_split
@@ -192,7 +193,7 @@ def test_worker_killed_mid_epoch_loses_at_most_one_round(three_workers, digits, 
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "hierarchical"])
+@pytest.mark.parametrize("strategy", ["sync", "local_sgd", "hierarchical", "diloco"])
 def test_a_worker_killed_under_topk_is_recovered_exactly(three_workers, digits, tmp_path,
                                                          strategy):
     """The lost worker takes its replica's error-feedback memory (and, for ``local_sgd`` and

@@ -31,7 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 from daskdist import DaskNeuralNetClassifier, GradientValueClipping
 from daskdist.checkpoint import load_checkpoint
 from daskdist.state import load_params, params_vector
-from daskdist.testing import CtrlCAfterRound, TinyNet, TinySequential
+from daskdist.testing import CtrlCAfterRound, TinyNet, TinySequential, nll_loss
 
 LR = 0.1
 EPOCHS = 2
@@ -52,12 +52,6 @@ def _net(**kwargs):
                      sharding="sequential", random_state=None, n_replicas=2), **kwargs}
     torch.manual_seed(0)
     return DaskNeuralNetClassifier(TinyNet, **params)
-
-
-def _loss(module, X, y):
-    out = module(torch.from_numpy(X))
-    return torch.nn.functional.nll_loss(torch.log(out + torch.finfo(out.dtype).eps),
-                                        torch.from_numpy(y))
 
 
 def _clip(module, clip_norm, clip_value):
@@ -81,7 +75,7 @@ def _combined_batch(X, y, *, batch_size=32, momentum=0.0, schedule=None, clip_no
         for t in range(steps):
             rows = np.concatenate([s[t * per:(t + 1) * per] for s in shards])
             opt.zero_grad()
-            _loss(module, X[rows], y[rows]).backward()
+            nll_loss(module, X[rows], y[rows]).backward()
             _clip(module, clip_norm, clip_value)
             opt.step()
             if scheduler:
@@ -108,7 +102,7 @@ def _local_sgd(X, y, *, batch_size, sync_every, factor=lambda step: 1.0, clip_no
                     rows = shard[k * per:(k + 1) * per]
                     opt.param_groups[0]["lr"] = LR * factor(epoch * steps + k)
                     opt.zero_grad()
-                    _loss(replica, X[rows], y[rows]).backward()
+                    nll_loss(replica, X[rows], y[rows]).backward()
                     _clip(replica, clip_norm, None)
                     opt.step()
                     seen += len(rows)

@@ -32,7 +32,7 @@ def run_rounds(ctx, strategy) -> None:
     round_, state, tracked = info.round, ctx.state, []
     for steps in sizes[info.done:]:
         plans = [ctx.plan(i, round=round_, first_step=first, n_steps=steps,
-                          compression=strategy.compression, density=strategy.density)
+                          **strategy.plan_fields())
                  for i in range(len(ctx.shards))]
         state = strategy.submit_round(ctx, state, plans)
         tracked.append((strategy.state_round(round_), strategy.tracked(state)))

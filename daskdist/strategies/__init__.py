@@ -7,6 +7,7 @@ import numbers
 from .asynchronous import Async
 from .base import Strategy
 from .ddp import DDP
+from .diloco import DiLoCo
 from .hierarchical import Hierarchical
 from .local_sgd import LocalSGD
 from .parameter_server import ParameterServer
@@ -15,11 +16,11 @@ from .ssp import SSP
 from .sync import Sync
 
 __all__ = ["Strategy", "Sync", "LocalSGD", "Hierarchical", "ParameterServer", "Async", "SSP",
-           "DDP", "Pipeline", "STRATEGIES", "resolve_strategy"]
+           "DDP", "Pipeline", "DiLoCo", "STRATEGIES", "resolve_strategy"]
 
 #: Strategies by name.
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP, DDP, Pipeline)}
+    cls.name: cls for cls in (Sync, LocalSGD, Hierarchical, Async, SSP, DDP, Pipeline, DiLoCo)}
 
 
 def resolve_strategy(strategy, options: dict | None = None, *, sync_every=None) -> Strategy:

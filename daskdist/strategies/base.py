@@ -64,6 +64,10 @@ class Strategy:
         """Local steps in a replica's round (1: a round is one step)."""
         return 1
 
+    def plan_fields(self) -> dict:
+        """What every round's :class:`~daskdist.plan.RoundPlan` carries of this strategy."""
+        return {"compression": self.compression, "density": self.density}
+
     def staleness_bound(self) -> int | None:
         """Rounds a replica may run ahead of the slowest one (None: no bound)."""
         return None

@@ -72,9 +72,14 @@ class LocalSGD(DeadlineOption, RoundStrategy):
         self.validate()
 
     @property
+    def exchanges_deltas(self) -> bool:
+        """Whether replicas exchange parameter deltas (:mod:`~daskdist.worker.delta_tasks`)."""
+        return self.compression is not None
+
+    @property
     def replica_copies(self) -> bool:
-        # compressed, each replica applies the mean delta to its own copy
-        return self.compression is not None and self.deadline is None
+        # exchanging deltas, each replica applies the mean delta to its own copy
+        return self.exchanges_deltas and self.deadline is None
 
     def validate(self) -> None:
         if not isinstance(self.sync_every, (int,)) or isinstance(self.sync_every, bool) \
@@ -87,19 +92,19 @@ class LocalSGD(DeadlineOption, RoundStrategy):
         return self.sync_every
 
     def submit_round(self, ctx, state, plans):
-        if self.compression is None:
+        if not self.exchanges_deltas:
             return super().submit_round(ctx, state, plans)
         return self.submit_exchange(ctx, delta_round, state, plans)
 
     def tracked(self, round_output):
-        return round_output if self.compression is None else round_output[0]
+        return round_output[0] if self.exchanges_deltas else round_output
 
     def state_round(self, plan_round: int) -> int:
         # a delta result carries the state its round started from
-        return plan_round + 1 if self.compression is None else plan_round
+        return plan_round if self.exchanges_deltas else plan_round + 1
 
     def finish_epoch(self, ctx, round_output, plans):
-        if self.compression is None:
+        if not self.exchanges_deltas:
             return round_output
         last = plans[0]
         workers = ctx.info.replica_workers

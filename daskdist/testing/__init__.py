@@ -21,7 +21,7 @@ from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
            "FailOnLargeInput", "StragglerNet", "make_classification", "KillWorkerOnTask",
-           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files"]
+           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files", "nll_loss"]
 
 
 class TinyNet(torch.nn.Module):
@@ -162,6 +162,16 @@ class WorkerScaledNet(TinyNet):
         if self.worker is not None and _worker_address() == self.worker:
             X = X * self.scale
         return super().forward(X)
+
+
+def nll_loss(module, X, y):
+    """The loss a classifier of probabilities (TinyNet) trains on, for references in tests.
+
+    ``NLLLoss`` of the log of the module's output, as the estimators compute it.
+    """
+    out = module(torch.from_numpy(X))
+    return torch.nn.functional.nll_loss(torch.log(out + torch.finfo(out.dtype).eps),
+                                        torch.from_numpy(y))
 
 
 def make_classification(n_samples=240, n_features=20, n_classes=3, seed=0):

@@ -112,6 +112,9 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
                      replica_workers) -> TrainingState:
     """Add the weighted mean of packed deltas to the state ``own`` started its round from.
 
+    Under ``diloco`` (``plan.outer``) the mean is the outer optimizer's
+    pseudo-gradient instead (:mod:`daskdist.worker.outer`).
+
     ``updates`` are ``(weight, payload)`` pairs, payloads holding a packed
     ``delta`` and ``buffers``; ``total`` is their combined statistics (a
     :class:`~daskdist.worker.aggregation.WeightedSum`), logged as the round. An
@@ -122,18 +125,22 @@ def apply_mean_delta(own: DeltaResult, updates, total, replica: int,
     skipped = count_skipped(state, total, plan)
     optimizer = own.optimizer if own.optimizer is not None else state.optimizer
     counters = dict(round=state.round + 1, epoch=plan.epochs_completed(), skipped=skipped)
+    outer = state.outer
     if total.weight:
         live = [(w, payload) for w, payload in updates if w]
-        params = state.params.copy()
+        params = state.params.copy() if plan.outer is None else np.zeros_like(state.params)
         for w, payload in live:
             params += np.float32(w / total.weight) * unpacked(payload["delta"])
+        if plan.outer is not None:  # diloco: the mean change is the outer step's gradient
+            params, outer = plan.outer.step(state.params, params, state.outer)
         shares = [w / total.weight for w, _ in live]
         buffers = tree_weighted_sum([payload["buffers"] for _, payload in live], shares)
         if all("moments" in payload for _, payload in live):  # BatchNorm: pooled variances
             buffers = pooled(buffers, tree_weighted_sum([p["moments"] for _, p in live],
                                                         shares))
         new = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
-                            step=state.step + total.steps, log=state.log, **counters)
+                            step=state.step + total.steps, log=state.log, outer=outer,
+                            **counters)
     else:  # no replica trained (shards exhausted, or no finite update)
         new = replace(state, optimizer=optimizer, own={}, **counters)
     # every replica logs the round; one of them tells the scheduler

@@ -366,6 +366,8 @@ def pack_update(update: np.ndarray, plan: RoundPlan, part: dict):
     ``part`` is its owner's (a replica's, or under ``hierarchical`` a
     group's, :mod:`daskdist.worker.own_state`).
     """
+    if plan.compression is None:  # sent as it is (diloco uncompressed)
+        return update.astype(np.float32, copy=False)
     memory = part.get("residual")
     if memory is not None and memory.size != update.size:
         memory = None

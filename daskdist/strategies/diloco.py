@@ -1,0 +1,89 @@
+"""``diloco``: long local phases, then an outer optimizer step on the mean parameter change.
+
+The policy; the replicas' tasks are those of compressed ``local_sgd``
+(:mod:`daskdist.worker.delta_tasks`), with the outer step of
+:mod:`daskdist.worker.outer` where the mean change is applied.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from ..worker.outer import OuterSGD
+from .local_sgd import LocalSGD
+
+__all__ = ["DiLoCo"]
+
+
+class DiLoCo(LocalSGD):
+    """DiLoCo: ``sync_every`` inner steps per replica, then one outer SGD step.
+
+    Implements Douillard et al. 2023, "DiLoCo: Distributed Low-Communication
+    Training of Language Models" (arXiv 2311.08105). The estimator's
+    optimizer is the *inner* optimizer; each replica keeps its own inner
+    state (momentum, Adam moments) from round to round and epoch to epoch,
+    and it is never averaged. Every ``sync_every`` inner steps the
+    replicas' parameter changes are averaged (weighted by the samples each
+    trained on) into a pseudo-gradient, and an *outer* SGD with Nesterov
+    momentum updates the global parameters, from which every replica starts
+    its next round (the maths in :mod:`daskdist.worker.outer`). The paper
+    pairs an AdamW inner optimizer with ``outer_lr=0.7``,
+    ``outer_momentum=0.9`` and Nesterov momentum, the defaults here.
+
+    With ``outer_lr=1``, ``outer_momentum=0`` and an inner optimizer without
+    state (plain SGD) it equals ``local_sgd``. Replicas exchange their
+    parameter changes, packed with ``compression`` (``"fp16"``, ``"bf16"``
+    or ``"topk"`` with error feedback) or as float32, and each applies the
+    outer step itself, as compressed ``local_sgd`` does; the outer momentum
+    is training state (``TrainingState.outer``): checkpoints carry it, and a
+    resumed or recovered fit continues exactly.
+
+    Parameters
+    ----------
+    sync_every : int
+        Inner optimizer steps between two outer steps (the paper's ``H``).
+    outer_lr : float
+        Outer learning rate, positive.
+    outer_momentum : float
+        Outer momentum, in ``[0, 1)``.
+    nesterov : bool
+        Nesterov momentum for the outer step (needs ``outer_momentum > 0``).
+    compression : {None, "fp16", "bf16", "topk"}
+        How the parameter changes are packed for the exchange.
+    density : float
+        Share of entries ``"topk"`` sends per round.
+    """
+
+    name = "diloco"
+
+    def __init__(self, sync_every: int = 8, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, nesterov: bool = True,
+                 compression: str | None = None, density: float = 0.01):
+        self.outer_lr = outer_lr
+        self.outer_momentum = outer_momentum
+        self.nesterov = nesterov
+        super().__init__(sync_every=sync_every, compression=compression, density=density)
+
+    @property
+    def exchanges_deltas(self) -> bool:
+        return True
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("outer_lr", "outer_momentum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be positive, got {self.outer_lr!r}.")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}.")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}.")
+        if self.nesterov and not self.outer_momentum:
+            raise ValueError("nesterov=True needs outer_momentum > 0 (as torch's SGD does); "
+                             "pass nesterov=False for an outer step without momentum.")
+
+    def plan_fields(self) -> dict:
+        outer = OuterSGD(float(self.outer_lr), float(self.outer_momentum), self.nesterov)
+        return {**super().plan_fields(), "outer": outer}
