@@ -5,6 +5,8 @@ namespace (:mod:`daskdist.testing.hosts`). Skipped, with the reason, where
 namespaces cannot be made (not root, no iproute2).
 """
 
+import time
+
 import numpy as np
 import pytest
 from distributed import Client
@@ -117,8 +119,15 @@ def test_losing_a_whole_host_recovers_on_the_other(digits):
         lost = hosts.worker_hosts[1]
         net = _net(client, "local_sgd", max_epochs=4, n_replicas=4,
                    callbacks=[("kill", KillHost(hosts, lost.index))]).fit(X_train, y_train)
+        # the scheduler drops a dead worker when it sees its connection close, which may come
+        # after the fit went on without it: wait for that, and say what was found otherwise
+        deadline = time.monotonic() + 30
+        while hosts.worker_addresses(client)[lost.index] and time.monotonic() < deadline:
+            time.sleep(0.2)
         left = hosts.worker_addresses(client)
-        assert left[lost.index] == [] and len(left[hosts.worker_hosts[0].index]) == 2
+        assert left[lost.index] == [] and len(left[hosts.worker_hosts[0].index]) == 2, (
+            f"workers left {left}; processes still in the lost host's namespace: "
+            f"{hosts.pids_in(lost.index)}; recoveries:\n{net.recoveries_}")
     # the replicas of the lost host moved to the other; at most a round lost per recovery
     assert len(net.recoveries_) >= 1 and net.recoveries_["rounds_lost"].max() <= 1
     assert net.rounds_["round"].tolist() == list(range(len(net.rounds_)))

@@ -100,7 +100,7 @@ BROKEN = {
     "unknown_strategy": (
         lambda c: c["train"].update(strategy="ring"),
         "train.strategy",
-        "expected one of: async, ddp, hierarchical, local_sgd, pipeline, ssp, sync"),
+        "expected one of: async, ddp, diloco, hierarchical, local_sgd, pipeline, ssp, sync"),
     "bad_strategy_option": (
         lambda c: c["train"].update(strategy="ssp", strategy__staleness=-1),
         "train.strategy__staleness", "staleness must be an integer >= 0"),

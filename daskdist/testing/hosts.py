@@ -283,6 +283,10 @@ class NamespaceHosts:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+    def pids_in(self, index: int) -> list[int]:
+        """The processes running in host ``index``'s namespace."""
+        return _pids_in(self.hosts[index].namespace)
+
     def link_down(self, index: int) -> None:
         """Take host ``index``'s link down (its processes live on, unreachable)."""
         _ip("link", "set", self.hosts[index].outer, "down")
