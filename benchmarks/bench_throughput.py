@@ -7,7 +7,8 @@ One run measures, on the same task and machine, side by side:
   for two replicas);
 - torch DistributedDataParallel with gloo on 2 processes;
 - daskdist ``ddp``, ``sync``, ``local_sgd`` (``sync_every`` 10 and 50) and
-  ``diloco`` (``sync_every=50``) through the estimator, on an embedded cluster
+  ``diloco`` (``sync_every=50``), and ``local_sgd`` and ``diloco`` with
+  ``strategy__overlap=True``, through the estimator, on an embedded cluster
   of 2 single-threaded workers (``ddp`` overlaps its allreduce with the
   backward pass: it has no separate synchronisation time per round);
 
@@ -24,7 +25,7 @@ over the wall time of the whole run, the first epoch and set-up included (the
 whole ``fit()`` call for daskdist; for plain torch, the independent processes
 and DDP, each process's own time from building the model to its last step).
 
-Run: ``python benchmarks/bench_throughput.py [--epochs 4] [--repeats 2] [--samples 60000]``.
+Run: ``python benchmarks/bench_throughput.py [--epochs 3] [--repeats 2] [--samples 60000]``.
 """
 
 from __future__ import annotations
@@ -200,12 +201,16 @@ def _measure_all(X, y, epochs, results, details):
     add("torch DDP, gloo, 2 processes", *run_ddp(n, epochs))
     # the cluster lives only while its rows run, so it never loads the others
     with embedded_cluster(n_workers=REPLICAS) as cluster, Client(cluster) as client:
-        for label, strategy, k in [("daskdist ddp", "ddp", None),
-                                   ("daskdist sync", "sync", None),
-                                   ("daskdist local_sgd, sync_every=10", "local_sgd", 10),
-                                   ("daskdist local_sgd, sync_every=50", "local_sgd", 50),
-                                   ("daskdist diloco, sync_every=50", "diloco", 50)]:
-            run = run_daskdist(client, X, y, epochs, strategy, k)
+        overlap = {"strategy__overlap": True}
+        for label, strategy, k, options in [
+                ("daskdist ddp", "ddp", None, {}),
+                ("daskdist sync", "sync", None, {}),
+                ("daskdist local_sgd, sync_every=10", "local_sgd", 10, {}),
+                ("daskdist local_sgd, sync_every=50", "local_sgd", 50, {}),
+                ("daskdist local_sgd(50), overlap", "local_sgd", 50, overlap),
+                ("daskdist diloco, sync_every=50", "diloco", 50, {}),
+                ("daskdist diloco(50), overlap", "diloco", 50, overlap)]:
+            run = run_daskdist(client, X, y, epochs, strategy, k, **options)
             add(label, run.pop("samples_per_sec"), run.pop("end_to_end"))
             for key, value in run.items():
                 details.setdefault(label, {}).setdefault(key, []).append(value)
@@ -213,7 +218,8 @@ def _measure_all(X, y, epochs, results, details):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs per fit, the first warm-up (default 3)")
     parser.add_argument("--samples", type=int, default=60000)
     parser.add_argument("--repeats", type=int, default=2,
                         help="passes over all rows, interleaved (default 2)")
@@ -246,9 +252,17 @@ def main(argv=None):
               f"{e2e:13.0f} {e2e / ceiling_e2e:10.2f} {sync_txt}")
     local50 = results["daskdist local_sgd, sync_every=50"][0]
     local50_e2e = details["daskdist local_sgd, sync_every=50"]["end_to_end"]
-    print(f"\ntargets (means of steady epochs): local_sgd(50) end to end >= 0.78x ceiling: "
-          f"{local50_e2e / ceiling_e2e:.2f} (steady {local50 / ceiling:.2f}); sync >= 0.4x "
-          f"DDP: {results['daskdist sync'][0] / ddp:.2f}; ddp >= 0.95x DDP: "
+    over = results["daskdist local_sgd(50), overlap"][0]
+    over_e2e = details["daskdist local_sgd(50), overlap"]["end_to_end"]
+    visible = (details["daskdist local_sgd(50), overlap"]["sync_ms"]
+               / details["daskdist local_sgd, sync_every=50"]["sync_ms"])
+    print(f"\ntargets (means of steady epochs; end to end over the whole {epochs}-epoch fit):\n"
+          f"  local_sgd(50) end to end >= 0.78x ceiling: {local50_e2e / ceiling_e2e:.2f} "
+          f"(steady {local50 / ceiling:.2f})\n"
+          f"  local_sgd(50) overlap steady >= 0.85x ceiling: {over / ceiling:.2f}; visible sync "
+          f"<= 0.25x non-overlapped: {visible:.2f}; end to end >= 0.82x: "
+          f"{over_e2e / ceiling_e2e:.2f}\n"
+          f"  sync >= 0.4x DDP: {results['daskdist sync'][0] / ddp:.2f}; ddp >= 0.95x DDP: "
           f"{results['daskdist ddp'][0] / ddp:.2f}")
     for label, d in details.items():
         if "compute_ms" in d:

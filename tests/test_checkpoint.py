@@ -141,11 +141,16 @@ _EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None)
           ("hierarchical", None, None), ("hierarchical", "fp16", None),
           ("hierarchical", "bf16", None), ("hierarchical", "topk", None),
           ("ddp", None, None), ("pipeline", None, None),
-          ("diloco", None, None), ("diloco", "topk", None)]
+          ("diloco", None, None), ("diloco", "topk", None),
+          ("local_sgd-overlap", None, None), ("local_sgd-overlap", "topk", None),
+          ("diloco-overlap", None, None)]
 
 
 def _exact_net(strategy, compression, precision, **kwargs):
+    strategy, overlap = strategy.removesuffix("-overlap"), strategy.endswith("-overlap")
     params = dict(strategy=strategy, sync_every=3, **kwargs)
+    if overlap:
+        params["strategy__overlap"] = True
     if compression:
         params.update(strategy__compression=compression, strategy__density=0.1)
     if precision:
@@ -168,14 +173,15 @@ def test_a_resumed_fit_is_exact_whatever_replicas_keep_of_their_own(
                callbacks=[("checkpoint", Checkpoint(ck))]).fit(X, y)
     saved, _ = load_checkpoint(ck)
     n_replicas = 4 if strategy == "hierarchical" else 2
-    own_momentum = strategy == "diloco" or (compression and strategy != "sync")
+    own_momentum = (strategy.startswith("diloco") or strategy.endswith("-overlap")
+                    or (compression and strategy != "sync"))
     if compression == "topk" or own_momentum:
         # every replica's own part is in the checkpoint: a residual, or its own momentum
         assert {f"replica {i}" for i in range(n_replicas)} <= set(saved.own)
     if compression == "topk" and strategy == "hierarchical":
         assert {"group 0", "group 1"} <= set(saved.own)
         assert all(saved.own[f"group {g}"]["residual"].any() for g in (0, 1))
-    if strategy == "diloco":  # the outer momentum, shared
+    if strategy.startswith("diloco"):  # the outer momentum, shared
         assert saved.outer["momentum"].shape == saved.params.shape
     if own_momentum:  # replicas' momenta differ: each keeps its own
         momenta = [saved.own[f"replica {i}"]["optimizer"]["state"][0]["momentum_buffer"]

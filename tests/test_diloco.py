@@ -16,7 +16,7 @@ import torch
 from daskdist import DaskNeuralNetClassifier
 from daskdist.state import load_params, params_vector
 from daskdist.strategies import DiLoCo, resolve_strategy
-from daskdist.testing import TinyNet, nll_loss
+from daskdist.testing import TinyNet, reference_steps
 
 LR = 0.1
 EPOCHS = 2
@@ -49,13 +49,9 @@ def _diloco(X, y, *, sync_every, inner_momentum, outer_lr, outer_momentum, neste
             changes, weights = [], []
             for replica, opt, shard in zip(copies, inner, shards):
                 load_params(replica, start)  # in place: the inner optimizer keeps its state
-                seen = 0
-                for k in range(first, min(first + sync_every, steps)):
-                    rows = shard[k * per:(k + 1) * per]
-                    opt.zero_grad()
-                    nll_loss(replica, X[rows], y[rows]).backward()
-                    opt.step()
-                    seen += len(rows)
+                seen = reference_steps(replica, opt, X, y, [
+                    shard[k * per:(k + 1) * per]
+                    for k in range(first, min(first + sync_every, steps))])
                 change = params_vector(replica) - start
                 changes.append(change.astype(np.float16).astype(np.float32) if fp16 else change)
                 weights.append(seen)

@@ -138,7 +138,7 @@ class EpochContext:
         return self._driver.task_key(kind, *index, epoch=self.info.epoch if epoch else None)
 
     def submit(self, func, *args, key, worker: str | None, queue: bool = True,
-               strict: bool = False, **kwargs):
+               strict: bool = False, priority: int = 0, **kwargs):
         """Submit ``func(*args, **kwargs)`` as task ``key``, placed on ``worker``.
 
         With ``queue`` (the default) the task waits for :meth:`flush`, which
@@ -146,12 +146,14 @@ class EpochContext:
         that later tasks may take as an argument; otherwise it is sent now
         and its future returned. ``strict`` keeps the task on ``worker``
         even when that worker is gone (for tasks that need what an earlier
-        task left in its memory); otherwise it runs elsewhere then.
+        task left in its memory); otherwise it runs elsewhere then. Of the
+        tasks ready on a worker, those of higher ``priority`` run first.
         """
         if queue:
-            return self._driver.queue.submit(func, *args, key=key, worker=worker, **kwargs)
+            return self._driver.queue.submit(func, *args, key=key, worker=worker,
+                                             priority=priority, **kwargs)
         return self._driver.queue.submit_now(func, *args, key=key, worker=worker,
-                                             strict=strict, **kwargs)
+                                             strict=strict, priority=priority, **kwargs)
 
     def flush(self, outputs=None, strict: bool = False):
         """Send the queued tasks; return ``outputs`` with placeholders replaced by futures."""

@@ -32,17 +32,20 @@ class TaskQueue:
         self.client = client
         self._queued: list = []
         self._placement: dict = {}
+        self._priority: dict = {}
         self._sent: weakref.WeakSet = weakref.WeakSet()
 
-    def submit(self, func, *args, key, worker: str, **kwargs) -> Delayed:
+    def submit(self, func, *args, key, worker: str, priority: int = 0, **kwargs) -> Delayed:
         """Queue ``func(*args, **kwargs)`` as task ``key``, placed on ``worker``.
 
         Returns a placeholder that later tasks of the same flush may take as
-        an argument.
+        an argument. Of the tasks ready on a worker, those of higher
+        ``priority`` run first (Dask's task priority).
         """
         task = dask.delayed(func, pure=False)(*args, dask_key_name=key, **kwargs)
         self._queued.append(task)
         self._placement[key] = [worker]
+        self._priority[key] = priority
         return task
 
     def flush(self, strict: bool = False) -> dict:
@@ -58,24 +61,26 @@ class TaskQueue:
         # The placement travels as a callable annotation (key -> workers); it
         # is a builtin dict method, so the scheduler needs nothing of ours.
         with dask.annotate(workers=self._placement.__getitem__,
+                           priority=self._priority.__getitem__,
                            allow_other_workers=not strict):
             futures = self.client.compute(self._queued, optimize_graph=False)
-        self._queued, self._placement = [], {}
+        self._queued, self._placement, self._priority = [], {}, {}
         self._sent.update(futures)
         return {f.key: f for f in futures}
 
     def submit_now(self, func, *args, key, worker: str | None, strict: bool = False,
-                   **kwargs) -> Future:
+                   priority: int = 0, **kwargs) -> Future:
         """Submit ``func(*args, **kwargs)`` now (not queued); return its future."""
         placement = {} if worker is None else {"workers": [worker],
                                                 "allow_other_workers": not strict}
-        future = self.client.submit(func, *args, key=key, pure=False, **placement, **kwargs)
+        future = self.client.submit(func, *args, key=key, pure=False, priority=priority,
+                                    **placement, **kwargs)
         self._sent.add(future)
         return future
 
     def drop_queued(self) -> None:
         """Forget the tasks queued but not sent."""
-        self._queued, self._placement = [], {}
+        self._queued, self._placement, self._priority = [], {}, {}
 
     def release_pending(self) -> None:
         """Let go of every future handed out that has not finished (stops its task)."""

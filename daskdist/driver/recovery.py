@@ -189,5 +189,10 @@ def recover(trainer, lost, epoch_round: int, epoch_state: TrainingState) -> dict
 
 
 def _state_of(value):
-    """The training state in a round's output (a strategy's round result or a state)."""
-    return getattr(value, "state", value)
+    """The training state in a round's output (a strategy's round result or a state), or None.
+
+    An overlapped round's result holds no state to continue from (its
+    replica's parameters lack the newest averages): None.
+    """
+    state = getattr(value, "state", value)
+    return state if isinstance(state, TrainingState) else None

@@ -38,6 +38,13 @@ class DiLoCo(LocalSGD):
     is training state (``TrainingState.outer``): checkpoints carry it, and a
     resumed or recovered fit continues exactly.
 
+    With ``overlap=True`` each round's outer step is applied one round
+    late, while the replicas go on from their own parameters, so that the
+    exchange runs behind the next round's inner steps: the overlap of
+    streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512), here for
+    the whole parameter vector at once, with the delayed-averaging rule of
+    :mod:`daskdist.worker.overlap_tasks`.
+
     Parameters
     ----------
     sync_every : int
@@ -52,17 +59,22 @@ class DiLoCo(LocalSGD):
         How the parameter changes are packed for the exchange.
     density : float
         Share of entries ``"topk"`` sends per round.
+    overlap : bool
+        Apply each round's outer step one round late, so that the exchange
+        runs while the next round computes (:class:`~daskdist.strategies.LocalSGD`).
     """
 
     name = "diloco"
 
     def __init__(self, sync_every: int = 8, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True,
-                 compression: str | None = None, density: float = 0.01):
+                 compression: str | None = None, density: float = 0.01,
+                 overlap: bool = False):
         self.outer_lr = outer_lr
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
-        super().__init__(sync_every=sync_every, compression=compression, density=density)
+        super().__init__(sync_every=sync_every, compression=compression, density=density,
+                         overlap=overlap)
 
     @property
     def exchanges_deltas(self) -> bool:

@@ -89,17 +89,29 @@ class Hierarchical(LocalSGD):
         they are, optimizer state included).
     density : float
         Share of delta entries ``"topk"`` sends per group and round.
+    overlap : bool
+        Not available here (only False): a group's sum is a task on its
+        first worker, which runs only once that worker's round is done, so
+        it cannot be hidden behind the next round on single-threaded
+        workers. ``local_sgd`` and ``diloco`` take ``overlap=True``.
     """
 
     name = "hierarchical"
 
     def __init__(self, sync_every: int = 8, groups=None, compression: str | None = None,
-                 density: float = 0.01):
+                 density: float = 0.01, overlap: bool = False):
         self.groups = groups
-        super().__init__(sync_every=sync_every, compression=compression, density=density)
+        super().__init__(sync_every=sync_every, compression=compression, density=density,
+                         overlap=overlap)
 
     def validate(self) -> None:
         super().validate()
+        if self.overlap:
+            raise ValueError(
+                "hierarchical cannot overlap its averages with compute: each group's sum runs "
+                "on the group's first worker after its round, so the cross-group exchange "
+                "would still wait between rounds. Use strategy='local_sgd' (or 'diloco') "
+                "with strategy__overlap=True, whose exchange runs behind the next round.")
         if self.groups is None:
             return
         flat = [r for group in self.groups for r in group] if _is_nested(self.groups) else None

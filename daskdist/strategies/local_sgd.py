@@ -15,6 +15,7 @@ from ..worker.delta_tasks import delta_round, finish_deltas
 from ..worker.replica import local_round
 from .base import RoundStrategy
 from .deadline import DeadlineOption
+from .overlap import finish_overlapped, submit_overlapped
 
 __all__ = ["LocalSGD"]
 
@@ -45,6 +46,19 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     is averaged with them unpacked (every replica starts each round from the
     newest global state).
 
+    With ``overlap=True`` a replica does not wait for a round's average: it
+    starts the next round from its own parameters while the average is
+    formed, and folds it in one round late (the delayed averaging of
+    CoCoD-SGD, Shen et al. 2019, arXiv 1906.12043, and Overlap-Local-SGD,
+    Wang et al. 2020, arXiv 2002.09539; the exact update rule is in
+    :mod:`daskdist.worker.overlap_tasks`). The exchange then runs behind
+    compute instead of between rounds. It changes the maths (a replica
+    trains one round on parameters that lack the latest average), exchanges
+    parameter deltas as compression does (float32 without it), and keeps
+    optimizer state on each replica. An epoch ends with every average folded
+    in, so epochs, checkpoints and recoveries start from one global state; a
+    worker lost mid-epoch restarts the epoch.
+
     Parameters
     ----------
     sync_every : int
@@ -57,6 +71,9 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     deadline : float or None
         Close a round once it has run this many times the running median of
         round durations (None: every round waits for every replica).
+    overlap : bool
+        Fold each round's average in one round late, so that the exchange
+        runs while the next round computes.
     """
 
     name = "local_sgd"
@@ -64,22 +81,24 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     finalize = staticmethod(average_parameters)
 
     def __init__(self, sync_every: int = 8, compression: str | None = None,
-                 density: float = 0.01, deadline: float | None = None):
+                 density: float = 0.01, deadline: float | None = None, overlap: bool = False):
         self.sync_every = sync_every
         self.compression = compression
         self.density = density
         self.deadline = deadline
+        self.overlap = overlap
         self.validate()
 
     @property
     def exchanges_deltas(self) -> bool:
         """Whether replicas exchange parameter deltas (:mod:`~daskdist.worker.delta_tasks`)."""
-        return self.compression is not None
+        return self.compression is not None or self.overlap
 
     @property
     def replica_copies(self) -> bool:
-        # exchanging deltas, each replica applies the mean delta to its own copy
-        return self.exchanges_deltas and self.deadline is None
+        # exchanging deltas, each replica applies the mean delta to its own copy (overlapped,
+        # the copies differ by design until the epoch's end)
+        return self.exchanges_deltas and self.deadline is None and not self.overlap
 
     def validate(self) -> None:
         if not isinstance(self.sync_every, (int,)) or isinstance(self.sync_every, bool) \
@@ -87,23 +106,36 @@ class LocalSGD(DeadlineOption, RoundStrategy):
             raise ValueError(f"sync_every must be a positive integer, got {self.sync_every!r}.")
         check_compression(self.compression, self.density)
         self.check_deadline()
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}.")
+        if self.overlap and self.deadline is not None:
+            raise ValueError("overlap=True cannot be combined with a deadline: an overlapped "
+                             "round already goes on without waiting for the average, so no "
+                             "replica waits on a straggler until the next round's end.")
 
     def round_steps(self) -> int:
         return self.sync_every
 
     def submit_round(self, ctx, state, plans):
+        if self.overlap:
+            return submit_overlapped(ctx, state, plans)
         if not self.exchanges_deltas:
             return super().submit_round(ctx, state, plans)
         return self.submit_exchange(ctx, delta_round, state, plans)
 
     def tracked(self, round_output):
+        if self.overlap:
+            return round_output[0][0]
         return round_output[0] if self.exchanges_deltas else round_output
 
     def state_round(self, plan_round: int) -> int:
-        # a delta result carries the state its round started from
-        return plan_round if self.exchanges_deltas else plan_round + 1
+        # a delta result carries the state its round started from (overlapped: none, but
+        # the round is done)
+        return plan_round if self.exchanges_deltas and not self.overlap else plan_round + 1
 
     def finish_epoch(self, ctx, round_output, plans):
+        if self.overlap:
+            return finish_overlapped(ctx, round_output, plans)
         if not self.exchanges_deltas:
             return round_output
         last = plans[0]

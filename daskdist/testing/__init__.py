@@ -21,7 +21,8 @@ from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
            "FailOnLargeInput", "StragglerNet", "make_classification", "KillWorkerOnTask",
-           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files", "nll_loss"]
+           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files", "nll_loss",
+           "reference_steps"]
 
 
 class TinyNet(torch.nn.Module):
@@ -172,6 +173,20 @@ def nll_loss(module, X, y):
     out = module(torch.from_numpy(X))
     return torch.nn.functional.nll_loss(torch.log(out + torch.finfo(out.dtype).eps),
                                         torch.from_numpy(y))
+
+
+def reference_steps(module, optimizer, X, y, batches) -> int:
+    """Plain torch steps of a reference in tests: one :func:`nll_loss` step per row batch.
+
+    ``batches`` are arrays of row indices; returns the rows trained on.
+    """
+    seen = 0
+    for rows in batches:
+        optimizer.zero_grad()
+        nll_loss(module, X[rows], y[rows]).backward()
+        optimizer.step()
+        seen += len(rows)
+    return seen
 
 
 def make_classification(n_samples=240, n_features=20, n_classes=3, seed=0):

@@ -71,6 +71,8 @@ class Contribution:
     t_end: float
     worker: str | None
     non_finite: bool = False
+    #: Wall time of the replica's round cycle not spent computing (overlapped rounds).
+    sync_s: float | None = None
 
     def __sizeof__(self) -> int:
         # what Dask's memory accounting and task placement see (dask.sizeof)
@@ -87,6 +89,8 @@ class Replica:
         self.scaler = grad_scaler(spec.precision, self.device)  # fp16's loss scale
         self.state = None  # the TrainingState the module's parameters hold
         self.optimizer_current = False  # the optimizer holds ``state.optimizer``
+        # the optimizer state just exported by local_steps (valid until the next load)
+        self.exported = None
         self.buffers_current = False  # the buffers hold ``state.buffers``
 
     def load(self, state: TrainingState, with_optimizer: bool = True) -> None:
@@ -98,16 +102,23 @@ class Replica:
             load_buffers(self.module, state.buffers)
             self.buffers_current = True
         if with_optimizer and not self.optimizer_current:
-            optimizer_state_from_numpy(self.optimizer, state.optimizer)
+            # the state just exported needs no loading when nothing came in between
+            if state.optimizer is not self.exported:
+                optimizer_state_from_numpy(self.optimizer, state.optimizer)
             self.optimizer_current = True
+        self.exported = None
 
     def adopt(self, state: TrainingState) -> None:
         """Record that the module and optimizer were just captured as ``state``."""
         self.state, self.optimizer_current, self.buffers_current = state, True, True
 
-    def moved_on(self) -> None:
-        """The parameters were trained past the state they were loaded from."""
-        self.state = None
+    def moved_on(self, exported: dict | None = None) -> None:
+        """The parameters were trained past the state they were loaded from.
+
+        ``exported``: the optimizer's state, just exported (a later state
+        holding this very dict need not load it again).
+        """
+        self.state, self.exported = None, exported
 
     def ran_forward(self) -> None:
         """A forward pass in training mode may have updated the buffers."""
@@ -231,7 +242,7 @@ def local_steps(spec: ModelSpec, shard, state: TrainingState, plan: RoundPlan,
     moments = running_moments(rep.module)
     if moments:  # BatchNorm: averaged as a mixture (daskdist.worker.batchnorm)
         payload["moments"] = moments
-    rep.moved_on()
+    rep.moved_on(exported=payload["optimizer"])
     if not (np.isfinite(loss_sum) and all_finite(payload)):
         return skipped_update(plan, steps, compute_s, t_start)
     return Contribution(plan.replica, float(n), payload, loss_sum, steps, compute_s,

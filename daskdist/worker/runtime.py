@@ -12,16 +12,19 @@
   lineage reaches scattered data that was lost; a task then finds its own
   state again here (:func:`kept`), and the driver recovers from the newest
   state a live worker keeps (:func:`kept_index`, :func:`kept_state`). Each
-  worker keeps the two newest states of each replica of a fit.
+  worker keeps the two newest states of each replica of a fit. A task may
+  also wait for what an earlier task of the same worker will keep
+  (:func:`await_kept`), an input Dask does not know about.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 __all__ = ["worker_address", "set_lr", "on_drop_run",
            "drop_run", "keep", "kept", "kept_items", "kept_index", "kept_state", "forget_from",
-           "GLOBAL"]
+           "await_kept", "waits_seen", "GLOBAL"]
 
 #: Functions ``fn(run_id)`` that free what a worker keeps of a fit.
 _droppers: list = []
@@ -32,6 +35,14 @@ GLOBAL = -1
 _KEEP = 2
 _store: dict = {}  # (run_id, replica) -> {round: value}
 _store_lock = threading.Lock()
+_store_changed = threading.Condition(_store_lock)
+_changes = [0]  # values kept so far (what a waiter has seen)
+_waits = [0]  # times a task waited for its predecessor (await_kept)
+#: Seconds :func:`await_kept` waits for a task its worker does not know (yet).
+UNKNOWN_TASK_GRACE = 5.0
+#: States of a task that will still run on its worker.
+_PENDING = frozenset({"waiting", "fetch", "flight", "ready", "constrained", "executing",
+                      "long-running", "resumed"})
 
 
 def worker_address() -> str | None:
@@ -77,7 +88,57 @@ def keep(run_id: str, replica: int, round: int, value):
         rounds[round] = value
         for old in sorted(rounds)[:-_KEEP]:
             del rounds[old]
+        _changes[0] += 1
+        _store_changed.notify_all()
     return value
+
+
+def await_kept(run_id: str, replica: int, round: int, key, matches) -> object:
+    """What task ``key`` keeps for ``replica`` at ``round`` on this worker, waiting for it.
+
+    For a task whose input is kept by an earlier task of the same worker
+    (its predecessor ``key``) rather than passed by Dask, so that Dask can
+    send it to the worker before the predecessor ends. Returns the kept
+    value once ``matches(value)``; while the predecessor is queued or
+    running here, waits, seceded from the worker's thread pool so that the
+    predecessor can run. Returns None when the predecessor will not keep it
+    here (it is unknown to this worker for :data:`UNKNOWN_TASK_GRACE`
+    seconds, finished without it, or failed).
+    """
+    from distributed import get_worker, rejoin, secede
+
+    tasks = get_worker().state.tasks
+    seceded, unknown_since = False, None
+    try:
+        while True:
+            with _store_lock:
+                value = _store.get((run_id, replica), {}).get(round)
+                seen = _changes[0]
+            if value is not None and matches(value):
+                return value
+            ts = tasks.get(key)
+            state = None if ts is None else ts.state
+            if state is None:
+                unknown_since = unknown_since or time.monotonic()
+                if time.monotonic() - unknown_since > UNKNOWN_TASK_GRACE:
+                    return None
+            elif state not in _PENDING:  # finished, failed or released without it
+                return None
+            if not seceded:
+                secede()  # the predecessor may need this worker's thread
+                seceded = True
+                _waits[0] += 1
+            with _store_changed:
+                if _changes[0] == seen:
+                    _store_changed.wait(0.05)
+    finally:
+        if seceded:
+            rejoin()
+
+
+def waits_seen() -> int:
+    """Times a task on this worker process waited for its predecessor (:func:`await_kept`)."""
+    return _waits[0]
 
 
 def kept(run_id: str, replica: int, round: int):
