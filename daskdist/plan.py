@@ -87,6 +87,9 @@ class RoundPlan:
         of a round into the next global parameters
         (:mod:`daskdist.worker.outer`). ``None``: the mean change is applied
         as it is.
+    fragments : int
+        ``diloco``'s fragments: each overlapped round exchanges one of them
+        (:mod:`daskdist.worker.fragments`; 1: the whole parameter vector).
     """
 
     run_id: str
@@ -105,6 +108,7 @@ class RoundPlan:
     density: float = 0.01
     schedule: StepTable | None = None
     outer: object = None
+    fragments: int = 1
 
     def hyper(self, k: int) -> list[dict] | None:
         """One dict per parameter group: the hyperparameters of the round's step ``k``.

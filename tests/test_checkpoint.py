@@ -143,14 +143,16 @@ _EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None)
           ("ddp", None, None), ("pipeline", None, None),
           ("diloco", None, None), ("diloco", "topk", None),
           ("local_sgd-overlap", None, None), ("local_sgd-overlap", "topk", None),
-          ("diloco-overlap", None, None)]
+          ("diloco-overlap", None, None), ("diloco-stream", "topk", None)]
 
 
 def _exact_net(strategy, compression, precision, **kwargs):
-    strategy, overlap = strategy.removesuffix("-overlap"), strategy.endswith("-overlap")
-    params = dict(strategy=strategy, sync_every=3, **kwargs)
-    if overlap:
+    name, _, variant = strategy.partition("-")
+    params = dict(strategy=name, sync_every=3, **kwargs)
+    if variant:  # overlapped rounds; "stream": streaming diloco, three fragments
         params["strategy__overlap"] = True
+    if variant == "stream":
+        params["strategy__fragments"] = 3
     if compression:
         params.update(strategy__compression=compression, strategy__density=0.1)
     if precision:
@@ -173,7 +175,7 @@ def test_a_resumed_fit_is_exact_whatever_replicas_keep_of_their_own(
                callbacks=[("checkpoint", Checkpoint(ck))]).fit(X, y)
     saved, _ = load_checkpoint(ck)
     n_replicas = 4 if strategy == "hierarchical" else 2
-    own_momentum = (strategy.startswith("diloco") or strategy.endswith("-overlap")
+    own_momentum = (strategy.startswith("diloco") or "-" in strategy
                     or (compression and strategy != "sync"))
     if compression == "topk" or own_momentum:
         # every replica's own part is in the checkpoint: a residual, or its own momentum

@@ -19,7 +19,8 @@ import torch
 from daskdist import DaskNeuralNetClassifier
 from daskdist.state import load_params, params_vector
 from daskdist.strategies import resolve_strategy
-from daskdist.testing import TinyNet, reference_steps
+from daskdist.testing import TinyNet, make_classification, reference_steps
+from daskdist.worker.fragments import fragment_bounds
 
 LR = 0.1
 EPOCHS = 2
@@ -90,6 +91,96 @@ def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32):
     return params_vector(anchor_module)
 
 
+def _streaming(X, y, *, fragments, sync_every, outer=(0.7, 0.9), replicas=2, batch_size=32):
+    """Streaming DiLoCo in one process: a fragment's change since it was last folded in,
+    exchanged one fragment a round (every fragment in an epoch's last round), folded one
+    round late by an outer SGD of the fragment's own."""
+    torch.manual_seed(0)
+    anchor = TinyNet()
+    tensors = list(anchor.parameters())
+    bounds = fragment_bounds([t.numel() for t in tensors], fragments)
+    starts = np.cumsum([0] + [t.numel() for t in tensors])[:-1]
+    groups = [[t for t, at in zip(tensors, starts) if lo <= at < hi] for lo, hi in bounds]
+    outers = [torch.optim.SGD(g, lr=outer[0], momentum=outer[1], nesterov=True)
+              for g in groups]
+    copies = [copy.deepcopy(anchor) for _ in range(replicas)]
+    inner = [torch.optim.SGD(c.parameters(), lr=LR, momentum=0.9) for c in copies]
+    shards = np.array_split(np.arange(len(X)), replicas)
+    per = batch_size // replicas
+    steps = max(math.ceil(len(s) / per) for s in shards)
+    firsts = list(range(0, steps, sync_every // fragments))
+    whole = (0, int(params_vector(anchor).size))
+
+    def fold(part, mean):
+        before = params_vector(anchor)
+        lo, hi = part
+        for (f_lo, f_hi), group, opt in zip(bounds, groups, outers):
+            if lo <= f_lo and f_hi <= hi:  # this fragment's outer step
+                at = f_lo - lo
+                for p in group:
+                    p.grad = torch.from_numpy(-mean[at:at + p.numel()].reshape(p.shape).copy())
+                    at += p.numel()
+                opt.step()
+        return params_vector(anchor) - before
+
+    round_ = 0
+    for _ in range(EPOCHS):
+        x = [params_vector(anchor) for _ in copies]
+        sent, means = [], []
+        for k, first in enumerate(firsts):
+            if k >= 2:  # round k - 2's mean arrives: give up what was sent, take the gain
+                (lo, hi), changes = sent[k - 2]
+                gained = fold((lo, hi), means[k - 2])
+                for i in range(replicas):
+                    x[i][lo:hi] -= changes[i]
+                    x[i] = x[i] + gained
+            g = params_vector(anchor)
+            lo, hi = whole if k == len(firsts) - 1 else bounds[round_ % fragments]
+            changes, weights = [], []
+            for i, (replica, opt, shard) in enumerate(zip(copies, inner, shards)):
+                load_params(replica, x[i])  # in place: the optimizer keeps its state
+                weights.append(reference_steps(replica, opt, X, y, [
+                    shard[s * per:(s + 1) * per]
+                    for s in range(first, min(first + sync_every // fragments, steps))]))
+                x[i] = params_vector(replica)
+                kept = x[i].copy()
+                if k >= 1:  # what was sent last round is not this round's to send
+                    (p_lo, p_hi), previous = sent[k - 1]
+                    kept[p_lo:p_hi] -= previous[i]
+                changes.append((kept - g)[lo:hi])
+            sent.append(((lo, hi), changes))
+            means.append(sum(np.float32(w / sum(weights)) * c for w, c in zip(weights, changes)))
+            round_ += 1
+        for k in range(max(len(firsts) - 2, 0), len(firsts)):  # the epoch's end
+            fold(sent[k][0], means[k])
+    return params_vector(anchor)
+
+
+def test_streaming_diloco_equals_a_single_process_reference(client, tiny_data):
+    X, y = tiny_data
+    options = dict(sync_every=4, strategy__fragments=2, strategy__outer_lr=0.7,
+                   strategy__outer_momentum=0.9)
+    net = _net("diloco", **options).fit(X, y)
+    expected = _streaming(X, y, fragments=2, sync_every=4)
+    np.testing.assert_allclose(params_vector(net.module_), expected, atol=2e-5, rtol=0)
+    # rounds of sync_every / fragments steps, each exchanging one fragment but the last
+    rounds = net.rounds_
+    assert len(rounds) == EPOCHS * 4
+    n = params_vector(net.module_).size
+    sizes = [hi - lo for lo, hi in fragment_bounds([p.numel() for p in net.module_.parameters()],
+                                                   2)]
+    for round_, moved in zip(rounds["round"], rounds["bytes"]):
+        # each replica fetches the other's float32 change: of one fragment, or of all
+        if round_ % 4 in (1, 2):
+            assert moved == 2 * 4 * sizes[round_ % 2]
+        elif round_ % 4 == 3:
+            assert moved == 2 * 4 * n
+    # not plain overlapped diloco: fragments change the maths
+    plain = _net("diloco", sync_every=4, strategy__outer_lr=0.7,
+                 strategy__outer_momentum=0.9).fit(X, y)
+    assert np.abs(params_vector(net.module_) - params_vector(plain.module_)).max() > 1e-4
+
+
 @pytest.mark.parametrize("strategy, options, outer", [
     ("local_sgd", {}, None),
     ("local_sgd", {"strategy__compression": "fp16"}, None),
@@ -111,7 +202,7 @@ def test_overlapped_rounds_equal_a_single_process_reference(client, tiny_data, s
     assert (rounds.groupby("epoch")["samples"].sum() == len(X)).all()
 
 
-def test_overlap_options_are_checked():
+def test_overlap_options_are_checked(client):
     assert resolve_strategy("local_sgd", {"overlap": True}).overlap is True
     assert resolve_strategy("diloco", {"overlap": True}).exchanges_deltas
     with pytest.raises(ValueError, match="overlap must be True or False"):
@@ -120,6 +211,18 @@ def test_overlap_options_are_checked():
         resolve_strategy("local_sgd", {"overlap": True, "deadline": 2.0})
     with pytest.raises(ValueError, match="hierarchical cannot overlap"):
         resolve_strategy("hierarchical", {"overlap": True})
+    assert resolve_strategy("diloco", {"overlap": True, "fragments": 4,
+                                       "sync_every": 8}).round_steps() == 2
+    for options, message in [({"fragments": 2}, "needs overlap=True"),
+                             ({"fragments": 0, "overlap": True}, "positive integer"),
+                             ({"fragments": 3, "overlap": True, "sync_every": 8},
+                              "must be a multiple of fragments=3")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_strategy("diloco", options)
+    with pytest.raises(ValueError, match="Cannot cut 4 parameter tensors into 5 fragments"):
+        DaskNeuralNetClassifier(TinyNet, strategy="diloco", sync_every=5,
+                                strategy__overlap=True, strategy__fragments=5,
+                                max_epochs=1).fit(*make_classification())
 
 
 def test_rounds_wait_for_their_predecessor_on_workers_with_several_threads(client, tiny_data):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 
+from ..worker.fragments import fragment_bounds
 from ..worker.outer import OuterSGD
 from .local_sgd import LocalSGD
 
@@ -43,7 +44,13 @@ class DiLoCo(LocalSGD):
     exchange runs behind the next round's inner steps: the overlap of
     streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512), here for
     the whole parameter vector at once, with the delayed-averaging rule of
-    :mod:`daskdist.worker.overlap_tasks`.
+    :mod:`daskdist.worker.overlap_tasks`. With ``fragments=K`` as well
+    (streaming DiLoCo), the parameters are cut into ``K`` fragments of whole
+    tensors and a round of ``sync_every / K`` inner steps exchanges one of
+    them, in turn, so that each fragment takes an outer step every
+    ``sync_every`` inner steps and each exchange carries ``1/K`` of the
+    parameters (:mod:`daskdist.worker.fragments`); an epoch's last round
+    exchanges them all.
 
     Parameters
     ----------
@@ -62,6 +69,9 @@ class DiLoCo(LocalSGD):
     overlap : bool
         Apply each round's outer step one round late, so that the exchange
         runs while the next round computes (:class:`~daskdist.strategies.LocalSGD`).
+    fragments : int
+        Fragments of the parameters synchronised in turn (streaming DiLoCo;
+        needs ``overlap=True`` and ``sync_every`` a multiple of it).
     """
 
     name = "diloco"
@@ -69,10 +79,11 @@ class DiLoCo(LocalSGD):
     def __init__(self, sync_every: int = 8, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True,
                  compression: str | None = None, density: float = 0.01,
-                 overlap: bool = False):
+                 overlap: bool = False, fragments: int = 1):
         self.outer_lr = outer_lr
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
+        self.fragments = fragments
         super().__init__(sync_every=sync_every, compression=compression, density=density,
                          overlap=overlap)
 
@@ -95,7 +106,27 @@ class DiLoCo(LocalSGD):
         if self.nesterov and not self.outer_momentum:
             raise ValueError("nesterov=True needs outer_momentum > 0 (as torch's SGD does); "
                              "pass nesterov=False for an outer step without momentum.")
+        k = self.fragments
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"fragments must be a positive integer, got {k!r}.")
+        if k > 1 and not self.overlap:
+            raise ValueError(f"fragments={k} needs overlap=True: streaming DiLoCo exchanges "
+                             "each fragment while the next round computes.")
+        if self.sync_every % k:
+            raise ValueError(f"sync_every={self.sync_every} must be a multiple of fragments={k}: "
+                             f"a round of sync_every / fragments steps exchanges one fragment.")
+
+    def check_model(self, spec) -> None:
+        if self.fragments > 1:
+            fragment_bounds([p.numel() for p in spec.module.parameters()], self.fragments)
+
+    def round_steps(self) -> int:
+        return self.sync_every // self.fragments
+
+    def round_sizes(self, steps_per_epoch: int) -> list[int]:
+        k = self.round_steps()
+        return [min(k, steps_per_epoch - s) for s in range(0, steps_per_epoch, k)]
 
     def plan_fields(self) -> dict:
         outer = OuterSGD(float(self.outer_lr), float(self.outer_momentum), self.nesterov)
-        return {**super().plan_fields(), "outer": outer}
+        return {**super().plan_fields(), "outer": outer, "fragments": int(self.fragments)}

@@ -35,6 +35,14 @@ mean folded in: the final state is the anchor after the last round, the
 same kind of state a non-overlapped epoch ends with, so checkpoints and
 the next epoch carry no pending average.
 
+Streaming ``diloco`` (``fragments=K``, :mod:`daskdist.worker.fragments`)
+exchanges one fragment ``f`` of the parameters a round: the replica sends
+``s_i^r = pack((q_i^r - s_i^{r-1} - g)[f])``, the fragment's change since
+it was last folded in (what a packed exchange left out stays in the
+replica's parameters and goes with the fragment's next exchange), and the
+fold steps fragment ``f`` of the anchor (with its slice of the outer
+momentum); the rule above is otherwise the same.
+
 Optimizer state (momentum, Adam moments), fp16 loss scalers and ``topk``
 residuals stay on each replica (:mod:`daskdist.worker.own_state`), as under
 compressed ``local_sgd``. Batch-norm statistics are not corrected one
@@ -68,6 +76,7 @@ from ..plan import RoundPlan
 from ..state import TrainingState, tree_nbytes, tree_weighted_sum
 from .aggregation import WeightedSum, combine, count_skipped, exchange_bytes, log_round
 from .batchnorm import pooled, with_buffers
+from .fragments import exchanged_bounds
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, local_steps, pack_update
 from .runtime import GLOBAL, await_kept, keep, kept
@@ -88,7 +97,9 @@ class OverlapResult:
     ``q_i^r - s_i^{r-1}``; the replica's own ``buffers`` and ``optimizer``
     state after the round. ``finished``: when the task ended (wall clock),
     for the visible synchronisation time of the next round; ``key``: the
-    task's key, by which the next round finds it.
+    task's key, by which the next round finds it; ``bounds``: the part of
+    the parameter vector the delta covers (None: all of it; a fragment
+    under streaming ``diloco``).
     """
 
     anchor: TrainingState | None
@@ -101,12 +112,13 @@ class OverlapResult:
     finished: float
     start_nbytes: int = 0
     key: object = None
+    bounds: tuple | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __reduce__(self):
         return (OverlapResult, (None, None, None, None, self.contribution, self.round,
                                 self.plan, self.finished, self.start_nbytes, self.key,
-                                self.token))
+                                self.bounds, self.token))
 
     @property
     def nbytes(self) -> int:
@@ -123,7 +135,8 @@ class OverlapResult:
 class RoundMean:
     """The sample-weighted mean of one round's packed deltas, and the round's statistics.
 
-    ``delta`` is None when no replica trained (every weight zero).
+    ``delta`` is None when no replica trained (every weight zero); it covers
+    ``bounds`` of the parameter vector (None: all of it).
     """
 
     total: WeightedSum
@@ -132,6 +145,7 @@ class RoundMean:
     plan: RoundPlan
     sync_s: float
     start_nbytes: int
+    bounds: tuple | None = None
 
     def __sizeof__(self) -> int:
         size = 0 if self.delta is None else self.delta.nbytes
@@ -168,9 +182,10 @@ def round_mean(results, replica_workers) -> RoundMean:
             buffers = pooled(buffers, tree_weighted_sum([c.payload["moments"] for c in live],
                                                         shares))
     sync_s = max((c.sync_s for c in contributions if c.sync_s is not None), default=None)
+    bounds = next((r.bounds for r in results if r.contribution.weight), None)
     return RoundMean(total, delta, buffers, results[0].plan,
                      float("nan") if sync_s is None else sync_s,
-                     max(r.start_nbytes for r in results))
+                     max(r.start_nbytes for r in results), bounds)
 
 
 def fold(anchor: TrainingState, mean: RoundMean, replica_workers, *, emit: bool
@@ -186,9 +201,18 @@ def fold(anchor: TrainingState, mean: RoundMean, replica_workers, *, emit: bool
     if mean.delta is None:  # no replica trained (shards exhausted, or no finite update)
         new = replace(anchor, own={}, **counters)
     else:
-        params, outer = anchor.params + mean.delta, anchor.outer
-        if plan.outer is not None:  # diloco: the mean change is the outer step's gradient
-            params, outer = plan.outer.step(anchor.params, mean.delta, anchor.outer)
+        lo, hi = mean.bounds or (0, anchor.params.size)
+        params, outer = anchor.params.copy(), anchor.outer
+        if plan.outer is None:
+            params[lo:hi] += mean.delta
+        else:  # diloco: the mean change is the outer step's gradient (on its fragment)
+            momentum = outer.get("momentum")
+            part = {} if momentum is None else {"momentum": momentum[lo:hi]}
+            params[lo:hi], part = plan.outer.step(anchor.params[lo:hi], mean.delta, part)
+            if part:
+                momentum = np.zeros_like(params) if momentum is None else momentum.copy()
+                momentum[lo:hi] = part["momentum"]
+                outer = {"momentum": momentum}
         new = TrainingState(params=params, buffers=mean.buffers, optimizer=anchor.optimizer,
                             step=anchor.step + total.steps, log=anchor.log, outer=outer,
                             **counters)
@@ -197,6 +221,15 @@ def fold(anchor: TrainingState, mean: RoundMean, replica_workers, *, emit: bool
     if emit:
         emit_from_worker(round_event(plan.run_id, log[-1]))
     return replace(new, log=log)
+
+
+def _less(params: np.ndarray, sent, bounds) -> np.ndarray:
+    """A copy of ``params`` less what was sent (``sent``, packed, covering ``bounds``)."""
+    out = params.copy()
+    if sent is not None:
+        lo, hi = bounds or (0, out.size)
+        out[lo:hi] -= unpacked(sent)
+    return out
 
 
 def _previous(plan: RoundPlan, after: str) -> OverlapResult:
@@ -228,7 +261,7 @@ def overlap_round(spec, shard, *inputs, plan: RoundPlan, replica_workers,
 
     t_begin = time.time()
     owner = replica_owner(plan.replica)
-    previous, mean = inputs[0], None
+    previous, mean, sent_bounds = inputs[0], None, None
     if after is not None:
         previous = _previous(plan, after)
         if not isinstance(inputs[0], TrainingState):
@@ -247,28 +280,34 @@ def overlap_round(spec, shard, *inputs, plan: RoundPlan, replica_workers,
             anchor = fold(prev.anchor, mean, replica_workers, emit=plan.replica == 0)
             params = params + (anchor.params - prev.anchor.params)
         buffers, optimizer = prev.buffers, prev.optimizer
-        sent = prev.contribution.payload.get("delta")
+        sent, sent_bounds = prev.contribution.payload.get("delta"), prev.bounds
         part = part_for(plan.run_id, owner, plan.round)
         last_finished, start_nbytes = prev.finished, 0
     start = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
                           step=anchor.step, round=plan.round, epoch=plan.epoch)
     contribution = local_steps(spec, shard, start, plan, part)
+    bounds = exchanged_bounds(spec, plan)
     if contribution.weight and not contribution.non_finite:
-        after = contribution.payload
-        own_params, buffers = after["params"], after["buffers"]
-        optimizer = part["optimizer"] = after["optimizer"]
-        contribution.payload = {"delta": pack_update(own_params - params, plan, part),
-                                **with_buffers(after)}
+        trained = contribution.payload
+        buffers = trained["buffers"]
+        optimizer = part["optimizer"] = trained["optimizer"]
+        own_params = _less(trained["params"], sent, sent_bounds)
+        if plan.fragments == 1:  # the round's own change, with its part's error feedback
+            delta = pack_update(trained["params"] - params, plan, part)
+        else:  # a fragment's change since it was last folded in (the rest stays in it)
+            lo, hi = bounds or (0, own_params.size)
+            delta = pack_update(own_params[lo:hi] - anchor.params[lo:hi], plan, {})
+        contribution.payload = {"delta": delta, **with_buffers(trained)}
     else:  # the round's steps are dropped: the replica goes on from where it started
-        own_params, contribution.payload = params, {}
+        own_params, contribution.payload = _less(params, sent, sent_bounds), {}
         contribution.weight = 0.0
     keep_part(plan.run_id, owner, plan.round, part)
-    own_params = own_params - unpacked(sent) if sent is not None else own_params.copy()
     finished = time.time()
     contribution.sync_s = max(finished - last_finished - contribution.compute_s, 0.0)
     return keep(plan.run_id, plan.replica, plan.round,
                 OverlapResult(anchor, own_params, buffers, optimizer, contribution, plan.round,
-                              plan, finished, start_nbytes, get_worker().get_current_task()))
+                              plan, finished, start_nbytes, get_worker().get_current_task(),
+                              bounds))
 
 
 def finish_overlap(spec, *results: OverlapResult, n_replicas: int, replica_workers
