@@ -32,6 +32,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_throughput.py
+	$(BIN)/python benchmarks/bench_fit_start.py
 	$(BIN)/python benchmarks/bench_diloco.py
 	$(BIN)/python benchmarks/bench_zarr.py
 	$(BIN)/python benchmarks/bench_strategies.py

@@ -32,6 +32,7 @@ from distributed import Client, LocalCluster, worker_client
 
 from .._compat import KeepRestartingNannies
 from ..dashboard import ROUTES_MODULE
+from ..torch_warmup import warm_up
 
 __all__ = ["cluster_client", "held_cluster", "embedded_cluster", "embedded_cluster_config",
            "temporary_security"]
@@ -39,6 +40,8 @@ __all__ = ["cluster_client", "held_cluster", "embedded_cluster", "embedded_clust
 logger = logging.getLogger(__name__)
 
 _NANNY_DEFAULT_TRIM = "65536"
+#: Preloaded by the embedded cluster's workers (:mod:`daskdist.torch_warmup`).
+WARM_UP_MODULE = "daskdist.torch_warmup"
 
 
 def embedded_cluster_config() -> dict:
@@ -55,6 +58,10 @@ def embedded_cluster_config() -> dict:
         "distributed.scheduler.http.routes": [
             *(r for r in dask.config.get("distributed.scheduler.http.routes")
               if r != ROUTES_MODULE), ROUTES_MODULE],
+        # workers pay torch's one-time start-up cost as they start, not in their first round
+        "distributed.worker.preload": [
+            *(m for m in dask.config.get("distributed.worker.preload") if m != WARM_UP_MODULE),
+            WARM_UP_MODULE],
     }
 
 
@@ -93,6 +100,7 @@ def embedded_cluster(n_workers: int | None = None, *, security=None, **kwargs) -
         "security": security or None,
     }
     options.update(kwargs)
+    warm_up()  # this process's share of torch's start-up cost, while the workers spawn
     # A default nanny started earlier in this process leaves Dask's value in
     # os.environ, where it would take precedence; hide it while workers spawn.
     inherited = os.environ.get("MALLOC_TRIM_THRESHOLD_")

@@ -8,6 +8,7 @@ worker, its hold-out, and how to build it again.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,18 @@ class ShardSet:
             client, index, self.plan[index], worker, run_id=run_id, valid_positions=valid,
             holdout=o.holdout, stratify=o.stratify, seed=self.random_state + index,
             **o.convert)
+
+    def submit_all(self, client, workers: list[str], *, run_id: str) -> list:
+        """Build every shard, shard ``i`` on ``workers[i]``; their futures.
+
+        Shards sent from the client (numpy inputs) travel to their workers
+        at the same time, each from a thread of its own.
+        """
+        if len(workers) == 1:
+            return [self.submit(client, 0, workers[0], run_id=run_id)]
+        with ThreadPoolExecutor(min(len(workers), 8), "daskdist-send") as pool:
+            return list(pool.map(lambda i: self.submit(client, i, workers[i], run_id=run_id),
+                                 range(len(workers))))
 
     def valid_rows(self) -> np.ndarray | None:
         """Source rows held out for validation (client-side hold-outs only)."""

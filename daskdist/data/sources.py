@@ -160,6 +160,8 @@ class NumpySource(Source):
         return self.y
 
     def _raw(self, client, index, rows, worker, valid_positions):
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows) and (np.diff(rows) == 1).all():
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)  # a run of rows: sent without a copy
         raw = RawShard(take(self.X, rows), None if self.y is None else self.y[rows],
                        valid_positions,
                        None if self.w is None else self.w[rows])

@@ -188,8 +188,8 @@ class Trainer:
                                            random_state=self.random_state, run_id=self.run_id)
         self.replica_workers = list(self.shard_set.workers)
         self.spec_future = self.submit_spec()
-        self.shards = [self.shard_set.submit(self.client, i, self.replica_workers[i],
-                                             run_id=self.key_prefix) for i in range(n)]
+        self.shards = self.shard_set.submit_all(self.client, self.replica_workers,
+                                                run_id=self.key_prefix)
         self.shard_losses = recovery.ShardLosses(n)
         sizes = self._gather_shard_sizes()
         self.shard_sizes = [s[0] for s in sizes]
