@@ -8,6 +8,7 @@ worker, its hold-out, and how to build it again.
 
 from __future__ import annotations
 
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -95,13 +96,17 @@ class ShardSet:
         """Build every shard, shard ``i`` on ``workers[i]``; their futures.
 
         Shards sent from the client (numpy inputs) travel to their workers
-        at the same time, each from a thread of its own.
+        at the same time, each from a thread of its own, in a copy of the
+        caller's context (Dask's annotations, such as the fit's span, are
+        context variables).
         """
         if len(workers) == 1:
             return [self.submit(client, 0, workers[0], run_id=run_id)]
+        contexts = [contextvars.copy_context() for _ in workers]
         with ThreadPoolExecutor(min(len(workers), 8), "daskdist-send") as pool:
-            return list(pool.map(lambda i: self.submit(client, i, workers[i], run_id=run_id),
-                                 range(len(workers))))
+            return list(pool.map(
+                lambda i: contexts[i].run(self.submit, client, i, workers[i], run_id=run_id),
+                range(len(workers))))
 
     def valid_rows(self) -> np.ndarray | None:
         """Source rows held out for validation (client-side hold-outs only)."""
