@@ -143,7 +143,8 @@ _EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None)
           ("ddp", None, None), ("pipeline", None, None),
           ("diloco", None, None), ("diloco", "topk", None),
           ("local_sgd-overlap", None, None), ("local_sgd-overlap", "topk", None),
-          ("diloco-overlap", None, None), ("diloco-stream", "topk", None)]
+          ("diloco-overlap", None, None), ("diloco-stream", "topk", None),
+          ("hierarchical-overlap", "topk", None)]
 
 
 def _exact_net(strategy, compression, precision, **kwargs):
@@ -157,7 +158,7 @@ def _exact_net(strategy, compression, precision, **kwargs):
         params.update(strategy__compression=compression, strategy__density=0.1)
     if precision:
         params["precision"] = precision
-    if strategy == "hierarchical":  # two groups of two replicas
+    if name == "hierarchical":  # two groups of two replicas
         params.update(n_replicas=4, strategy__groups=[[0, 1], [2, 3]])
     if strategy == "pipeline":
         return _net(module=TinySequential, strategy__n_stages=2, **params)

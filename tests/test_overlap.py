@@ -37,8 +37,11 @@ def _net(strategy="local_sgd", **kwargs):
     return DaskNeuralNetClassifier(TinyNet, **params)
 
 
-def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32):
-    """Overlapped local SGD (or, with ``outer=(lr, momentum)``, DiLoCo) in one process."""
+def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32, late=1):
+    """Overlapped local SGD (or, with ``outer=(lr, momentum)``, DiLoCo) in one process.
+
+    Each round's mean is folded in ``late`` rounds late (2: ``hierarchical``).
+    """
     torch.manual_seed(0)
     anchor_module = TinyNet()
     outer_opt = None if outer is None else torch.optim.SGD(
@@ -49,7 +52,7 @@ def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32):
     per = batch_size // replicas
     steps = max(math.ceil(len(s) / per) for s in shards)
     firsts = list(range(0, steps, SYNC_EVERY))
-    assert len(firsts) >= 3  # an epoch reaches the rounds that fold a mean in
+    assert len(firsts) >= late + 2  # an epoch reaches the rounds that fold a mean in
 
     def fold(mean):
         before = params_vector(anchor_module)
@@ -69,10 +72,10 @@ def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32):
         starts = [g.copy() for _ in copies]
         ends, sent, means = [None] * replicas, [], []
         for k, first in enumerate(firsts):
-            if k >= 2:  # round k - 2's mean arrives
-                gained = fold(means[k - 2])
-                starts = [ends[i] - sent[k - 2][i] + gained for i in range(replicas)]
-            elif k == 1:
+            if k > late:  # round k - 1 - late's mean arrives
+                gained = fold(means[k - 1 - late])
+                starts = [ends[i] - sent[k - 1 - late][i] + gained for i in range(replicas)]
+            elif k >= 1:
                 starts = [e.copy() for e in ends]
             changes, weights = [], []
             for i, (replica, opt, shard) in enumerate(zip(copies, inner, shards)):
@@ -86,7 +89,7 @@ def _overlapped(X, y, *, outer=None, fp16=False, replicas=2, batch_size=32):
                 weights.append(seen)
             sent.append(changes)
             means.append(sum(np.float32(w / sum(weights)) * c for w, c in zip(weights, changes)))
-        for mean in means[max(len(means) - 2, 0):]:  # the epoch's end folds what is pending
+        for mean in means[max(len(means) - 1 - late, 0):]:  # the epoch's end: what is pending
             fold(mean)
     return params_vector(anchor_module)
 
@@ -185,13 +188,17 @@ def test_streaming_diloco_equals_a_single_process_reference(client, tiny_data):
     ("local_sgd", {}, None),
     ("local_sgd", {"strategy__compression": "fp16"}, None),
     ("diloco", {"strategy__outer_lr": 0.7, "strategy__outer_momentum": 0.9}, (0.7, 0.9)),
+    # two rounds late: the replicas' one group (by host), and two groups of two
+    ("hierarchical", {"strategy__compression": "fp16"}, None),
+    ("hierarchical", {"n_replicas": 4, "strategy__groups": [[0, 1], [2, 3]]}, None),
 ])
 def test_overlapped_rounds_equal_a_single_process_reference(client, tiny_data, strategy,
                                                             options, outer):
     X, y = tiny_data
     net = _net(strategy, **options).fit(X, y)
     fp16 = options.get("strategy__compression") == "fp16"
-    expected = _overlapped(X, y, outer=outer, fp16=fp16)
+    expected = _overlapped(X, y, outer=outer, fp16=fp16, replicas=options.get("n_replicas", 2),
+                           late=2 if strategy == "hierarchical" else 1)
     np.testing.assert_allclose(params_vector(net.module_), expected, atol=2e-5, rtol=0)
     # the delay changes the maths: not the non-overlapped fit
     plain = _net(strategy, strategy__overlap=False, **options).fit(X, y)
@@ -209,8 +216,7 @@ def test_overlap_options_are_checked(client):
         resolve_strategy("local_sgd", {"overlap": "yes"})
     with pytest.raises(ValueError, match="cannot be combined with a deadline"):
         resolve_strategy("local_sgd", {"overlap": True, "deadline": 2.0})
-    with pytest.raises(ValueError, match="hierarchical cannot overlap"):
-        resolve_strategy("hierarchical", {"overlap": True})
+    assert resolve_strategy("hierarchical", {"overlap": True}).overlap is True
     assert resolve_strategy("diloco", {"overlap": True, "fragments": 4,
                                        "sync_every": 8}).round_steps() == 2
     for options, message in [({"fragments": 2}, "needs overlap=True"),

@@ -8,6 +8,7 @@ from ..worker.aggregation import average_parameters, combine
 from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round, relay
 from ..worker.own_state import group_owner
 from .local_sgd import LocalSGD
+from .overlap import finish_overlapped, submit_overlapped
 
 __all__ = ["Hierarchical", "groups_by_host", "relay_sources"]
 
@@ -90,10 +91,14 @@ class Hierarchical(LocalSGD):
     density : float
         Share of delta entries ``"topk"`` sends per group and round.
     overlap : bool
-        Not available here (only False): a group's sum is a task on its
-        first worker, which runs only once that worker's round is done, so
-        it cannot be hidden behind the next round on single-threaded
-        workers. ``local_sgd`` and ``diloco`` take ``overlap=True``.
+        Fold each round's average in two rounds late, so that the group
+        sums and the exchange run behind compute. A group's sum is a task on
+        its first worker, which can run only between two of that worker's
+        rounds: folded one round late, as under ``local_sgd``, the next
+        round would wait for it. Two rounds late it runs behind the next
+        round (the rule is in :mod:`daskdist.worker.overlap_tasks`). Under
+        overlap each group's sum crosses to the other groups' replicas as
+        float32, whatever ``compression`` packs within the group.
     """
 
     name = "hierarchical"
@@ -106,12 +111,6 @@ class Hierarchical(LocalSGD):
 
     def validate(self) -> None:
         super().validate()
-        if self.overlap:
-            raise ValueError(
-                "hierarchical cannot overlap its averages with compute: each group's sum runs "
-                "on the group's first worker after its round, so the cross-group exchange "
-                "would still wait between rounds. Use strategy='local_sgd' (or 'diloco') "
-                "with strategy__overlap=True, whose exchange runs behind the next round.")
         if self.groups is None:
             return
         flat = [r for group in self.groups for r in group] if _is_nested(self.groups) else None
@@ -138,13 +137,16 @@ class Hierarchical(LocalSGD):
 
     def owners(self, replica_workers: list[str]) -> list[str]:
         owners = super().owners(replica_workers)
-        if self.compression is None:
+        if self.compression is None or self.overlap:
             return owners
         # compressed, each group packs its mean delta with its own error-feedback memory
         return owners + [group_owner(g)
                          for g in range(len(self.resolve_groups(replica_workers)))]
 
     def submit_round(self, ctx, state, plans):
+        if self.overlap:
+            groups = self.resolve_groups(list(ctx.info.replica_workers))
+            return submit_overlapped(ctx, state, plans, groups=groups)
         if self.compression is not None:
             return self._submit_compressed(ctx, state, plans)
         workers = list(ctx.info.replica_workers)
@@ -215,6 +217,8 @@ class Hierarchical(LocalSGD):
         return {worker: gathered[leader] for worker, leader in sources.items()}
 
     def finish_epoch(self, ctx, round_output, plans):
+        if self.overlap:
+            return finish_overlapped(ctx, round_output, plans)
         if self.compression is None:
             return round_output
         workers = list(ctx.info.replica_workers)

@@ -35,6 +35,17 @@ mean folded in: the final state is the anchor after the last round, the
 same kind of state a non-overlapped epoch ends with, so checkpoints and
 the next epoch carry no pending average.
 
+Under ``hierarchical`` the mean is folded in two rounds late instead: a
+group's sum of its replicas' deltas is a task on the group's first worker
+(:func:`~daskdist.worker.overlap_means.group_sum`), which runs between two
+of that worker's rounds, so round ``r``'s mean is ready behind round
+``r + 2``, not ``r + 1``. The anchor is the same; a round starts from::
+
+    p_i^r = q_i^{r-1} - s_i^{r-3} + (g^{r-2} - g^{r-3})
+
+(in an epoch's first three rounds from ``g``, then ``q_i^0``, then
+``q_i^1``); the epoch ends with its last three rounds' means folded in.
+
 Streaming ``diloco`` (``fragments=K``, :mod:`daskdist.worker.fragments`)
 exchanges one fragment ``f`` of the parameters a round: the replica sends
 ``s_i^r = pack((q_i^r - s_i^{r-1} - g)[f])``, the fragment's change since
@@ -70,19 +81,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..compression import unpacked
-from ..dashboard.events import emit_from_worker, round_event
 from ..errors import StateLost
 from ..plan import RoundPlan
-from ..state import TrainingState, tree_nbytes, tree_weighted_sum
-from .aggregation import WeightedSum, combine, count_skipped, exchange_bytes, log_round
-from .batchnorm import pooled, with_buffers
+from ..state import TrainingState, tree_nbytes
+from .batchnorm import with_buffers
 from .fragments import exchanged_bounds
+from .overlap_means import GroupSum, fold, groups_mean, round_mean
 from .own_state import keep_part, part_for, replica_owner
 from .replica import Contribution, local_steps, pack_update
 from .runtime import GLOBAL, await_kept, keep, kept
 
-__all__ = ["OverlapResult", "RoundMean", "finish_overlap", "fold", "round_mean",
-           "overlap_round"]
+__all__ = ["OverlapResult", "finish_overlap", "overlap_round"]
 
 
 @dataclass
@@ -93,8 +102,9 @@ class OverlapResult:
     is what peers fetch. The rest stays on the worker that made it, as for
     :class:`~daskdist.worker.delta_tasks.DeltaResult` (a copy finds its
     original by ``token``): ``anchor``, the anchor ``g`` the round started
-    from (every mean up to round ``r - 2`` folded in); ``params``,
-    ``q_i^r - s_i^{r-1}``; the replica's own ``buffers`` and ``optimizer``
+    from (every mean up to round ``r - 2`` folded in; ``r - 3`` two rounds
+    late); ``params``, ``q_i^r - s_i^{r-1}`` (two rounds late: ``q_i^r``);
+    the replica's own ``buffers`` and ``optimizer``
     state after the round. ``finished``: when the task ended (wall clock),
     for the visible synchronisation time of the next round; ``key``: the
     task's key, by which the next round finds it; ``bounds``: the part of
@@ -131,27 +141,6 @@ class OverlapResult:
         return object.__sizeof__(self) + held + self.nbytes
 
 
-@dataclass
-class RoundMean:
-    """The sample-weighted mean of one round's packed deltas, and the round's statistics.
-
-    ``delta`` is None when no replica trained (every weight zero); it covers
-    ``bounds`` of the parameter vector (None: all of it).
-    """
-
-    total: WeightedSum
-    delta: np.ndarray | None
-    buffers: dict | None
-    plan: RoundPlan
-    sync_s: float
-    start_nbytes: int
-    bounds: tuple | None = None
-
-    def __sizeof__(self) -> int:
-        size = 0 if self.delta is None else self.delta.nbytes
-        return object.__sizeof__(self) + size + tree_nbytes(self.buffers)
-
-
 def _original(result: OverlapResult) -> OverlapResult:
     """``result`` with what stays on its worker: itself, or the original a copy was made of."""
     if result.anchor is not None:
@@ -162,65 +151,6 @@ def _original(result: OverlapResult) -> OverlapResult:
     raise StateLost(
         f"The state of replica {result.plan.replica} at round {result.round} is not on this "
         "worker (its worker was lost).")
-
-
-def round_mean(results, replica_workers) -> RoundMean:
-    """The sample-weighted mean of every replica's packed delta of a round (``results``)."""
-    contributions = [r.contribution for r in results]
-    total = combine(*contributions, payload=False)
-    # every worker fetches every other replica's packed delta
-    total.bytes_moved = exchange_bytes(results, replica_workers)
-    live = [c for c in contributions if c.weight]
-    delta = buffers = None
-    if live:
-        delta = np.zeros_like(unpacked(live[0].payload["delta"]), dtype=np.float32)
-        for c in live:
-            delta += np.float32(c.weight / total.weight) * unpacked(c.payload["delta"])
-        shares = [c.weight / total.weight for c in live]
-        buffers = tree_weighted_sum([c.payload["buffers"] for c in live], shares)
-        if all("moments" in c.payload for c in live):  # BatchNorm: pooled variances
-            buffers = pooled(buffers, tree_weighted_sum([c.payload["moments"] for c in live],
-                                                        shares))
-    sync_s = max((c.sync_s for c in contributions if c.sync_s is not None), default=None)
-    bounds = next((r.bounds for r in results if r.contribution.weight), None)
-    return RoundMean(total, delta, buffers, results[0].plan,
-                     float("nan") if sync_s is None else sync_s,
-                     max(r.start_nbytes for r in results), bounds)
-
-
-def fold(anchor: TrainingState, mean: RoundMean, replica_workers, *, emit: bool
-         ) -> TrainingState:
-    """The anchor after one round's mean: ``g + mean`` (or ``diloco``'s outer step).
-
-    Counts the round's non-finite updates and logs the round (``emit``: also
-    tell the scheduler, from one replica only).
-    """
-    total, plan = mean.total, mean.plan
-    counters = dict(round=anchor.round + 1, epoch=plan.epochs_completed(),
-                    skipped=count_skipped(anchor, total, plan))
-    if mean.delta is None:  # no replica trained (shards exhausted, or no finite update)
-        new = replace(anchor, own={}, **counters)
-    else:
-        lo, hi = mean.bounds or (0, anchor.params.size)
-        params, outer = anchor.params.copy(), anchor.outer
-        if plan.outer is None:
-            params[lo:hi] += mean.delta
-        else:  # diloco: the mean change is the outer step's gradient (on its fragment)
-            momentum = outer.get("momentum")
-            part = {} if momentum is None else {"momentum": momentum[lo:hi]}
-            params[lo:hi], part = plan.outer.step(anchor.params[lo:hi], mean.delta, part)
-            if part:
-                momentum = np.zeros_like(params) if momentum is None else momentum.copy()
-                momentum[lo:hi] = part["momentum"]
-                outer = {"momentum": momentum}
-        new = TrainingState(params=params, buffers=mean.buffers, optimizer=anchor.optimizer,
-                            step=anchor.step + total.steps, log=anchor.log, outer=outer,
-                            **counters)
-    log = log_round(anchor.log, total, plan, mean.start_nbytes, replica_workers, emit=False)
-    log = log[:-1] + ({**log[-1], "sync_s": mean.sync_s},)
-    if emit:
-        emit_from_worker(round_event(plan.run_id, log[-1]))
-    return replace(new, log=log)
 
 
 def _less(params: np.ndarray, sent, bounds) -> np.ndarray:
@@ -245,26 +175,32 @@ def _previous(plan: RoundPlan, after: str) -> OverlapResult:
 
 
 def overlap_round(spec, shard, *inputs, plan: RoundPlan, replica_workers,
-                  after: str | None = None) -> OverlapResult:
+                  after: str | None = None, late: int = 1) -> OverlapResult:
     """One overlapped round on a replica (the ``daskdist-round`` task).
 
     ``inputs`` are the epoch's starting :class:`TrainingState` (in its
-    first two rounds), or every replica's result of the round before the
-    previous one, whose mean is folded in. Except in the epoch's first
-    round, the replica starts from its own result of the previous round,
-    read where task ``(after, round - 1, replica)`` keeps it on this
+    first ``late + 1`` rounds), or what forms the mean of the round
+    ``late + 1`` rounds back, which is folded in: every replica's result of
+    that round, or (``hierarchical``, ``late=2``) the replica's own result
+    of it followed by every group's
+    :class:`~daskdist.worker.overlap_means.GroupSum`. Except in the epoch's
+    first round, the replica starts from its own result of the previous
+    round, read where task ``(after, round - 1, replica)`` keeps it on this
     worker. Corrects the replica's own parameters by what the anchor
-    gained less what the replica had sent, runs ``plan.n_steps`` local
-    steps and packs the change they made.
+    gained less what the replica had sent in the folded round, runs
+    ``plan.n_steps`` local steps and packs the change they made.
     """
     from distributed import get_worker
 
     t_begin = time.time()
     owner = replica_owner(plan.replica)
-    previous, mean, sent_bounds = inputs[0], None, None
+    previous, mean, sent_bounds, folded_own = inputs[0], None, None, None
     if after is not None:
         previous = _previous(plan, after)
-        if not isinstance(inputs[0], TrainingState):
+        if isinstance(inputs[-1], GroupSum):  # own result of the folded round, groups' sums
+            folded_own = inputs[0]
+            mean = groups_mean(inputs[1:], replica_workers)
+        elif not isinstance(inputs[0], TrainingState):
             mean = round_mean(inputs, replica_workers)
     if isinstance(previous, TrainingState):  # the epoch's first round
         anchor = previous
@@ -279,8 +215,13 @@ def overlap_round(spec, shard, *inputs, plan: RoundPlan, replica_workers,
         if mean is not None:
             anchor = fold(prev.anchor, mean, replica_workers, emit=plan.replica == 0)
             params = params + (anchor.params - prev.anchor.params)
+        if folded_own is not None:  # two rounds late: what the folded round sent leaves now
+            params = _less(params, folded_own.contribution.payload.get("delta"),
+                           folded_own.bounds)
         buffers, optimizer = prev.buffers, prev.optimizer
-        sent, sent_bounds = prev.contribution.payload.get("delta"), prev.bounds
+        sent = sent_bounds = None
+        if late == 1:  # one round late: what this round sends leaves its parameters at once
+            sent, sent_bounds = prev.contribution.payload.get("delta"), prev.bounds
         part = part_for(plan.run_id, owner, plan.round)
         last_finished, start_nbytes = prev.finished, 0
     start = TrainingState(params=params, buffers=buffers, optimizer=optimizer,
@@ -312,18 +253,19 @@ def overlap_round(spec, shard, *inputs, plan: RoundPlan, replica_workers,
 
 def finish_overlap(spec, *results: OverlapResult, n_replicas: int, replica_workers
                    ) -> TrainingState:
-    """The epoch's final state: the anchor with its last two rounds' means folded in.
+    """The epoch's final state: the anchor with the means of its pending rounds folded in.
 
     The ``daskdist-average`` task that ends an overlapped epoch, on replica
     0's worker. ``results`` are every replica's results of the last round,
-    then, where the epoch has more than one round, of the round before.
+    then of each earlier round whose mean is still pending (one round
+    under ``local_sgd`` and ``diloco``, two under ``hierarchical``), newest
+    first.
     """
-    last, before = results[:n_replicas], results[n_replicas:]
-    own = _original(last[0])
-    anchor = own.anchor
-    if before:
-        anchor = fold(anchor, round_mean(before, replica_workers), replica_workers, emit=True)
-    final = fold(anchor, round_mean(last, replica_workers), replica_workers, emit=True)
+    rounds = [results[k:k + n_replicas] for k in range(0, len(results), n_replicas)]
+    own = _original(rounds[0][0])
+    final = own.anchor
+    for pending in reversed(rounds):
+        final = fold(final, round_mean(pending, replica_workers), replica_workers, emit=True)
     # replica 0's own optimizer state stands for the replicas' (each keeps its own)
     final = replace(final, optimizer=own.optimizer)
     return keep(own.plan.run_id, GLOBAL, final.round, final)
