@@ -91,3 +91,27 @@ def test_one_shared_state_is_not_compared(client, tiny_data):
     net = _net(strategy="local_sgd", sync_every=3).fit(X, y)  # one averaged state a round
     assert "replica_drift" not in net.history[-1]
     assert net.rounds_["drift"].isna().all()
+
+
+def test_kept_directions_give_the_fingerprint_drawn_afresh(monkeypatch):
+    from daskdist.worker import fingerprint as fp
+
+    monkeypatch.setattr(fp, "_CHUNK", 1000)  # several chunks per part
+    monkeypatch.setattr(fp, "_cached", None)
+    rng = np.random.default_rng(3)
+    params = rng.normal(size=2500).astype(np.float32)
+    buffers = {"b": rng.normal(size=300).astype(np.float32), "n": np.array(7)}
+    # by hand: one generator, drawn chunk by chunk over the parameters, then the float buffers
+    draw = np.random.default_rng(fp._SEED)
+    chunks = [c for part in (params, buffers["b"])
+              for c in np.split(part, range(1000, len(part), 1000))]
+    expected = sum(draw.standard_normal((N_PROJECTIONS, len(c))) @ c.astype(np.float64)
+                   for c in chunks)
+    first = fp.fingerprint_of(params, buffers)
+    assert fp._cached is not None and fp._cached[0] == (2500, 300)
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(fp.fingerprint_of(params, buffers), expected)  # kept
+    monkeypatch.setattr(fp, "CACHE_BYTES", 0)  # too big to keep: drawn again every time
+    monkeypatch.setattr(fp, "_cached", None)
+    np.testing.assert_array_equal(fp.fingerprint_of(params, buffers), expected)
+    assert fp._cached is None

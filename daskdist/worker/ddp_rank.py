@@ -161,7 +161,8 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
                 break  # DDP's join stands in for this rank in the remaining steps
             t0 = time.perf_counter()
             X, y = _batch([p for p in parts if p is not None], device)
-            seed_round(replace(first, round=first.round + k), device)
+            step_plan = replace(first, round=first.round + k)
+            seed_round(step_plan, device)
             set_hyper(rep.optimizer, first, k)
             rep.optimizer.zero_grad()
             with autocast(spec.precision, device):
@@ -176,7 +177,6 @@ def _train(spec, state, shards, member, rank, plans, step_rows, holder, common_s
             finite[k] = np.isfinite(loss_sums[k])
             if rep.scaler is not None:
                 rep.scaler.unscale_(rep.optimizer)
-            step_plan = replace(first, round=first.round + k)
             if grads_finite(params):  # the mean gradient: the same on every rank
                 clip_gradients(spec, params)
                 if rep.scaler is None:

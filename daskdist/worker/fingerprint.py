@@ -25,6 +25,11 @@ __all__ = ["N_PROJECTIONS", "fingerprint", "fingerprint_of", "replica_drift",
 N_PROJECTIONS = 8
 _SEED = 20_231_108
 _CHUNK = 1 << 20  # entries of one direction drawn at a time (bounded memory for big models)
+#: Directions are drawn once and kept while they take at most this many bytes (one set, for
+#: the last state layout fingerprinted); bigger states draw them again each time, a chunk at
+#: a time.
+CACHE_BYTES = 64 << 20
+_cached: tuple | None = None  # (sizes of the parts, their directions)
 
 
 def fingerprint(state) -> np.ndarray:
@@ -44,13 +49,36 @@ def fingerprint_of(params: np.ndarray, buffers: dict) -> np.ndarray:
         if value.dtype.kind == "f":
             parts.append(value.ravel())
     out = np.zeros(N_PROJECTIONS)
-    rng = np.random.default_rng(_SEED)
-    for part in parts:
-        values = part.astype(np.float64)
-        for start in range(0, values.size, _CHUNK):
-            chunk = values[start:start + _CHUNK]
-            out += rng.standard_normal((N_PROJECTIONS, chunk.size)) @ chunk
+    chunks = (part[start:start + _CHUNK] for part in parts
+              for start in range(0, part.size, _CHUNK))
+    for chunk, directions in zip(chunks, _directions(tuple(p.size for p in parts))):
+        out += directions @ chunk.astype(np.float64)
     return out
+
+
+def _directions(sizes: tuple):
+    """The Gaussian directions of each chunk of parts of these sizes, in the order drawn.
+
+    Kept for the next call where they fit in :data:`CACHE_BYTES`, so that a
+    small model's fingerprint costs a product, not a draw of millions of
+    normal numbers; otherwise drawn a chunk at a time.
+    """
+    global _cached
+    found = _cached
+    if found is not None and found[0] == sizes:
+        return found[1]
+    blocks = _draw(sizes)
+    if sum(sizes) * N_PROJECTIONS * 8 <= CACHE_BYTES:
+        blocks = list(blocks)
+        _cached = (sizes, blocks)
+    return blocks
+
+
+def _draw(sizes: tuple):
+    rng = np.random.default_rng(_SEED)
+    for size in sizes:
+        for start in range(0, size, _CHUNK):
+            yield rng.standard_normal((N_PROJECTIONS, min(_CHUNK, size - start)))
 
 
 def replica_drift(prints: dict) -> float:
