@@ -144,7 +144,7 @@ _EXACT = [("sync", "fp16", None), ("sync", "bf16", None), ("sync", "topk", None)
           ("diloco", None, None), ("diloco", "topk", None),
           ("local_sgd-overlap", None, None), ("local_sgd-overlap", "topk", None),
           ("diloco-overlap", None, None), ("diloco-stream", "topk", None),
-          ("hierarchical-overlap", "topk", None)]
+          ("hierarchical-overlap", "topk", None), ("diloco-groups", "topk", None)]
 
 
 def _exact_net(strategy, compression, precision, **kwargs):
@@ -154,6 +154,8 @@ def _exact_net(strategy, compression, precision, **kwargs):
         params["strategy__overlap"] = True
     if variant == "stream":
         params["strategy__fragments"] = 3
+    if variant == "groups":  # the changes summed per host, folded two rounds late
+        params["strategy__groups"] = "host"
     if compression:
         params.update(strategy__compression=compression, strategy__density=0.1)
     if precision:

@@ -191,6 +191,8 @@ def test_streaming_diloco_equals_a_single_process_reference(client, tiny_data):
     # two rounds late: the replicas' one group (by host), and two groups of two
     ("hierarchical", {"strategy__compression": "fp16"}, None),
     ("hierarchical", {"n_replicas": 4, "strategy__groups": [[0, 1], [2, 3]]}, None),
+    ("diloco", {"strategy__outer_lr": 0.7, "strategy__outer_momentum": 0.9, "n_replicas": 4,
+                "strategy__groups": [[0, 1], [2, 3]]}, (0.7, 0.9)),
 ])
 def test_overlapped_rounds_equal_a_single_process_reference(client, tiny_data, strategy,
                                                             options, outer):
@@ -198,10 +200,12 @@ def test_overlapped_rounds_equal_a_single_process_reference(client, tiny_data, s
     net = _net(strategy, **options).fit(X, y)
     fp16 = options.get("strategy__compression") == "fp16"
     expected = _overlapped(X, y, outer=outer, fp16=fp16, replicas=options.get("n_replicas", 2),
-                           late=2 if strategy == "hierarchical" else 1)
+                           late=2 if strategy == "hierarchical" or "strategy__groups" in options
+                           else 1)
     np.testing.assert_allclose(params_vector(net.module_), expected, atol=2e-5, rtol=0)
     # the delay changes the maths: not the non-overlapped fit
-    plain = _net(strategy, strategy__overlap=False, **options).fit(X, y)
+    flat = {k: v for k, v in options.items() if k != "strategy__groups" or strategy != "diloco"}
+    plain = _net(strategy, strategy__overlap=False, **flat).fit(X, y)
     assert np.abs(params_vector(net.module_) - params_vector(plain.module_)).max() > 1e-4
     rounds = net.rounds_
     assert len(rounds) == EPOCHS * 4 and list(rounds["round"]) == list(range(EPOCHS * 4))
@@ -217,6 +221,14 @@ def test_overlap_options_are_checked(client):
     with pytest.raises(ValueError, match="cannot be combined with a deadline"):
         resolve_strategy("local_sgd", {"overlap": True, "deadline": 2.0})
     assert resolve_strategy("hierarchical", {"overlap": True}).overlap is True
+    assert resolve_strategy("diloco", {"overlap": True, "groups": "host"}).groups == "host"
+    for options, message in [({"groups": "host"}, "groups needs overlap=True"),
+                             ({"groups": "host", "overlap": True, "fragments": 2,
+                               "sync_every": 8}, "cannot be combined with fragments"),
+                             ({"groups": [[0], [0]], "overlap": True}, "each replica once"),
+                             ({"groups": "rack", "overlap": True}, "list of non-empty lists")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_strategy("diloco", options)
     assert resolve_strategy("diloco", {"overlap": True, "fragments": 4,
                                        "sync_every": 8}).round_steps() == 2
     for options, message in [({"fragments": 2}, "needs overlap=True"),

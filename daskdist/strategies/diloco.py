@@ -11,6 +11,7 @@ import numbers
 
 from ..worker.fragments import fragment_bounds
 from ..worker.outer import OuterSGD
+from .hierarchical import check_groups, resolve_groups
 from .local_sgd import LocalSGD
 
 __all__ = ["DiLoCo"]
@@ -52,6 +53,15 @@ class DiLoCo(LocalSGD):
     parameters (:mod:`daskdist.worker.fragments`); an epoch's last round
     exchanges them all.
 
+    With ``groups`` as well as ``overlap=True``, the replicas' changes are
+    summed within each group first (``"host"``: the replicas whose workers
+    share a host), on the group's first worker, and each replica fetches
+    the groups' sums instead of every replica's change, so that between
+    hosts one message per group travels to each replica, as under
+    ``hierarchical``; the outer step is then applied two rounds late
+    (:mod:`daskdist.worker.overlap_tasks`). Without overlap the outer step
+    needs every replica's change at once, so ``groups`` is refused.
+
     Parameters
     ----------
     sync_every : int
@@ -72,6 +82,9 @@ class DiLoCo(LocalSGD):
     fragments : int
         Fragments of the parameters synchronised in turn (streaming DiLoCo;
         needs ``overlap=True`` and ``sync_every`` a multiple of it).
+    groups : None, "host" or list of list of int
+        Sum the changes within groups of replicas before the exchange
+        (needs ``overlap=True``; not with ``fragments``). None: no groups.
     """
 
     name = "diloco"
@@ -79,8 +92,9 @@ class DiLoCo(LocalSGD):
     def __init__(self, sync_every: int = 8, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True,
                  compression: str | None = None, density: float = 0.01,
-                 overlap: bool = False, fragments: int = 1):
+                 overlap: bool = False, fragments: int = 1, groups=None):
         self.outer_lr = outer_lr
+        self.groups = groups
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
         self.fragments = fragments
@@ -112,9 +126,31 @@ class DiLoCo(LocalSGD):
         if k > 1 and not self.overlap:
             raise ValueError(f"fragments={k} needs overlap=True: streaming DiLoCo exchanges "
                              "each fragment while the next round computes.")
+        if self.groups is not None:
+            self._check_groups()
         if self.sync_every % k:
             raise ValueError(f"sync_every={self.sync_every} must be a multiple of fragments={k}: "
                              f"a round of sync_every / fragments steps exchanges one fragment.")
+
+    def _check_groups(self) -> None:
+        if self.groups != "host":
+            check_groups(self.groups)
+        if not self.overlap:
+            raise ValueError("groups needs overlap=True: without overlap every replica's change "
+                             "is needed at once for the outer step, so groups would only add "
+                             "a step. Use strategy='hierarchical' for grouped local SGD.")
+        if self.fragments > 1:
+            raise ValueError(f"groups cannot be combined with fragments={self.fragments}: "
+                             "grouped sums are folded two rounds late, streaming DiLoCo's "
+                             "fragments one round late.")
+
+    def overlap_groups(self, replica_workers: list[str]):
+        if self.groups is None:
+            return None
+        return resolve_groups(None if self.groups == "host" else self.groups, replica_workers)
+
+    def check_replicas(self, replica_workers: list[str]) -> None:
+        self.overlap_groups(replica_workers)
 
     def check_model(self, spec) -> None:
         if self.fragments > 1:

@@ -8,9 +8,9 @@ from ..worker.aggregation import average_parameters, combine
 from ..worker.group_tasks import bundle, finish_group_deltas, group_delta, member_round, relay
 from ..worker.own_state import group_owner
 from .local_sgd import LocalSGD
-from .overlap import finish_overlapped, submit_overlapped
+from .overlap import finish_overlapped
 
-__all__ = ["Hierarchical", "groups_by_host", "relay_sources"]
+__all__ = ["Hierarchical", "groups_by_host", "check_groups", "resolve_groups", "relay_sources"]
 
 
 def groups_by_host(replica_workers: list[str]) -> list[list[int]]:
@@ -19,6 +19,28 @@ def groups_by_host(replica_workers: list[str]) -> list[list[int]]:
     for replica, worker in enumerate(replica_workers):
         groups.setdefault(get_address_host(worker), []).append(replica)
     return list(groups.values())
+
+
+def check_groups(groups) -> None:
+    """Raise ``ValueError`` unless ``groups`` is a list of non-empty lists naming replicas once."""
+    flat = [r for group in groups for r in group] if _is_nested(groups) else None
+    if not flat or any(not isinstance(r, int) or isinstance(r, bool) for r in flat) \
+            or any(not group for group in groups):
+        raise ValueError("groups must be a list of non-empty lists of replica indices, "
+                         f"got {groups!r}.")
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"groups must name each replica once, got {groups!r}.")
+
+
+def resolve_groups(groups, replica_workers: list[str]) -> list[list[int]]:
+    """The groups of a fit's replicas: ``groups`` as given, or by host where it is None."""
+    if groups is None:
+        return groups_by_host(replica_workers)
+    named = sorted(r for group in groups for r in group)
+    if named != list(range(len(replica_workers))):
+        raise ValueError(
+            f"groups {groups!r} must name every replica 0..{len(replica_workers) - 1} once.")
+    return [list(group) for group in groups]
 
 
 def relay_sources(replica_workers: list[str], groups, holder: str | None) -> dict:
@@ -111,29 +133,18 @@ class Hierarchical(LocalSGD):
 
     def validate(self) -> None:
         super().validate()
-        if self.groups is None:
-            return
-        flat = [r for group in self.groups for r in group] if _is_nested(self.groups) else None
-        if not flat or any(not isinstance(r, int) or isinstance(r, bool) for r in flat) \
-                or any(not group for group in self.groups):
-            raise ValueError("groups must be a list of non-empty lists of replica indices, "
-                             f"got {self.groups!r}.")
-        if len(set(flat)) != len(flat):
-            raise ValueError(f"groups must name each replica once, got {self.groups!r}.")
+        if self.groups is not None:
+            check_groups(self.groups)
 
     def check_replicas(self, replica_workers: list[str]) -> None:
         self.resolve_groups(replica_workers)
 
     def resolve_groups(self, replica_workers: list[str]) -> list[list[int]]:
         """The groups of this fit's replicas (``groups``, or by host)."""
-        if self.groups is None:
-            return groups_by_host(replica_workers)
-        named = sorted(r for group in self.groups for r in group)
-        if named != list(range(len(replica_workers))):
-            raise ValueError(
-                f"groups {self.groups!r} must name every replica 0..{len(replica_workers) - 1} "
-                "once.")
-        return [list(group) for group in self.groups]
+        return resolve_groups(self.groups, replica_workers)
+
+    def overlap_groups(self, replica_workers: list[str]):
+        return self.resolve_groups(replica_workers)
 
     def owners(self, replica_workers: list[str]) -> list[str]:
         owners = super().owners(replica_workers)
@@ -145,8 +156,7 @@ class Hierarchical(LocalSGD):
 
     def submit_round(self, ctx, state, plans):
         if self.overlap:
-            groups = self.resolve_groups(list(ctx.info.replica_workers))
-            return submit_overlapped(ctx, state, plans, groups=groups)
+            return super().submit_round(ctx, state, plans)
         if self.compression is not None:
             return self._submit_compressed(ctx, state, plans)
         workers = list(ctx.info.replica_workers)

@@ -118,10 +118,15 @@ class LocalSGD(DeadlineOption, RoundStrategy):
 
     def submit_round(self, ctx, state, plans):
         if self.overlap:
-            return submit_overlapped(ctx, state, plans)
+            groups = self.overlap_groups(list(ctx.info.replica_workers))
+            return submit_overlapped(ctx, state, plans, groups=groups)
         if not self.exchanges_deltas:
             return super().submit_round(ctx, state, plans)
         return self.submit_exchange(ctx, delta_round, state, plans)
+
+    def overlap_groups(self, replica_workers: list[str]):
+        """Groups whose sums an overlapped round folds in, two rounds late (None: flat)."""
+        return None
 
     def tracked(self, round_output):
         if self.overlap:
