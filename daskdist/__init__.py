@@ -1,6 +1,7 @@
 """daskdist: data-parallel PyTorch training on Dask, behind scikit-learn estimators."""
 
 from . import _moved, config  # noqa: F401  (config registers daskdist's Dask config defaults)
+from ._compat import incremental_search
 from .callbacks import Checkpoint, GradientValueClipping
 from .clusters.embedded import cluster_client, embedded_cluster
 from .data.holdout import holdout_split
@@ -25,6 +26,7 @@ from .strategies import (
 )
 
 _moved.install()  # old import paths of moved modules, for one release
+incremental_search.install()  # dask-ml's HyperbandSearchCV with the dask installed
 
 __version__ = "0.1.0"
 

@@ -237,22 +237,6 @@ def test_partial_fit_inside_dask_tasks_on_single_threaded_workers(client, tiny_d
     assert len(again.history) == 4
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="dask-ml 2025.1's incremental searches call dask.persist with an "
-                          "asynchronous client, which dask >= 2025.3 refuses (dask/dask-ml#1016)")
-def test_hyperband_search(client, tiny_data):
-    import dask.array as da
-    from dask_ml.model_selection import HyperbandSearchCV
-
-    X, y = tiny_data
-    search = HyperbandSearchCV(
-        DaskNeuralNetClassifier(TinyNet, max_epochs=1, batch_size=32, verbose=0,
-                                train_split=None, random_state=0, classes=[0, 1, 2]),
-        {"lr": [0.1, 0.3], "strategy": ["local_sgd", "async"]}, max_iter=3, random_state=0)
-    search.fit(da.from_array(X, chunks=60), da.from_array(y, chunks=60))
-    assert search.best_score_ > 0.5
-
-
 @pytest.mark.parametrize("strategy, options", [
     ("sync", {}), ("sync", {"strategy__compression": "fp16"}), ("local_sgd", {}),
     ("local_sgd", {"strategy__compression": "topk", "strategy__density": 0.1}),

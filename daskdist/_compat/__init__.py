@@ -1,4 +1,7 @@
-"""The one place daskdist relies on ``distributed`` internals.
+"""The one place daskdist relies on ``distributed`` internals (and works around dask-ml).
+
+dask-ml's incremental searches get their own module,
+:mod:`daskdist._compat.incremental_search`. The rest is here:
 
 ``tests/test_dashboard.py`` checks each of them against the installed
 version (``tests/test_faults.py`` the last one), so that a change in
