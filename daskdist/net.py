@@ -45,6 +45,7 @@ from .data.validation import check_features, check_sample_weight, check_targets,
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .dry_pass import check_output_width, materialise_lazy
 from .epoch_history import record_epoch
+from .keras_models import as_torch_module, keras_seeded
 from .predict import Predicting, skorch_device
 from .resumable import Resumable
 from .schedules import EpochSchedules, batch_schedulers, steps_done
@@ -187,8 +188,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             kwargs["n_outputs"] = n_out
         # random_state also fixes the initial weights, without touching torch's RNG
         seed = None if self.random_state is None else seed_for(self.random_state, 0)
-        with seeded_torch(seed):
-            self.module_ = self.initialized_instance(self.module, kwargs)
+        with seeded_torch(seed), keras_seeded(seed):
+            self.module_ = as_torch_module(self.initialized_instance(self.module, kwargs), seed)
         return self
 
     def _initialize_module(self, reason=None):

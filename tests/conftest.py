@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+# Keras models train on Keras's torch backend; set before the workers spawn (they inherit it)
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np  # noqa: E402
 import pytest
 from distributed import Client
 

@@ -151,6 +151,15 @@ class DDP(Strategy):
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch
 
+    def check_model(self, spec) -> None:
+        from ..keras_models import KerasModule
+
+        if isinstance(spec.module, KerasModule):
+            raise ValueError(
+                "strategy='ddp' trains torch modules with DistributedDataParallel, which does "
+                "not see a Keras model's variables; train Keras models with sync, local_sgd, "
+                "hierarchical, diloco, async or ssp.")
+
     def check_replicas(self, replica_workers: list[str]) -> None:
         schemes = {w.split("://", 1)[0] for w in replica_workers if "://" in w}
         if "inproc" in schemes:
