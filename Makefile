@@ -8,7 +8,7 @@ EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.daskdist-installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_multihost.py
 	$(BIN)/python benchmarks/cost_model.py
+
+# A one-node Slurm cluster on this machine (needs root: installs Debian's slurmctld, slurmd,
+# slurm-client and munge when missing, writes /etc/slurm/slurm.conf); then
+# `daskdist run pipelines/digits-mlp.yaml --cluster slurm` submits its workers as batch jobs.
+slurm-up: setup
+	$(BIN)/python -m daskdist.testing.slurm up
+
+slurm-down: setup
+	$(BIN)/python -m daskdist.testing.slurm down
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -56,7 +56,7 @@ def test_invalid_input_exits_2_with_one_line_on_stderr(tmp_path):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("slurm", "#SBATCH --cpus-per-task=4"),
+    ("slurm", "#SBATCH --cpus-per-task=1"),
     ("pbs", "#PBS -l walltime=01:00:00"),
     ("kubernetes", "kind: DaskCluster"),
     ("local", "LocalCluster"),

@@ -87,11 +87,20 @@ def test_slurm_dry_run_renders_the_job_script(nothing_starts):
     spec = load_cluster_spec(SPECS / "slurm.yaml", overrides={
         "jobqueue.queue": "gpu", "jobqueue.job_extra_directives": ["--gres=gpu:1"]})
     text = spec.dry_run()
-    for line in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=15G",
-                 "#SBATCH -t 01:00:00", "#SBATCH --gres=gpu:1"):
+    for line in ("#SBATCH -p gpu", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=4G",
+                 "#SBATCH -t 01:00:00", "#SBATCH --gres=gpu:1",
+                 "#SBATCH -e slurm-logs/dask-worker-%J.err"):
         assert line in text
     assert "-m distributed.cli.dask_worker tcp://{scheduler}:8786" in text
-    assert "--nthreads 4" in text
+    assert "--nthreads 1" in text
+
+
+def test_a_dry_run_creates_no_log_directory(tmp_path, monkeypatch, nothing_starts):
+    monkeypatch.chdir(tmp_path)
+    text = load_cluster_spec(SPECS / "slurm.yaml", overrides={
+        "jobqueue.log_directory": "logs/jobs"}).dry_run()
+    assert "#SBATCH -o logs/jobs/dask-worker-%J.out" in text
+    assert not (tmp_path / "logs").exists()
 
 
 def test_pbs_dry_run_renders_the_job_script(nothing_starts):
@@ -222,7 +231,7 @@ def test_overrides_apply_before_validation_and_are_named_in_errors():
     spec = load_cluster_spec(SPECS / "slurm.yaml", overrides={"jobqueue.cores": 8, "workers": 5})
     assert spec.data["jobqueue"]["cores"] == 8
     assert "#SBATCH --cpus-per-task=8" in spec.dry_run()
-    assert load_cluster_spec(SPECS / "slurm.yaml").data["jobqueue"]["cores"] == 4
+    assert load_cluster_spec(SPECS / "slurm.yaml").data["jobqueue"]["cores"] == 1
     with pytest.raises(ClusterSpecError, match=r"jobqueue\.cores \(from overrides\): expected"):
         load_cluster_spec(SPECS / "slurm.yaml", overrides={"jobqueue.cores": "eight"})
 

@@ -69,8 +69,8 @@ class ClusterSpec:
             :class:`~distributed.LocalCluster` options (``local``,
             ``local-cuda``), the hosts and the commands run on them (``ssh``),
             the rendered job script with the scheduler address left as
-            ``{scheduler}`` (``slurm``, ``pbs``; dask-jobqueue creates a
-            ``log_directory`` that does not exist yet), the ``DaskCluster``
+            ``{scheduler}`` (``slurm``, ``pbs``; nothing is created, not even
+            the ``log_directory``), the ``DaskCluster``
             resource as YAML (``kubernetes``), or the address (``address``).
 
         Raises
@@ -149,7 +149,7 @@ class ClusterSpec:
             arrived = len(cluster_workers(client))
             raise TimeoutError(
                 f"{display(self.path)}: only {arrived} of {expected} worker(s) connected within "
-                f"{_seconds(seconds)}{backend.hint(self)}; raise the spec's timeout or "
+                f"{_seconds(seconds)}{backend.hint(self, cluster)}; raise the spec's timeout or "
                 f"connect(timeout=...) if they are slow to start"
             ) from error
 

@@ -112,10 +112,14 @@ class NamespaceHosts:
         Each worker's memory limit.
     env : dict, optional
         Extra environment of the Dask processes.
+    dask : bool
+        Start the scheduler and workers; False leaves the hosts bare, for
+        other processes (:meth:`start`) to run in them, such as SSH servers.
     """
 
     def __init__(self, worker_hosts: int = 2, workers_per_host: int = 2, rate: str | None = None,
-                 memory_limit: str = "2GiB", env: dict | None = None):
+                 memory_limit: str = "2GiB", env: dict | None = None, dask: bool = True):
+        self.dask = dask
         self.n_worker_hosts = worker_hosts
         self.workers_per_host = workers_per_host
         self.rate = rate
@@ -138,10 +142,11 @@ class NamespaceHosts:
         try:
             self._build_network()
             self.set_rate(self.rate)
-            self._start_scheduler()
-            for host in self.worker_hosts:
-                self._start_workers(host)
-            self._wait_for_workers(self.n_worker_hosts * self.workers_per_host)
+            if self.dask:
+                self._start_scheduler()
+                for host in self.worker_hosts:
+                    self._start_workers(host)
+                self._wait_for_workers(self.n_worker_hosts * self.workers_per_host)
         except BaseException:
             self.close()
             raise
@@ -181,6 +186,9 @@ class NamespaceHosts:
             _ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.inner)
             _ip("-n", host.namespace, "link", "set", host.inner, "up")
             _ip("-n", host.namespace, "link", "set", "lo", "up")
+            # a default route, as real hosts have: processes that find their own address
+            # by routing (Dask's get_ip) find the host's, not 127.0.0.1
+            _ip("-n", host.namespace, "route", "add", "default", "via", f"{self.subnet}.1")
 
     def set_rate(self, rate: str | None) -> None:
         """Cap every host's link at ``rate`` in both directions (None: lift the cap)."""
@@ -195,19 +203,25 @@ class NamespaceHosts:
                                     "rate", rate, "burst", "256kb", "latency", "100ms"],
                                    check=True, capture_output=True, text=True)
 
-    def _spawn(self, host: Host, *args: str) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
+    def start(self, host: Host, *command: str, env: dict | None = None) -> subprocess.Popen:
+        """Start ``command`` in ``host``'s namespace, its stderr logged; stopped on close.
+
+        ``env`` is added to this process's environment.
+        """
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # the processes log to files (a pipe nobody reads would block them once full)
         if self._logs is None:
             self._logs = tempfile.mkdtemp(prefix=f"{self.tag}-logs-")
         log = open(os.path.join(self._logs, f"h{host.index}-{len(host.processes)}.log"), "wb")
         with log:
-            process = subprocess.Popen(host.exec(sys.executable, *args), env=env,
-                                       stdout=subprocess.DEVNULL, stderr=log,
-                                       start_new_session=True)
+            process = subprocess.Popen(host.exec(*command), env=env, stdout=subprocess.DEVNULL,
+                                       stderr=log, start_new_session=True)
         process.log = log.name
         host.processes.append(process)
         return process
+
+    def _spawn(self, host: Host, *args: str) -> subprocess.Popen:
+        return self.start(host, sys.executable, *args, env={"OMP_NUM_THREADS": "1", **self.env})
 
     def _start_scheduler(self) -> None:
         host = self.scheduler_host

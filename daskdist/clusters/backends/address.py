@@ -48,5 +48,5 @@ class Address(Backend):
     def fixed_text(self, spec):
         return "none: the workers are the running scheduler's"
 
-    def hint(self, spec):
+    def hint(self, spec, cluster=None):
         return " (are workers connected to this scheduler?)"

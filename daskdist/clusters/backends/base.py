@@ -84,7 +84,8 @@ class Backend:
     def fixed_text(self, spec: ClusterSpec) -> str:
         return "fixed"
 
-    def hint(self, spec: ClusterSpec) -> str:
+    def hint(self, spec: ClusterSpec, cluster=None) -> str:
+        """What to check when the workers did not arrive in time (text after the count)."""
         return ""
 
 

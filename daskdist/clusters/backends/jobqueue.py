@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import tempfile
 
 from ..scaling import initial_workers, start_adapting
 from ..schema import BOOL, COUNT, MAPPING, SIZE, STRING, STRINGS
@@ -65,8 +68,15 @@ class JobQueue(Backend):
             options["security"] = security(spec, check=False)
         if tls:
             options["protocol"] = "tls://"
-        script = job_cls(f"{protocol}://{SCHEDULER_PLACEHOLDER}:8786", name="{worker-name}",
-                         **options).job_script()
+        logs = options.get("log_directory")
+        with tempfile.TemporaryDirectory() as scratch:
+            if logs is not None and not os.path.isdir(logs):
+                # dask-jobqueue makes the folder: render with a scratch one, then name the real
+                options["log_directory"] = scratch
+            script = job_cls(f"{protocol}://{SCHEDULER_PLACEHOLDER}:8786", name="{worker-name}",
+                             **options).job_script()
+            if options.get("log_directory") == scratch:
+                script = script.replace(scratch, logs.rstrip("/"))
         lines = [f"# dask_jobqueue.{self.cluster_class}: the scheduler runs in this process, "
                  f"each worker batch job runs this script (submitted with "
                  f"{job_cls.submit_command}):"]
@@ -77,8 +87,21 @@ class JobQueue(Backend):
             lines.append(indent(yaml_text(cluster_only), "# ").rstrip())
         return "\n".join(lines) + "\n" + script
 
-    def hint(self, spec):
+    def hint(self, spec, cluster=None):
+        states = self.job_states(_job_ids(cluster))
+        if states:
+            return f" ({states})"
         return f" (are the jobs still queued? see {self.queue_command})"
+
+    def job_states(self, job_ids: list[str]) -> str:
+        """What the queue says of the cluster's jobs, as text ('' when it cannot tell)."""
+        return ""
+
+
+def _job_ids(cluster) -> list[str]:
+    """The batch job ids of a dask-jobqueue cluster's workers (submitted ones only)."""
+    jobs = getattr(cluster, "workers", None) or {}
+    return [str(job.job_id) for job in jobs.values() if getattr(job, "job_id", None)]
 
 
 class Slurm(JobQueue):
@@ -89,6 +112,23 @@ class Slurm(JobQueue):
     cluster_class = "SLURMCluster"
     job_class = "dask_jobqueue.slurm.SLURMJob"
     queue_command = "squeue --me"
+
+    def job_states(self, job_ids):
+        if not job_ids:
+            return ""
+        try:
+            done = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        listed = {}
+        for line in done.stdout.splitlines():
+            job, state, *reason = line.split(None, 2)
+            reason = reason[0] if reason and reason[0] != "None" else ""
+            listed[job] = state + (f", reason {reason}" if reason else "")
+        parts = [f"job {job}: {listed.get(job, 'no longer queued (cancelled, failed or ended)')}"
+                 for job in job_ids]
+        return "; ".join(parts)
 
 
 class PBS(JobQueue):

@@ -67,6 +67,6 @@ class Kubernetes(Backend):
                 "(dask_kubernetes.operator.KubeCluster):\n"
                 + "---\n".join(yaml_text(document) for document in documents))
 
-    def hint(self, spec):
+    def hint(self, spec, cluster=None):
         return (f" (see kubectl get pods -l dask.org/cluster-name={self.cluster_name(spec)}; "
                 f"is the Dask operator installed?)")

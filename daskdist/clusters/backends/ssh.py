@@ -67,5 +67,5 @@ class SSH(Backend):
         hosts = len(spec.data["ssh"]["hosts"]) - 1
         return f"fixed, {self.per_host(spec)} worker(s) on each of {hosts} host(s)"
 
-    def hint(self, spec):
+    def hint(self, spec, cluster=None):
         return " (check that the worker hosts reach the scheduler's host)"
