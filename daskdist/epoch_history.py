@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .driver.results import membership_text
+
 __all__ = ["record_epoch"]
 
 
@@ -31,6 +33,9 @@ def record_epoch(history, result, strategy) -> None:
             history.record_batch("valid_acc", result.valid["acc"])
     history.record("train_batch_count", len(result.rounds))
     history.record("rounds", len(result.rounds))
+    history.record("replicas", result.replicas)
+    if result.change is not None:
+        history.record("membership", membership_text(result.change))
     history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
     history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
     if strategy.asynchronous:

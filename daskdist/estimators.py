@@ -44,7 +44,16 @@ _DASK_PARAMS_DOC = """
     sharding : {"random", "sequential", "stratified"} (default="random")
         How samples are split into one shard per replica.
     n_replicas : int or None (default=None)
-        Replicas; default one per worker. Several replicas may share a worker.
+        Replicas; default one per worker, following the workers as they join
+        and leave (``elastic``). Several replicas may share a worker.
+    elastic : bool (default=True)
+        Follow the cluster's workers between epochs: replicas are added on
+        workers that joined (unless ``n_replicas`` is given, when they only
+        take replicas doubled up on one worker) and merged away from workers
+        that left gracefully, moving only the rows that must move; False
+        keeps the replicas where the fit placed them. See docs/elastic.md.
+    max_replicas : int or None (default=None)
+        The most replicas an elastic fit uses, however many workers join.
     scheduler_address : str or None (default=None)
         Scheduler to connect to. If None, the current ``distributed`` client is
         used, and if there is none, a local cluster is started for the fit and
@@ -122,15 +131,17 @@ class DaskNeuralNetClassifier(DaskNet, NeuralNetClassifier):
     def __init__(self, module, *args, criterion=torch.nn.NLLLoss,
                  train_split=ValidSplit(5, stratified=True),  # noqa: B008 - skorch's default
                  classes=None, strategy="sync",
-                 sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
-                 random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 sync_every=8, sharding="random", n_replicas=None, elastic=True,
+                 max_replicas=None, scheduler_address=None, random_state=None,
+                 preprocessor=None, sample_dim=None, features=None,
                  streaming="auto", buffer_chunks=4, precision=None,
                  gradient_clip=None, accumulate_steps=1, use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, train_split=train_split,
                          classes=classes, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks, precision, gradient_clip, accumulate_steps)
+                               buffer_chunks, precision, gradient_clip, accumulate_steps,
+                               elastic, max_replicas)
 
     def _set_target_info(self, y, classes, found=None) -> None:
         if found is not None:
@@ -219,14 +230,16 @@ class DaskNeuralNetRegressor(DaskNet, NeuralNetRegressor):
     _skorch_base = NeuralNetRegressor
 
     def __init__(self, module, *args, criterion=torch.nn.MSELoss, strategy="sync",
-                 sync_every=8, sharding="random", n_replicas=None, scheduler_address=None,
-                 random_state=None, preprocessor=None, sample_dim=None, features=None,
+                 sync_every=8, sharding="random", n_replicas=None, elastic=True,
+                 max_replicas=None, scheduler_address=None, random_state=None,
+                 preprocessor=None, sample_dim=None, features=None,
                  streaming="auto", buffer_chunks=4, precision=None,
                  gradient_clip=None, accumulate_steps=1, use_caching=False, **kwargs):
         super().__init__(module, *args, criterion=criterion, use_caching=use_caching, **kwargs)
         self._init_dask_params(strategy, sync_every, sharding, n_replicas, scheduler_address,
                                random_state, preprocessor, sample_dim, features, streaming,
-                               buffer_chunks, precision, gradient_clip, accumulate_steps)
+                               buffer_chunks, precision, gradient_clip, accumulate_steps,
+                               elastic, max_replicas)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

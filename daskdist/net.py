@@ -42,6 +42,7 @@ from .data.shards import takes_indices
 from .data.sources import ShardOptions
 from .data.torch_datasets import unpack_dataset
 from .data.validation import check_features, check_sample_weight, check_targets, scan_dask_values
+from .driver.membership import check_params as check_membership_params
 from .driver.trainer import RECOVERY_COLUMNS, ROUND_COLUMNS, Trainer
 from .dry_pass import check_output_width, materialise_lazy
 from .epoch_history import record_epoch
@@ -83,7 +84,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
     def _init_dask_params(self, strategy, sync_every, sharding, n_replicas, scheduler_address,
                           random_state, preprocessor, sample_dim=None, features=None,
                           streaming="auto", buffer_chunks=4, precision=None,
-                          gradient_clip=None, accumulate_steps=1):
+                          gradient_clip=None, accumulate_steps=1, elastic=True,
+                          max_replicas=None):
         self.strategy = strategy
         self.sync_every = sync_every
         self.sharding = sharding
@@ -98,6 +100,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         self.precision = precision
         self.gradient_clip = gradient_clip
         self.accumulate_steps = accumulate_steps
+        self.elastic = elastic
+        self.max_replicas = max_replicas
 
     @property
     def _default_callbacks(self):
@@ -374,12 +378,14 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         if checkpoint is not None:
             epochs = max(epochs - self._resume(checkpoint), 0)
         strategy = self.get_strategy()
+        check_membership_params(self.elastic, self.max_replicas)
         rows = []
         with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))
-                n_replicas = max(1, min(strategy.replicas_for(n_workers), n_rows(X)))
+                n_replicas = max(1, min(strategy.replicas_for(n_workers), n_rows(X),
+                                        self.max_replicas or n_workers))
             data = ShardOptions(sharding=self.sharding, holdout=holdout,
                                 stratify=stratified and self._classifier,
                                 convert=self._shard_kwargs(), streaming=self.streaming,
@@ -388,6 +394,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 client, self._model_spec(), strategy,
                 batch_size=self.batch_size * self.accumulate_steps,
                 n_replicas=n_replicas, random_state=self.random_state_,
+                elastic=self.elastic, resize=self.n_replicas is None,
+                max_replicas=self.max_replicas,
                 shuffle=bool(self.get_params_for("iterator_train").get("shuffle", False)),
                 data=data,
             )

@@ -481,7 +481,12 @@ class RetireDuringEpoch(Callback):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind", ["numpy", "dask"])
 def test_a_gracefully_retired_worker_is_a_planned_departure(digits, kind):
-    """A scale-down moves the worker's data first: no recovery, no lost round, same result."""
+    """A scale-down moves the worker's data first: no recovery, no lost round, same result.
+
+    With ``elastic=False``, so that the replicas stay as they were; an elastic
+    fit merges the departed replica at the next epoch boundary
+    (``tests/test_elastic.py``).
+    """
     X, y = digits
     Xin = da.from_array(X, chunks=450) if kind == "dask" else X
     cluster = embedded_cluster(n_workers=3)
@@ -490,7 +495,8 @@ def test_a_gracefully_retired_worker_is_a_planned_departure(digits, kind):
             params = dict(max_epochs=4, batch_size=96, lr=0.2, strategy="local_sgd",
                           sync_every=2, train_split=None, verbose=0, random_state=0,
                           scheduler_address=client.scheduler.address,
-                          module__n_features=64, module__hidden=32, module__n_outputs=10)
+                          module__n_features=64, module__hidden=32, module__n_outputs=10,
+                          elastic=False)
             baseline = DaskNeuralNetClassifier(TinyNet, **params).fit(Xin, y)
             retire = RetireDuringEpoch(client)
             net = DaskNeuralNetClassifier(TinyNet, callbacks=[retire], **params).fit(Xin, y)

@@ -81,12 +81,14 @@ PAGE = r"""<!DOCTYPE html>
 <h1>daskdist training</h1>
 <label>Run: <select id="run"></select></label> <span id="status"></span>
 <div id="meta"></div>
+<div id="membership"></div>
 <div class="grid" id="charts"></div>
 <script>
 const COLORS=["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c2",
               "#7f7f7f","#bcbd22","#17becf"];
 const CHARTS=[["loss","Global loss per round","round","loss"],
  ["epochs","Loss per epoch","epoch","loss"],
+ ["replicas","Replicas per epoch (workers joining and leaving)","epoch","replicas"],
  ["replica-loss","Loss per replica","round","loss"],
  ["replica-rate","Samples/s per replica","round","samples/s"],
  ["staleness","Staleness of each update","round","rounds"],
@@ -147,6 +149,9 @@ function render(run){
  draw("loss",[line("global",rounds,r=>r.round,r=>r.loss)],"round","loss");
  draw("epochs",[line("train",run.epochs,e=>e.epoch,e=>e.train_loss),
   line("valid",run.epochs,e=>e.epoch,e=>e.valid_loss)],"epoch","loss");
+ draw("replicas",[line("replicas",run.epochs,e=>e.epoch,e=>e.replicas)],"epoch","replicas");
+ document.getElementById("membership").textContent=run.epochs.filter(e=>e.membership)
+  .map(e=>`before epoch ${e.epoch}: ${e.membership}`).join(" · ");
  draw("replica-loss",perReplica(rounds,row=>row[1]),"round","loss");
  draw("replica-rate",perReplica(rounds,row=>row[3]>0?row[2]/row[3]:null),"round","samples/s");
  const stale=rounds.filter(r=>r.staleness!==undefined);

@@ -54,8 +54,10 @@ class FitReporter:
         """Epoch ``epoch`` (1-based, as in ``history``) ended with history row ``row``."""
         values = {k: row.get(k) for k in ("train_loss", "valid_loss", "valid_acc",
                                           "samples_per_sec")}
+        changed = {"replicas": row.get("replicas"), "membership": row.get("membership")}
         self._log("epoch", epoch=epoch, **{k: v for k, v in values.items()
-                                           if isinstance(v, float) and math.isfinite(v)})
+                                           if isinstance(v, float) and math.isfinite(v)},
+                  **{k: v for k, v in changed.items() if v is not None})
 
     def finished(self, status: str) -> None:
         """The fit ended: ``"finished"``, ``"failed"`` or ``"interrupted"``."""

@@ -146,6 +146,7 @@ class DatasetSource(Source):
     """A dataset read on the workers: shards are its indices (see the module docstring)."""
 
     lazy = True  # the samples are not in client memory
+    resize_refusal = "its shards read a torch Dataset by index on their workers"
 
     def __init__(self, data: IndexedInput):
         self.X, self.y = data, None

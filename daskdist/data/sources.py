@@ -59,6 +59,8 @@ class Source(abc.ABC):
     lazy = False
     #: True when the shards are read chunk by chunk while they train.
     streaming = False
+    #: Why shards cannot be cut and joined when the replica count changes (None: they can).
+    resize_refusal: str | None = None
 
     def __init__(self, X, y=None):
         if y is not None and len(y) != n_rows(X):

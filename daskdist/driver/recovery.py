@@ -25,14 +25,15 @@ import re
 import dask
 from distributed.client import FutureCancelledError
 
+from ..data import replan
 from ..errors import ShardFailedError
 from ..state import TrainingState
 from ..worker import runtime
 from .own_parts import with_own_parts
 from .waiting import LOST
 
-__all__ = ["recover", "newest_state", "read_state", "replace_lost_shards", "ShardLosses",
-           "shard_failed"]
+__all__ = ["recover", "newest_state", "read_state", "replace_lost_shards", "submit_shard",
+           "ShardLosses", "shard_failed", "shard_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,28 @@ class ShardLosses:
     def __init__(self, n_shards: int):
         self.counts = [0] * n_shards
 
-    def count(self, lost: list[int], plan, reason: str) -> None:
-        """Count a loss of the ``lost`` shards (reset the others); raise on a poison shard."""
+    def count(self, lost: list[int], sizes, reason: str) -> None:
+        """Count a loss of the ``lost`` shards (reset the others); raise on a poison shard.
+
+        ``sizes``: each shard's rows (for the message).
+        """
         self.counts = [(c + 1) if i in lost else 0 for i, c in enumerate(self.counts)]
         allowed = dask.config.get("distributed.scheduler.allowed-failures")
         worst = max(range(len(self.counts)), key=self.counts.__getitem__)
         if self.counts[worst] > allowed:
             raise ShardFailedError(
-                f"The workers holding shard {worst} ({len(plan[worst])} samples) died "
+                f"The workers holding shard {worst} ({sizes[worst]} samples) died "
                 f"{self.counts[worst]} times in a row ({reason}): a task of that shard "
                 "seems to kill its worker (out of memory, or a crash in compiled code on some "
                 "rows). Training stopped; the cluster is still usable "
                 "(distributed.scheduler.allowed-failures).", worst)
+
+
+def shard_rows(trainer) -> list[int]:
+    """Rows of each of ``trainer``'s shards as planned (for messages)."""
+    if trainer.recipes is not None:
+        return [len(recipe) for recipe in trainer.recipes]
+    return [len(rows) for rows in trainer.shard_set.plan]
 
 
 def lost_shards(shards) -> list[int]:
@@ -146,10 +157,31 @@ def replace_lost_shards(trainer) -> None:
         if trainer.replica_workers[i] not in live:
             trainer.replica_workers[i] = live[i % len(live)]
         if future.status in LOST:
-            trainer.shards[i] = trainer.shard_set.submit(
-                trainer.client, i, trainer.replica_workers[i], run_id=trainer.key_prefix)
+            trainer.shards[i] = submit_shard(trainer, i, trainer.replica_workers[i])
     if trainer.spec_future.status in LOST:
         trainer.spec_future = trainer.submit_spec()
+
+
+def submit_shard(trainer, index: int, worker: str):
+    """Build shard ``index`` on ``worker`` again, from the data source."""
+    recipe = trainer.recipes[index] if trainer.recipes is not None else None
+    if recipe is None:
+        return trainer.shard_set.submit(trainer.client, index, worker, run_id=trainer.key_prefix)
+    client, prefix = trainer.client, f"{trainer.key_prefix}-for{index}"
+    bases = {b: trainer.shard_set.submit(client, b, worker, run_id=prefix) for b in recipe.bases}
+    parts, with_valid = [], set(recipe.valid)
+    for k, (base, positions) in enumerate(recipe.parts):
+        parts.append(client.submit(replan.rows_of, bases[base], positions, base in with_valid,
+                                   key=(f"daskdist-rows-{prefix}", k), workers=[worker],
+                                   allow_other_workers=True, pure=False))
+        with_valid.discard(base)
+    for k, base in enumerate(sorted(with_valid)):  # hold-outs of shards it took no rows from
+        parts.append(client.submit(replan.rows_of, bases[base], slice(0, 0), True,
+                                   key=(f"daskdist-rows-{prefix}-valid", k), workers=[worker],
+                                   allow_other_workers=True, pure=False))
+    return client.submit(replan.assemble, parts, index,
+                         key=(f"daskdist-shard-{prefix}-rebuilt", index), workers=[worker],
+                         allow_other_workers=True, pure=False)
 
 
 def recover(trainer, lost, epoch_round: int, epoch_state: TrainingState) -> dict:
@@ -165,7 +197,7 @@ def recover(trainer, lost, epoch_round: int, epoch_state: TrainingState) -> dict
     epoch_state : TrainingState
         The state the epoch started from (held by the client).
     """
-    trainer.shard_losses.count(lost_shards(trainer.shards), trainer.shard_set.plan, str(lost))
+    trainer.shard_losses.count(lost_shards(trainer.shards), shard_rows(trainer), str(lost))
     newest = trainer.tracker.newest_finished()
     state = newest_state(trainer, not_before=epoch_round)
     if state is None or state.round < epoch_round:

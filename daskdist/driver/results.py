@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from ..state import TrainingState
 
-__all__ = ["EpochResult", "ROUND_COLUMNS", "RECOVERY_COLUMNS", "round_rows"]
+__all__ = ["EpochResult", "ROUND_COLUMNS", "RECOVERY_COLUMNS", "round_rows", "membership_text"]
 
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
-                 "compute_s", "staleness", "dropped", "drift")
+                 "compute_s", "staleness", "dropped", "drift", "n_replicas", "membership")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -30,16 +30,23 @@ class EpochResult:
     valid: dict = field(default_factory=dict)
     #: Relative mismatch of the replicas' copies at the epoch's end (None: not compared).
     drift: float | None = None
+    #: The fit's replicas during the epoch.
+    replicas: int = 0
+    #: What changed in the replicas before the epoch (``membership.follow_workers``), if any.
+    change: dict | None = None
 
     def __post_init__(self):
         if self.drift is not None and self.rounds:  # on the row of the epoch's last round
             self.rounds[-1]["drift"] = self.drift
+        for row in self.rounds:
+            row["n_replicas"] = self.replicas
+        if self.change is not None and self.rounds:  # on the row of the epoch's first round
+            self.rounds[0]["membership"] = membership_text(self.change)
 
     @property
     def samples_per_sec(self) -> float:
         """Training samples per second of wall time."""
         return self.samples / self.duration if self.duration else float("nan")
-
 
 
 def round_rows(state: TrainingState) -> list[dict]:
@@ -62,6 +69,19 @@ def round_rows(state: TrainingState) -> list[dict]:
             "dropped": r.get("dropped", 0),
             # relative mismatch of the replicas' copies, where compared (an epoch's end)
             "drift": r.get("drift", float("nan")),
+            # the replicas of the epoch, and what changed in them before its first round
+            "n_replicas": r.get("n_replicas", len(r["replicas"])),
+            "membership": "",
         })
         prev_end = r["t_end"]
     return rows
+
+
+def membership_text(change: dict) -> str:
+    """A change of the replicas in a few words: ``"2→3 replicas; joined tcp://…"``."""
+    text = f"{change['before']}→{change['after']} replicas"
+    if change["joined"]:
+        text += "; joined " + ", ".join(change["joined"])
+    if change["left"]:
+        text += "; left " + ", ".join(change["left"])
+    return text

@@ -29,7 +29,6 @@ import warnings
 from dataclasses import replace
 
 import dask
-from distributed import KilledWorker
 from distributed.client import FutureCancelledError
 
 from .._compat import workers as cluster_workers
@@ -39,7 +38,7 @@ from ..spec import ModelSpec
 from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
 from ..worker.runtime import drop_run
-from . import agreement, own_parts, recovery
+from . import agreement, membership, own_parts, recovery
 from .context import EpochContext, EpochInfo
 from .holdout import score_holdout
 from .placement import plan_devices
@@ -56,10 +55,6 @@ logger = logging.getLogger(__name__)
 _SOURCE_KEYWORDS = {"sharding": "sharding", "holdout": "holdout", "stratify": "stratify",
                     "shard_kwargs": "convert", "direct_scatter": "direct_scatter",
                     "streaming": "streaming", "buffer_chunks": "buffer_chunks"}
-
-
-def _shard_sizes(shard):
-    return len(shard), shard.n_valid
 
 
 def _identity(x):
@@ -92,6 +87,14 @@ class Trainer:
     lookahead : int, optional
         Rounds submitted ahead of the last finished one (config
         ``daskdist.driver.lookahead``).
+    elastic : bool
+        Follow the cluster's workers between epochs (:mod:`.membership`);
+        False keeps the replicas where the fit placed them.
+    resize : bool
+        With ``elastic``: let the replica count follow the workers (else only
+        the placement does, as when ``n_replicas`` was given).
+    max_replicas : int, optional
+        The most replicas a resized fit grows to.
     sharding, holdout, stratify, shard_kwargs, direct_scatter, streaming, buffer_chunks
         Deprecated: the fields of ``data`` (``shard_kwargs`` is
         ``data.convert``); passed here they are forwarded with a
@@ -104,7 +107,8 @@ class Trainer:
                  stratify: bool | None = None, shard_kwargs: dict | None = None,
                  lookahead: int | None = None, direct_scatter: bool | None = None,
                  streaming=None, buffer_chunks: int | None = None,
-                 data: ShardOptions | None = None):
+                 data: ShardOptions | None = None, elastic: bool = True, resize: bool = True,
+                 max_replicas: int | None = None):
         self.client = client
         self.spec = spec
         self.strategy = strategy
@@ -118,6 +122,7 @@ class Trainer:
                                        buffer_chunks=buffer_chunks)
         self.lookahead = int(lookahead if lookahead is not None
                              else dask.config.get("daskdist.driver.lookahead"))
+        self.elastic, self.resize, self.max_replicas = bool(elastic), bool(resize), max_replicas
         self.run_id = uuid.uuid4().hex[:10]
         self.epoch = 0
         self.round = 0
@@ -137,6 +142,10 @@ class Trainer:
         #: What the strategy keeps from one epoch to the next of this fit.
         self.scratch: dict = {}
         self.shards = []
+        #: Each shard as a selection of the fit's first shards, once replicas changed.
+        self.recipes = None
+        #: One record per change of the replicas (:func:`.membership.follow_workers`).
+        self.changes: list[dict] = []
         #: One record per recovery from a lost worker (see :meth:`run_epoch`).
         self.recoveries: list[dict] = []
 
@@ -191,7 +200,7 @@ class Trainer:
         self.shards = self.shard_set.submit_all(self.client, self.replica_workers,
                                                 run_id=self.key_prefix)
         self.shard_losses = recovery.ShardLosses(n)
-        sizes = self._gather_shard_sizes()
+        sizes = membership.gather_shard_sizes(self)
         self.shard_sizes = [s[0] for s in sizes]
         self.valid_sizes = [s[1] for s in sizes]
         if min(self.shard_sizes) < 1:
@@ -224,27 +233,6 @@ class Trainer:
                 "); replicas there train on their CPU.", UserWarning, stacklevel=3)
         self.spec = replace(self.spec, placement=placement)
         logger.info("daskdist run %s: devices %s", self.run_id, placement)
-
-    def _gather_shard_sizes(self) -> list:
-        """Wait for the shards to be built; re-send those lost with a worker."""
-        while True:
-            sizes = [self.client.submit(_shard_sizes, shard, pure=False,
-                                        key=self.task_key("size", i))
-                     for i, shard in enumerate(self.shards)]
-            try:
-                self.wait(sizes)  # (a lost shard makes the gather raise)
-                return self.client.gather(sizes)
-            except KilledWorker as error:
-                raise recovery.shard_failed(error) from error
-            except FutureCancelledError:
-                lost = recovery.lost_shards(self.shards)
-                if not lost:
-                    raise
-                self.shard_losses.count(lost, self.shard_set.plan, "while the shards were built")
-                recovery.replace_lost_shards(self)
-            finally:
-                for future in sizes:
-                    future.release()
 
     @property
     def key_prefix(self) -> str:
@@ -367,6 +355,9 @@ class Trainer:
             in place of ``lr`` (:mod:`daskdist.schedules`).
         """
         limit = dask.config.get("daskdist.driver.recoveries")
+        change = membership.follow_workers(self)
+        if change is not None:
+            self.changes.append(change)
         epoch_round, epoch_state = self._epoch_round, self._epoch_state
         t0 = time.perf_counter()
         for attempt in range(limit + 1):
@@ -422,7 +413,9 @@ class Trainer:
             epoch=self.epoch, state=result,
             train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
             samples=samples, rounds=self.round_rows(result), duration=duration,
-            drift=agreement.check_agreement(self, final),
+            drift=agreement.check_agreement(self, final), replicas=len(self.shards),
+            change=self.changes[-1] if self.changes and self.changes[-1]["epoch"] == self.epoch
+            else None,
         )
         skipped = [(r["round"], r["skipped"]) for r in epoch.rounds if r["skipped"]]
         if skipped:

@@ -108,6 +108,15 @@ class Strategy:
         Called with each replica's worker before any data is sent.
         """
 
+    def elastic_refusal(self) -> str | None:
+        """Why the replica count cannot change between epochs (None: it can).
+
+        Asked by :func:`daskdist.driver.membership.follow_workers` before it
+        adds or merges replicas; moving replicas between workers is always
+        allowed.
+        """
+        return None
+
     # scikit-learn style parameters, so strategies print, compare and clone well.
     def get_params(self, deep: bool = False) -> dict:
         """The constructor arguments of this strategy."""

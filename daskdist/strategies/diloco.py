@@ -149,6 +149,12 @@ class DiLoCo(LocalSGD):
             return None
         return resolve_groups(None if self.groups == "host" else self.groups, replica_workers)
 
+    def elastic_refusal(self) -> str | None:
+        if isinstance(self.groups, (list, tuple)):
+            return (f"strategy={self.name!r} was given its groups as lists of replicas; "
+                    "groups='host' follows a changed replica count")
+        return super().elastic_refusal()
+
     def check_replicas(self, replica_workers: list[str]) -> None:
         self.overlap_groups(replica_workers)
 

@@ -136,6 +136,12 @@ class Hierarchical(LocalSGD):
         if self.groups is not None:
             check_groups(self.groups)
 
+    def elastic_refusal(self) -> str | None:
+        if isinstance(self.groups, (list, tuple)):
+            return (f"strategy={self.name!r} was given its groups as lists of replicas; "
+                    "groups='host' follows a changed replica count")
+        return super().elastic_refusal()
+
     def check_replicas(self, replica_workers: list[str]) -> None:
         self.resolve_groups(replica_workers)
 

@@ -57,6 +57,10 @@ class ParameterServer(Strategy):
     """
 
     name = ""
+
+    def elastic_refusal(self) -> str | None:
+        return (f"strategy={self.name!r} replicas keep their own place in their shards across "
+                "epochs (the state's cursors), which a changed replica count would break")
     #: Updates carry a staleness, which the history summarises per epoch.
     asynchronous = True
 

@@ -101,6 +101,10 @@ class Pipeline(Strategy):
 
     name = "pipeline"
 
+    def elastic_refusal(self) -> str | None:
+        return ("strategy='pipeline' keeps its stages on the workers it placed them on; "
+                "workers that join are used by the next fit")
+
     def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None):
         self.n_stages = n_stages
         self.n_micro_batches = n_micro_batches

@@ -20,9 +20,9 @@ from distributed import WorkerPlugin
 from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
-           "FailOnLargeInput", "StragglerNet", "make_classification", "KillWorkerOnTask",
-           "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files", "nll_loss",
-           "reference_steps"]
+           "FailOnLargeInput", "StragglerNet", "PacedNet", "make_classification",
+           "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files",
+           "nll_loss", "reference_steps"]
 
 
 class TinyNet(torch.nn.Module):
@@ -113,6 +113,27 @@ class StragglerNet(TinyNet):
         """Class probabilities; in training mode, after the step's set time."""
         if self.training and self.step_time:
             time.sleep(self.step_time * (self.slowdown if self.straggling() else 1.0))
+        return super().forward(X)
+
+
+class PacedNet(TinyNet):
+    """:class:`TinyNet` whose training forward pass sleeps ``sample_time`` per sample.
+
+    Paced by the sample, not the step, since a replica's share of the global
+    batch shrinks as replicas join: a fit's speed then follows its replica
+    count (and ``slowdown`` on the worker ``slow_worker``), not the machine.
+    """
+
+    def __init__(self, n_features=20, hidden=16, n_outputs=3, sample_time=0.0,
+                 slowdown=3.0, slow_worker=None):
+        super().__init__(n_features, hidden, n_outputs)
+        self.sample_time, self.slowdown, self.slow_worker = sample_time, slowdown, slow_worker
+
+    def forward(self, X):
+        """Class probabilities; in training mode, after ``sample_time`` per row of ``X``."""
+        if self.training and self.sample_time:
+            slow = self.slow_worker is not None and _worker_address() == self.slow_worker
+            time.sleep(self.sample_time * len(X) * (self.slowdown if slow else 1.0))
         return super().forward(X)
 
 

@@ -1,0 +1,303 @@
+"""Replicas that follow the cluster's workers: joins and departures, at epoch boundaries.
+
+Before each epoch the driver compares its replicas' workers with the
+cluster's (:func:`follow_workers`):
+
+- **a worker joined** (``cluster.scale``, adaptive scaling, a batch job that
+  started late): a fit whose replica count follows the workers (no
+  ``n_replicas`` given) adds replicas on the new workers, up to
+  ``max_replicas``; a fit with a fixed count moves replicas doubled up on one
+  worker (after a loss) onto the new ones;
+- **a worker left gracefully** (``retire_workers``, adaptive scale-down): its
+  shard was moved by Dask and its replica doubled up on a survivor; a
+  following fit merges that replica's rows into the others, a fixed one
+  moves the replica to the least loaded worker;
+- **a worker died**: recovery (:mod:`.recovery`) moved its replica onto a
+  survivor; the replica count stays (so that the fit stays exactly the one a
+  fault-free fit would have been), and the replica moves to a worker that
+  joins later (its nanny's restart, say).
+
+The new shards are built on the workers from the old ones, moving only the
+rows that must move (:mod:`daskdist.data.replan`); the training state stays
+where it is (new replicas fetch it from a peer's worker); nothing is rolled
+back. What each replica keeps of its own (:mod:`daskdist.worker.own_state`)
+follows its replica: a leaving replica's unsent ``topk`` residual is added to
+the replica that takes most of its rows, a new replica starts with an empty
+part. The global batch stays ``batch_size``, split over the replicas there
+are, so a step's update (and ``sync``'s equivalence with single-process SGD
+on the global batch) does not depend on how many replicas there are.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+from distributed import KilledWorker
+from distributed.client import FutureCancelledError
+
+from ..data import replan
+from ..worker.devices import is_cuda
+from . import recovery
+
+__all__ = ["follow_workers", "plan_placement", "gather_shard_sizes", "check_params",
+           "left_gracefully"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_params(elastic, max_replicas) -> None:
+    """Raise ``ValueError`` naming ``elastic`` or ``max_replicas`` when not valid."""
+    if not isinstance(elastic, (bool, np.bool_)):
+        raise ValueError(f"elastic={elastic!r}: expected True or False")
+    if max_replicas is not None and not (
+            isinstance(max_replicas, (int, np.integer)) and not isinstance(max_replicas, bool)
+            and max_replicas >= 1):
+        raise ValueError(f"max_replicas={max_replicas!r}: expected an integer >= 1, or None")
+
+
+def _shard_sizes(shard):
+    return len(shard), shard.n_valid
+
+
+def gather_shard_sizes(trainer) -> list:
+    """Wait for the shards to be built; re-send those lost with a worker; their sizes."""
+    while True:
+        sizes = [trainer.client.submit(_shard_sizes, shard, pure=False,
+                                       key=trainer.task_key("size", i))
+                 for i, shard in enumerate(trainer.shards)]
+        try:
+            trainer.wait(sizes)  # (a lost shard makes the gather raise)
+            return trainer.client.gather(sizes)
+        except KilledWorker as error:
+            raise recovery.shard_failed(error) from error
+        except FutureCancelledError:
+            lost = recovery.lost_shards(trainer.shards)
+            if not lost:
+                raise
+            trainer.shard_losses.count(lost, recovery.shard_rows(trainer),
+                                       "while the shards were built")
+            recovery.replace_lost_shards(trainer)
+        finally:
+            for future in sizes:
+                future.release()
+
+
+def plan_placement(current: list[str], live: list[str], n: int):
+    """Which replicas continue, and where each of ``n`` replicas trains.
+
+    Returns ``(keep, workers)``: for each new replica the old replica it
+    continues (None: a new one), and its worker. Replicas stay on their
+    worker while it is live and not over its share (``ceil(n / workers)``);
+    the others, and new replicas, go to the least loaded live workers.
+    """
+    if not live:
+        raise ValueError("no live workers to place replicas on")
+    alive = [i for i, w in enumerate(current) if w in live]
+    order = alive + [i for i in range(len(current)) if i not in alive]
+    # of replicas that share a worker, the first on it continues first
+    seen, first, rest = set(), [], []
+    for i in order:
+        (rest if current[i] in seen else first).append(i)
+        seen.add(current[i])
+    keep = sorted((first + rest)[:n]) + [None] * max(n - len(current), 0)
+    cap = -(-n // len(live))
+    load = dict.fromkeys(live, 0)
+    workers: list = [None] * n
+    for j, old in enumerate(keep):
+        if old is not None and current[old] in load and load[current[old]] < cap:
+            workers[j] = current[old]
+            load[current[old]] += 1
+    for j in range(n):
+        if workers[j] is None:
+            workers[j] = min(live, key=lambda w: (load[w], live.index(w)))
+            load[workers[j]] += 1
+    return keep, workers
+
+
+def left_gracefully(client, address: str, known: dict) -> bool:
+    """Whether the worker ``address`` was removed as planned (retired, scaled down).
+
+    The scheduler's ``remove-worker`` event says (``expected``); a worker that
+    died or stopped answering was not. ``known`` caches the answers.
+    """
+    if address not in known:
+        try:
+            events = client.get_events(address)
+        except Exception:  # noqa: BLE001 - an old or unreachable scheduler: assume not
+            events = ()
+        removals = [msg for _, msg in events
+                    if isinstance(msg, dict) and msg.get("action") == "remove-worker"]
+        known[address] = bool(removals) and bool(removals[-1].get("expected"))
+    return known[address]
+
+
+def _target(trainer, live: list[str]) -> int:
+    if not trainer.resize:
+        return len(trainer.replica_workers)
+    n = trainer.strategy.replicas_for(len(live))
+    if trainer.max_replicas is not None:
+        n = min(n, trainer.max_replicas)
+    return max(1, min(n, sum(trainer.shard_sizes)))
+
+
+def follow_workers(trainer) -> dict | None:
+    """At an epoch boundary: re-place replicas and shards to follow the workers.
+
+    Returns what changed (``{"epoch", "before", "after", "joined", "left"}``),
+    or None when nothing did (or the fit does not follow its workers).
+    """
+    if not trainer.elastic:
+        return None
+    live = trainer.live_workers()
+    current = list(trainer.replica_workers)
+    if not live:
+        return None
+    n = _target(trainer, live)
+    if n < len(current):
+        # only replicas whose worker left gracefully (its shard moved, not lost) merge away:
+        # after a crash the replica count stays, so that the recovered fit stays the one a
+        # fault-free fit would have been, and a worker brought back takes the replica again
+        graceful = [i for i, w in enumerate(current) if w not in live and left_gracefully(
+            trainer.client, w, trainer.scratch.setdefault("departures", {}))]
+        n = max(n, len(current) - len(graceful))
+    keep, workers = plan_placement(current, live, n)
+    if keep == list(range(len(current))) and workers == current:
+        return None
+    if n != len(current):
+        why = (trainer.strategy.elastic_refusal()
+               or trainer.shard_set.source.resize_refusal)
+        if why:
+            _refused(trainer, why, "the replica count stays")
+            n = len(current)  # the replicas still move off workers that left
+            keep, workers = plan_placement(current, live, n)
+            if keep == list(range(len(current))) and workers == current:
+                return None
+    why = trainer.shard_set.streaming and "its shards are streamed from their chunks"
+    if not why:
+        try:
+            trainer.strategy.check_replicas(workers)
+        except ValueError as error:
+            why = str(error)
+    if why:
+        _refused(trainer, why)
+        return None
+    if recovery.lost_shards(trainer.shards):  # a worker died since: rebuild first
+        recovery.replace_lost_shards(trainer)
+    _reshard(trainer, keep, workers)
+    change = {"epoch": trainer.epoch, "before": len(current), "after": n,
+              "joined": sorted(set(workers) - set(current)),
+              "left": sorted(set(current) - set(live))}
+    logger.warning("daskdist run %s: workers changed before epoch %d (joined: %s; left: %s): "
+                   "%d replicas on %d workers, then %d on %d", trainer.run_id, trainer.epoch + 1,
+                   ", ".join(change["joined"]) or "none", ", ".join(change["left"]) or "none",
+                   len(current), len(set(current)), n, len(set(workers)))
+    return change
+
+
+def _refused(trainer, why: str, what: str = "the replicas stay where they are") -> None:
+    """Say once per fit (and reason) why the replicas do not follow the workers."""
+    if trainer.scratch.get("elastic-refused") != why:
+        trainer.scratch["elastic-refused"] = why
+        logger.warning("daskdist run %s: the workers changed, but %s: %s", trainer.run_id, what,
+                       why)
+
+
+def _moved(shard):
+    """A shard, on the worker this task runs on."""
+    return shard
+
+
+def _reshard(trainer, keep: list, workers: list[str]) -> None:
+    """Build the new shards from the old ones, and carry the replicas' own parts over."""
+    old_sizes = list(trainer.shard_sizes)
+    n = len(keep)
+    if n == len(old_sizes) and keep == list(range(n)):
+        targets = old_sizes  # same replicas, other workers: every shard moves whole
+    else:
+        targets = replan.shares(sum(old_sizes), [1] * n)
+    plan = replan.replan(old_sizes, keep, targets)
+    recipes = trainer.recipes or replan.base_recipes(
+        [len(rows) for rows in trainer.shard_set.plan])
+    new_recipes = replan.compose(recipes, plan, keep)
+    holders = {i: set(r.valid) for i, r in enumerate(recipes)}
+    client, current = trainer.client, trainer.replica_workers
+    trainer.generation += 1
+    shards = []
+    for j, ranges in enumerate(plan):
+        old = keep[j]
+        if (old is not None and ranges == [(old, 0, old_sizes[old])]
+                and workers[j] == current[old] and new_recipes[j].valid == recipes[old].valid):
+            shards.append(trainer.shards[old])  # unchanged, where it was
+            continue
+        if (old is not None and ranges == [(old, 0, old_sizes[old])]
+                and new_recipes[j].valid == recipes[old].valid):  # moves whole
+            shards.append(client.submit(_moved, trainer.shards[old], key=trainer.task_key(
+                "shard", j), workers=[workers[j]], allow_other_workers=True, pure=False))
+            continue
+        valid_from = {o for o, r in holders.items() if set(new_recipes[j].valid) & r}
+        parts = []
+        for k, (o, start, stop) in enumerate(ranges):
+            parts.append(client.submit(
+                replan.rows_of, trainer.shards[o], slice(start, stop), o in valid_from,
+                key=trainer.task_key("rows", j, k), workers=[current[o]],
+                allow_other_workers=True, pure=False))
+            valid_from.discard(o)
+        for k, o in enumerate(sorted(valid_from)):
+            parts.append(client.submit(
+                replan.rows_of, trainer.shards[o], slice(0, 0), True,
+                key=trainer.task_key("rows-valid", j, k), workers=[current[o]],
+                allow_other_workers=True, pure=False))
+        shards.append(client.submit(replan.assemble, parts, j, key=trainer.task_key("shard", j),
+                                    workers=[workers[j]], allow_other_workers=True, pure=False))
+    joined = set(workers) - set(current)
+    trainer.shards, trainer.replica_workers, trainer.recipes = shards, list(workers), new_recipes
+    trainer.shard_losses = recovery.ShardLosses(n)
+    if joined and is_cuda(trainer.spec.device):
+        trainer._plan_devices()  # the new workers' GPUs
+        trainer.spec_future = trainer.submit_spec()
+    sizes = gather_shard_sizes(trainer)
+    trainer.shard_sizes = [s[0] for s in sizes]
+    trainer.valid_sizes = [s[1] for s in sizes]
+    trainer.replica_batch = [trainer.batch_size // n + (1 if i < trainer.batch_size % n else 0)
+                             for i in range(n)]
+    trainer.steps_per_epoch = max(-(-s // b)
+                                  for s, b in zip(trainer.shard_sizes, trainer.replica_batch))
+    _carry_own(trainer, keep, plan, len(old_sizes))
+
+
+def _carry_own(trainer, keep: list, plan, n_old: int) -> None:
+    """Each replica's own part under its new index; leaving replicas' residuals passed on.
+
+    The state's parameters stay on their worker: only the parts (gathered at
+    the epoch's end) travel, in a task that puts them into the state there.
+    """
+    state = trainer._epoch_state
+    if not state.own:
+        return  # no replica keeps anything of its own
+    own = {f"replica {j}": dict(state.own.get(f"replica {old}", {})) if old is not None else {}
+           for j, old in enumerate(keep)}  # a new replica starts with an empty part
+    for old in sorted(set(range(n_old)) - set(keep)):
+        residual = state.own.get(f"replica {old}", {}).get("residual")
+        if residual is None:
+            continue
+        taken = [sum(stop - start for o, start, stop in ranges if o == old) for ranges in plan]
+        heir = own[f"replica {int(np.argmax(taken))}"]
+        # the residual is what the replica has not sent yet: it goes on with its rows
+        heir["residual"] = residual if heir.get("residual") is None else (
+            heir["residual"] + residual)
+    owners = set(trainer.strategy.owners(trainer.replica_workers))
+    own.update({k: v for k, v in state.own.items()
+                if not k.startswith("replica ") and k in owners})
+    state = replace(state, own=own)
+    trainer._epoch_state = state
+    trainer._state = trainer.client.submit(
+        _with_own, trainer._state, own, key=trainer.task_key("state-own", trainer.round),
+        pure=False)
+    trainer.tracker.reset(state.round, trainer._state)
+
+
+def _with_own(state, own: dict):
+    """``state`` (on its worker) with the replicas' parts ``own``."""
+    return replace(state, own=own)
