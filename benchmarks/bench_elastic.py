@@ -5,35 +5,39 @@ Compute is paced by a sleep per sample (``daskdist.testing.PacedNet``,
 ``sync_every=8`` and a global batch of 64, a round holds 0.5 s of paced
 compute per replica on 2 replicas, so the replica count, not the 2-core
 machine, sets the speed. An embedded cluster of 2 worker processes; a thread
-scales it to 4 halfway through epoch 2 (``cluster.scale(4)``), as adaptive
+scales it to 4 halfway through epoch 4 (``cluster.scale(4)``), as adaptive
 scaling or a late batch job would.
 
 Printed: samples/s of the epochs before the join and after it, their ratio
 (the ideal is 2.0: the global batch is the same, split over twice the
-replicas), and how many rounds passed between the new workers' arrival and
-the first round that used them (changes take effect at the next epoch
-boundary, so about the rest of that epoch).
+replicas; epoch 1 warms up and epoch 4, when the workers start, is left
+out), and, for each worker that joined, the round running when the
+scheduler added it, the first round that used it, and the seconds between
+(from the scheduler's task stream).
 
-Run: ``python benchmarks/bench_elastic.py [--sample-ms 2] [--epochs 6]``.
+Run: ``python benchmarks/bench_elastic.py [--sample-ms 2] [--epochs 7]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import threading
 import time
 
 import numpy as np
 
+_ROUND = re.compile(r"daskdist-round-[^']*', (\d+), \d+\)")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample-ms", type=float, default=2.0)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=7)
     parser.add_argument("--samples", type=int, default=4096)
     args = parser.parse_args()
 
-    from distributed import Client
+    from distributed import Client, get_task_stream
     from skorch.callbacks import Callback
 
     from daskdist import DaskNeuralNetClassifier
@@ -43,60 +47,72 @@ def main() -> None:
     X, y = make_classification(args.samples, n_features=20, n_classes=3, seed=0)
     cluster = embedded_cluster(n_workers=2)
     client = Client(cluster, set_as_default=False)
-    marks: dict = {"epoch_ends": []}
+    marks: dict = {"arrived": {}}
 
-    class Timeline(Callback):
+    class GrowHalfwayThroughEpoch4(Callback):
         def on_epoch_begin(self, net, **kwargs):
-            if len(net.history) == 1 and "timer" not in marks:  # epoch 2 begins
-                half = net.history[-1, "dur"] / 2
+            if len(net.history) == 4 and "timer" not in marks:  # epoch 4 has begun
+                half = net.history[-2, "dur"] / 2
                 marks["timer"] = threading.Timer(half, grow)
                 marks["timer"].start()
 
-        def on_epoch_end(self, net, **kwargs):
-            marks["epoch_ends"].append(time.perf_counter())
-
     def grow():
+        known = set(client.scheduler_info(n_workers=-1)["workers"])
         cluster.scale(4)
-        client.wait_for_workers(4, timeout=120)
-        marks["arrived"] = time.perf_counter()
+        while len(marks["arrived"]) < 2:  # when the scheduler has each new worker
+            for address in set(client.scheduler_info(n_workers=-1)["workers"]) - known:
+                marks["arrived"].setdefault(address, time.time())
+            time.sleep(0.01)
 
     try:
         net = DaskNeuralNetClassifier(
             PacedNet, module__n_features=20, module__n_outputs=3,
             module__sample_time=args.sample_ms / 1000, max_epochs=args.epochs, lr=0.1,
             batch_size=64, strategy="local_sgd", sync_every=8, train_split=None, verbose=0,
-            random_state=0, callbacks=[Timeline()], scheduler_address=cluster.scheduler_address)
-        net.fit(X, y)
+            random_state=0, callbacks=[GrowHalfwayThroughEpoch4()],
+            scheduler_address=cluster.scheduler_address)
+        with get_task_stream(client) as stream:
+            net.fit(X, y)
         marks["timer"].join()
     finally:
         client.close()
         cluster.close()
 
+    # when each round's replica tasks started, by the workers' clocks
+    starts: dict = {}
+    for task in stream.data:
+        match = _ROUND.search(str(task["key"]))
+        if match:
+            for span in task["startstops"]:
+                if span["action"] == "compute":
+                    r = int(match.group(1))
+                    starts[r] = min(starts.get(r, np.inf), span["start"])
+    rounds = net.rounds_
     replicas = net.history[:, "replicas"]
     rates = net.history[:, "samples_per_sec"]
-    before = [r for r, n in zip(rates[1:], replicas[1:]) if n == 2]  # epoch 1 warms up
-    after = [r for r, n in zip(rates, replicas) if n == 4]
-    rounds = net.rounds_
-    per_epoch = rounds.groupby("epoch").size().tolist()
-    first_new = int(rounds.index[rounds["n_replicas"] == 4][0]) if after else None
-    ends = np.array(marks["epoch_ends"])
-    arrived_in = int(np.searchsorted(ends, marks["arrived"]))  # the epoch it arrived in
-    start = ends[arrived_in - 1] if arrived_in else None
-    left = (ends[arrived_in] - marks["arrived"]) / (ends[arrived_in] - start)
-    waited = left * per_epoch[arrived_in]
+    by_epoch = rounds.groupby("epoch")["n_replicas"]
+    whole = [(lo == hi, lo) for lo, hi in zip(by_epoch.min(), by_epoch.max())]
+    before = [r for r, (same, n) in zip(rates[1:3], whole[1:3]) if same and n == 2]
+    after = [r for r, (same, n) in zip(rates[4:], whole[4:]) if same and n == 4]
     print(f"paced compute per round per replica on 2 replicas: "
           f"{8 * 32 * args.sample_ms / 1000:.2f} s")
     print("epoch  replicas  samples/s  membership")
-    history_membership = [h.get("membership", "") for h in net.history]
-    for i, (n, rate, text) in enumerate(zip(replicas, rates, history_membership), start=1):
-        print(f"{i:5d}  {n:8d}  {rate:9.0f}  {text}")
+    for i, (n, rate, h) in enumerate(zip(replicas, rates, net.history), start=1):
+        print(f"{i:5d}  {n:8d}  {rate:9.0f}  {h.get('membership', '')}")
     if before and after:
         print(f"samples/s after the join / before: {np.mean(after) / np.mean(before):.2f} "
               f"(target >= 1.8; ideal 2.0)")
-    print(f"workers arrived {left:.0%} of the way before the end of epoch {arrived_in + 1}: "
-          f"about {waited:.1f} rounds passed before the first round with 4 replicas "
-          f"(round {first_new}; target <= 2 rounds, met only when changes take effect "
-          f"at the next round)")
+    changes = rounds[rounds["membership"] != ""]
+    for address, arrived in sorted(marks["arrived"].items(), key=lambda kv: kv[1]):
+        running = max((r for r, t in starts.items() if t <= arrived), default=None)
+        used = changes[changes["membership"].str.contains(address, regex=False)]
+        if used.empty or running is None:
+            print(f"{address}: arrived, never used")
+            continue
+        first = int(used["round"].iloc[0])
+        print(f"{address}: added while round {running} ran; first used in round {first}: "
+              f"{first - running} rounds later, {starts[first] - arrived:.2f} s "
+              f"(target <= 2 rounds)")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ def record_epoch(history, result, strategy) -> None:
     history.record("train_batch_count", len(result.rounds))
     history.record("rounds", len(result.rounds))
     history.record("replicas", result.replicas)
-    if result.change is not None:
-        history.record("membership", membership_text(result.change))
+    if result.changes:
+        history.record("membership", "; ".join(membership_text(c) for c in result.changes))
     history.record("bytes_sent", int(sum(r["bytes"] for r in result.rounds)))
     history.record("sync_time", float(sum(r["sync_s"] for r in result.rounds)))
     if strategy.asynchronous:

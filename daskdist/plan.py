@@ -8,7 +8,7 @@ import numpy as np
 
 from .seeds import seed_for
 
-__all__ = ["RoundPlan", "StepTable", "epoch_order"]
+__all__ = ["RoundPlan", "StepTable", "EpochRemainder", "epoch_order", "shard_order"]
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,60 @@ class RoundPlan:
                       and self.first_step + self.n_steps >= self.epoch_steps)
         return self.epoch + int(ends_epoch)
 
-    def positions(self, n_samples: int) -> list[np.ndarray]:
-        """Shard positions of each step's batch (empty once the shard is exhausted)."""
-        order = epoch_order(n_samples, self)
+    def positions(self, n_samples: int, remainder: EpochRemainder | None = None
+                  ) -> list[np.ndarray]:
+        """Shard positions of each step's batch (empty once the shard is exhausted).
+
+        With a ``remainder`` of this epoch (the shard was re-planned mid-epoch)
+        the steps from its ``first_step`` on take its positions in turn.
+        """
         b = self.batch_size
-        return [order[(self.first_step + k) * b:(self.first_step + k + 1) * b]
-                for k in range(self.n_steps)]
+        if (remainder is not None and remainder.epoch == self.epoch
+                and self.first_step >= remainder.first_step):
+            order, first = remainder.positions, self.first_step - remainder.first_step
+        else:
+            order, first = epoch_order(n_samples, self), self.first_step
+        return [order[(first + k) * b:(first + k + 1) * b] for k in range(self.n_steps)]
+
+
+@dataclass(frozen=True)
+class EpochRemainder:
+    """The rows of a shard that an epoch interrupted by a change of replicas has left to visit.
+
+    When replicas join or leave between two rounds
+    (:mod:`daskdist.driver.membership`), each new shard carries the rows it
+    holds that no replica has trained on yet in the epoch, in the order the
+    rest of the epoch visits them, so that the epoch still visits every row
+    once.
+
+    Attributes
+    ----------
+    epoch : int
+        The epoch it belongs to (other epochs use the shard's own order).
+    first_step : int
+        The epoch's step at which the shard was re-planned.
+    positions : numpy.ndarray
+        Shard positions of the rows left, in visiting order.
+    """
+
+    epoch: int
+    first_step: int
+    positions: np.ndarray
+
+    def left_after(self, step: int, batch_size: int) -> np.ndarray:
+        """The positions still to visit once the epoch reached ``step``."""
+        return self.positions[max(step - self.first_step, 0) * batch_size:]
 
 
 def epoch_order(n_samples: int, plan: RoundPlan) -> np.ndarray:
     """A replica's order of its shard's rows in the plan's epoch (seeded when shuffled)."""
-    if not plan.shuffle:
+    return shard_order(n_samples, plan.random_state, plan.epoch, plan.replica, plan.shuffle)
+
+
+def shard_order(n_samples: int, random_state: int, epoch: int, replica: int,
+                shuffle: bool) -> np.ndarray:
+    """The order replica ``replica`` visits its shard's rows in ``epoch``."""
+    if not shuffle:
         return np.arange(n_samples)
-    rng = np.random.default_rng(seed_for(plan.random_state, 1, plan.epoch, plan.replica))
+    rng = np.random.default_rng(seed_for(random_state, 1, epoch, replica))
     return rng.permutation(n_samples)

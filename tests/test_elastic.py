@@ -1,4 +1,4 @@
-"""Elastic fits: replicas follow workers that join and leave between epochs.
+"""Elastic fits: replicas follow workers that join and leave, between rounds or epochs.
 
 The plans themselves (:mod:`daskdist.data.replan`) are checked as pure
 functions; the fits run on a process cluster of their own that the tests
@@ -82,6 +82,33 @@ def test_recipes_compose_over_the_base_shards():
             np.testing.assert_array_equal(rebuilt, expected)
     # every base's hold-out is held by exactly one shard
     assert sorted(b for r in recipes for b in r.valid) == [0, 1, 2]
+
+
+def test_remainders_hold_every_row_the_epoch_has_not_visited_once():
+    """Two changes in one epoch: visited rows and the remainders partition the rows."""
+    from daskdist.plan import shard_order
+
+    sizes, batch = [450, 450, 447], [11, 11, 10]
+    ids = np.arange(sum(sizes))
+    rows = np.split(ids, np.cumsum(sizes)[:-1])  # global row ids of each shard
+    visited = np.concatenate([rows[o][shard_order(size, 0, 2, o, True)[:3 * batch[o]]]
+                              for o, size in enumerate(sizes)])
+    previous = None
+    for keep, n, step in (([0, 1, 2, None], 4, 3), ([1, 3, 0], 3, 7)):
+        plan = replan.replan(sizes, keep, replan.shares(sum(sizes), [1] * n))
+        rests = replan.remainders(sizes, batch, previous, plan, epoch=2, step=step,
+                                  random_state=0, shuffle=True)
+        if previous is not None:  # what the replicas visited since the first change
+            visited = np.concatenate([visited] + [
+                rows[o][previous[o].positions[:(step - previous[o].first_step) * batch[o]]]
+                for o in range(len(sizes))])
+        rows = [np.concatenate([rows[o][a:b] for o, a, b in ranges]) for ranges in plan]
+        left = np.concatenate([rows[j][r.positions] for j, r in enumerate(rests)])
+        assert all(r.epoch == 2 and r.first_step == step for r in rests)
+        np.testing.assert_array_equal(np.sort(np.concatenate([visited, left])), ids)
+        sizes = [len(r) for r in rows]
+        batch = [30 // n + (1 if i < 30 % n else 0) for i in range(n)]
+        previous = rests
 
 
 @pytest.mark.parametrize("current, live, n, keep, workers", [
@@ -220,10 +247,15 @@ def test_a_worker_retired_in_the_middle_of_an_epoch_loses_no_round(three_workers
     rounds = net.rounds_
     assert rounds["round"].tolist() == list(range(len(rounds)))
     assert len(net.recoveries_) == 0
-    # the departing replica was merged at the next epoch boundary
-    assert rounds.groupby("epoch")["n_replicas"].first().tolist() == [3, 3, 2, 2]
-    assert (f"3→2 replicas; left {left.pop()}"
-            in rounds.loc[rounds["epoch"] == 2, "membership"].iloc[0])
+    # the departing replica was merged at a round boundary of the same epoch
+    changed = rounds[rounds["membership"] != ""]
+    assert changed["epoch"].tolist() == [1]
+    assert changed["membership"].iloc[0] == f"3→2 replicas; left {left.pop()}"
+    epoch = rounds[rounds["epoch"] == 1]
+    assert epoch["n_replicas"].iloc[0] == 3 and epoch["n_replicas"].iloc[-1] == 2
+    assert rounds.groupby("epoch")["n_replicas"].last().tolist() == [3, 2, 2, 2]
+    # the epoch still trained on every training row once
+    assert rounds.groupby("epoch")["samples"].sum().nunique() == 1
 
 
 @pytest.mark.timeout(240)
@@ -279,6 +311,51 @@ def test_elastic_false_and_max_replicas_keep_the_replicas(two_workers, digits):
         _net(client, elastic="yes").fit(X, y)
 
 
+class GrowAfterFirstEpoch(Callback):
+    """Ask for a third worker when the first epoch ends, without waiting for it."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == 1:
+            self.cluster.scale(3)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy, options, mid_epoch", [
+    ("local_sgd", {}, True),
+    ("sync", {}, True),
+    ("hierarchical", {}, True),
+    # replicas that keep a residual of their own take changes at the epoch's end
+    ("local_sgd", {"strategy__compression": "topk", "strategy__density": 0.2}, False),
+])
+def test_a_worker_that_joins_mid_epoch_trains_from_the_next_round(two_workers, digits,
+                                                                 strategy, options, mid_epoch):
+    cluster, client = two_workers
+    X, y = digits
+    # paced: an epoch on two replicas takes about 7 s, so the worker arrives within it
+    epochs = 2 if mid_epoch else 3
+    net = _net(client, module=PacedNet, module__sample_time=0.008, strategy=strategy,
+               max_epochs=epochs, callbacks=[GrowAfterFirstEpoch(cluster)], **options).fit(X, y)
+    rounds = net.rounds_
+    changed = rounds[rounds["membership"] != ""]
+    assert len(changed) == 1 and changed["membership"].iloc[0].startswith("2→3 replicas; joined")
+    first_of_epoch = rounds.groupby("epoch")["round"].first()
+    if mid_epoch:
+        assert changed["epoch"].iloc[0] == 1
+        assert changed["round"].iloc[0] > first_of_epoch[1]
+        epoch = rounds[rounds["epoch"] == 1]
+        assert epoch["n_replicas"].iloc[0] == 2 and epoch["n_replicas"].iloc[-1] == 3
+    else:
+        assert changed["round"].iloc[0] == first_of_epoch[2]
+    assert rounds["round"].tolist() == list(range(len(rounds)))  # nothing run again
+    assert len(net.recoveries_) == 0
+    # the interrupted epoch still trained on every row once
+    assert rounds.groupby("epoch")["samples"].sum().tolist() == [len(X)] * epochs
+    assert net.score(X, y) > 0.85
+
+
 @pytest.mark.timeout(300)
 def test_a_worker_killed_after_a_join_ends_where_the_undisturbed_fit_does(two_workers, digits,
                                                                          tmp_path):
@@ -301,8 +378,8 @@ def test_a_worker_killed_after_a_join_ends_where_the_undisturbed_fit_does(two_wo
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("holdout", [None, 0.2])
-def test_a_reshaped_shard_is_rebuilt_from_the_source_row_for_row(two_workers, holdout):
+@pytest.mark.parametrize("holdout, step", [(None, None), (0.2, None), (0.2, 3)])
+def test_a_reshaped_shard_is_rebuilt_from_the_source_row_for_row(two_workers, holdout, step):
     """What recovery does when Dask cannot recompute a shard made by a join."""
     from daskdist.data.sources import ShardOptions
     from daskdist.driver import membership, recovery
@@ -322,7 +399,7 @@ def test_a_reshaped_shard_is_rebuilt_from_the_source_row_for_row(two_workers, ho
     trainer.start(X, y, module_to_state(module, optimizer))
     try:
         _scale_to(cluster, client, 3)()
-        change = membership.follow_workers(trainer)
+        change = membership.follow_workers(trainer, step)
         assert change["before"] == 2 and change["after"] == 3
         assert trainer.recipes is not None and len(trainer.shards) == 3
         made = client.gather(trainer.shards)
@@ -332,6 +409,12 @@ def test_a_reshaped_shard_is_rebuilt_from_the_source_row_for_row(two_workers, ho
             again = rebuilt.result()
             for name in ("X", "y", "X_valid", "y_valid"):
                 np.testing.assert_array_equal(getattr(again, name), getattr(made[i], name))
+            if step is None:
+                assert again.remainder is None and made[i].remainder is None
+            else:  # mid-epoch, the rows the epoch has left come back too
+                assert again.remainder.first_step == step
+                np.testing.assert_array_equal(again.remainder.positions,
+                                              made[i].remainder.positions)
             rebuilt.release()
     finally:
         trainer.close()

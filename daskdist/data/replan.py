@@ -21,15 +21,17 @@ built again from the data source (base shards, then the same selection).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..plan import EpochRemainder, shard_order
+from ..seeds import seed_for
 from .named import each, take
 from .shards import Shard
 
-__all__ = ["shares", "replan", "Recipe", "base_recipes", "compose", "rows_of", "assemble",
-           "ShardRows"]
+__all__ = ["shares", "replan", "Recipe", "base_recipes", "compose", "remainders", "rows_of",
+           "assemble", "with_remainder", "ShardRows"]
 
 
 def shares(total: int, weights) -> list[int]:
@@ -104,6 +106,9 @@ class Recipe:
 
     parts: tuple
     valid: tuple
+    #: The rows its epoch has left to visit, when it was made mid-epoch
+    #: (:class:`daskdist.plan.EpochRemainder`; None: made between epochs).
+    remainder: object = None
 
     def __len__(self) -> int:
         return sum(len(positions) for _, positions in self.parts)
@@ -160,6 +165,54 @@ def _merge(parts) -> list:
     return out
 
 
+def remainders(sizes, batch, previous, plan, *, epoch: int, step: int, random_state: int,
+               shuffle: bool) -> list[EpochRemainder]:
+    """What each new shard of ``plan`` has left to visit of ``epoch``, re-planned at ``step``.
+
+    Parameters
+    ----------
+    sizes, batch : sequence of int
+        Training rows and per-step batch of each old shard.
+    previous : sequence of EpochRemainder or None
+        Each old shard's remainder, when it was itself made earlier in ``epoch``.
+    plan : list of list of (old shard, start, stop)
+        :func:`replan`'s answer.
+    epoch, step : int
+        The epoch, and the step of it that every replica reached.
+    random_state, shuffle
+        The fit's: how each old replica orders its shard in the epoch.
+
+    Returns
+    -------
+    list of EpochRemainder
+        One per new shard: the rows it holds that no replica visited in the
+        epoch so far, in the order the rest of the epoch visits them
+        (shuffled when the fit shuffles). Together they hold every row not
+        yet visited, once.
+    """
+    left = []
+    for o, size in enumerate(sizes):
+        before = previous[o] if previous is not None else None
+        if before is not None and before.epoch == epoch:
+            left.append(before.left_after(step, batch[o]))
+        else:
+            order = shard_order(size, random_state, epoch, o, shuffle)
+            left.append(order[step * batch[o]:])
+    out = []
+    for j, ranges in enumerate(plan):
+        pieces, offset = [], 0
+        for o, start, stop in ranges:
+            rows = left[o][(left[o] >= start) & (left[o] < stop)]
+            pieces.append(rows - start + offset)
+            offset += stop - start
+        positions = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        if shuffle:
+            rng = np.random.default_rng(seed_for(random_state, 4, epoch, step, j))
+            positions = positions[rng.permutation(len(positions))]
+        out.append(EpochRemainder(epoch, step, positions.astype(np.int64)))
+    return out
+
+
 # -- on the workers ----------------------------------------------------------------------------
 @dataclass
 class ShardRows:
@@ -191,8 +244,19 @@ def rows_of(shard: Shard, rows, with_valid: bool = False) -> ShardRows:
     return part
 
 
-def assemble(parts: list[ShardRows], replica: int) -> Shard:
-    """One shard of ``parts`` (in order), for ``replica``; the hold-outs they carry joined."""
+def with_remainder(shard, remainder):
+    """``shard`` on this task's worker, with the rows its epoch has left (None: as it is).
+
+    Its arrays are shared, not copied.
+    """
+    return shard if remainder is None else replace(shard, remainder=remainder)
+
+
+def assemble(parts: list[ShardRows], replica: int, remainder=None) -> Shard:
+    """One shard of ``parts`` (in order), for ``replica``; the hold-outs they carry joined.
+
+    ``remainder``: the rows its epoch has left, when it is made mid-epoch.
+    """
     def join(arrays):
         arrays = [a for a in arrays if a is not None]
         if not arrays:
@@ -210,4 +274,4 @@ def assemble(parts: list[ShardRows], replica: int) -> Shard:
         X_valid = each(X, lambda a: a[:0])
         y_valid = None if parts[0].y is None else parts[0].y[:0]
     return Shard(X, join([p.y for p in parts]), X_valid, y_valid, replica,
-                 w=join([p.w for p in parts]))
+                 w=join([p.w for p in parts]), remainder=remainder)

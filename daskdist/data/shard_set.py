@@ -9,8 +9,9 @@ worker, its hold-out, and how to build it again.
 from __future__ import annotations
 
 import contextvars
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -48,6 +49,27 @@ class ShardOptions:
     direct_scatter: bool | None = None
     streaming: object = "auto"
     buffer_chunks: int = 4
+
+    @classmethod
+    def from_keywords(cls, data: ShardOptions | None, **keywords) -> ShardOptions:
+        """``data`` (or the defaults) with the deprecated ``Trainer`` keywords that are set.
+
+        They warn with a ``DeprecationWarning`` (``shard_kwargs`` is ``convert``).
+        """
+        given = {k: v for k, v in keywords.items() if v is not None}
+        if given:
+            warnings.warn(
+                f"Trainer({', '.join(sorted(given))}=...) is deprecated; pass "
+                "data=daskdist.data.sources.ShardOptions(...) instead (shard_kwargs is its "
+                "'convert').", DeprecationWarning, stacklevel=3)
+        data = data if data is not None else cls()
+        return replace(data, **{_TRAINER_KEYWORDS[k]: v for k, v in given.items()})
+
+
+#: Trainer keywords that only say how the data becomes shards (now ``data=``).
+_TRAINER_KEYWORDS = {"sharding": "sharding", "holdout": "holdout", "stratify": "stratify",
+                     "shard_kwargs": "convert", "direct_scatter": "direct_scatter",
+                     "streaming": "streaming", "buffer_chunks": "buffer_chunks"}
 
 
 class ShardSet:

@@ -70,6 +70,8 @@ class Shard:
     y_valid: np.ndarray | None
     replica: int
     w: np.ndarray | None = None  # sample weights of the training rows (None: unweighted)
+    #: Rows an epoch interrupted by a change of replicas has left (``plan.EpochRemainder``).
+    remainder: object = None
 
     def __post_init__(self):
         for name in ("X", "y", "X_valid", "y_valid", "w"):
@@ -99,14 +101,14 @@ class Shard:
 
         Stops early once the epoch has used up the shard.
         """
-        for positions in plan.positions(len(self)):
+        for positions in plan.positions(len(self), self.remainder):
             if len(positions) == 0:
                 return
             yield self.batch(positions)
 
     def weighted_batches(self, plan):
         """``(X, y, w)`` of each step of a round; ``w`` (a tensor) is None when unweighted."""
-        for positions in plan.positions(len(self)):
+        for positions in plan.positions(len(self), self.remainder):
             if len(positions) == 0:
                 return
             X, y = self.batch(positions)

@@ -179,17 +179,26 @@ class EpochContext:
         """
         self._driver.check(future)
 
-    def track(self, state_round: int, output) -> None:
+    def track(self, state_round: int, output, resume: tuple | None = None) -> None:
         """Have the driver watch a round output that holds state round ``state_round``.
 
         The driver settles tracked outputs in order, ``info.lookahead``
         behind, raises when one failed or was lost, recovers from the newest
         it still holds, and hands settled states to round checkpoints.
+
+        ``resume``: ``(round, round output, plans)``, what
+        ``strategy.finish_epoch`` turns into a whole state after this round.
+        Given it, the driver may stop the epoch's loop after this round when
+        workers joined or left (:mod:`daskdist.driver.membership`): it lets
+        the round running then finish, drops the later ones (none started),
+        and runs the rest of the epoch on the re-planned replicas.
         """
-        self._driver.tracker.track(state_round, output)
+        self._driver.tracker.track(state_round, output, resume)
 
     def finish(self, final, round: int) -> None:
-        """End the epoch: ``final`` is the future of its last state, at round ``round``."""
+        """End the epoch: ``final`` is the future of its last state, at round ``round``.
+
+        """
         self._final = (final, round)
 
     def lost(self, reason: str, rounds_lost: int | None = None):

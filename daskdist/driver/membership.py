@@ -31,6 +31,7 @@ on the global batch) does not depend on how many replicas there are.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -41,8 +42,9 @@ from ..data import replan
 from ..worker.devices import is_cuda
 from . import recovery
 
-__all__ = ["follow_workers", "plan_placement", "gather_shard_sizes", "check_params",
-           "left_gracefully"]
+__all__ = ["follow_workers", "watch", "pause", "resizes_mid_epoch", "epoch_steps",
+           "MembersChanged", "plan_placement",
+           "gather_shard_sizes", "check_params", "left_gracefully"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +144,101 @@ def _target(trainer, live: list[str]) -> int:
     return max(1, min(n, sum(trainer.shard_sizes)))
 
 
-def follow_workers(trainer) -> dict | None:
-    """At an epoch boundary: re-place replicas and shards to follow the workers.
+class MembersChanged(Exception):
+    """Raised in an epoch's round loop when the driver takes in workers that joined or left."""
 
-    Returns what changed (``{"epoch", "before", "after", "joined", "left"}``),
-    or None when nothing did (or the fit does not follow its workers).
+
+#: Seconds between two looks at the cluster's workers while an epoch runs.
+WATCH_INTERVAL = 0.2
+
+
+def resizes_mid_epoch(trainer) -> bool:
+    """Whether ``trainer``'s replica count may change between two rounds of an epoch.
+
+    It may where the count follows the workers, the strategy's round loop
+    can stop after any round (:meth:`Strategy.resizes_mid_epoch`), replicas
+    keep nothing of their own (no fp16 loss scalers, no parts in the state),
+    and the shards are in memory (a mid-epoch shard carries the rows its
+    epoch has left). Elsewhere changes wait for the epoch's end.
     """
-    if not trainer.elastic:
-        return None
+    return (trainer.elastic and trainer.resize and trainer.strategy.resizes_mid_epoch()
+            and trainer.strategy.elastic_refusal() is None
+            and trainer.spec.precision != "fp16" and not trainer._epoch_state.own
+            and not trainer.shard_set.streaming
+            and trainer.shard_set.source.resize_refusal is None)
+
+
+def epoch_steps(trainer) -> int:
+    """Optimizer steps of ``trainer``'s current epoch (more after a mid-epoch change)."""
+    if trainer.epoch_steps is not None and trainer.epoch_steps[0] == trainer.epoch:
+        return trainer.epoch_steps[1]
+    return trainer.steps_per_epoch
+
+
+def watch(trainer) -> None:
+    """After a settled round: raise :class:`MembersChanged` when the replicas should change.
+
+    Looks at the workers at most every :data:`WATCH_INTERVAL` seconds, and
+    plans only when they differ from the last look. Only changes of the
+    replica count are taken mid-epoch (a replica that merely moves waits for
+    the epoch's end), and none while a replica's worker died (recovery's).
+    """
+    now = time.monotonic()
+    if now - trainer.scratch.get("members-checked", 0.0) < WATCH_INTERVAL:
+        return
+    trainer.scratch["members-checked"] = now
     live = trainer.live_workers()
+    if live == trainer.scratch.get("members-seen"):
+        return
+    trainer.scratch["members-seen"] = live
+    if _plan(trainer, live, mid_epoch=True) is not None:
+        raise MembersChanged(f"workers now {live}")
+
+
+def pause(trainer, ctx) -> tuple:
+    """After :class:`MembersChanged`: end the attempt after the round running now.
+
+    Waits for the oldest unfinished round that can be resumed from (the one
+    running: the rounds before it are done), lets go of the later ones (each
+    waits for the one before, so none started) and of tasks not sent yet,
+    and has the strategy turn that round's output into a whole state
+    (``finish_epoch``). Returns ``(future of that state, round it holds)``.
+    """
+    tracker, kept, waited = trainer.tracker, None, False
+    for state_round in sorted(tracker.resumes):
+        future, resume = tracker.resumes[state_round]
+        if future.status != "finished":
+            if waited:
+                break  # queued behind the round waited for: not started
+            trainer.wait([future])
+            waited = True
+        trainer.check(future)
+        kept = state_round
+    plan_round, output, plans = tracker.resumes[kept][1]
+    trainer.queue.release_rounds_after(plan_round)
+    tracker.drop_after(kept)
+    final = ctx.flush(trainer.strategy.finish_epoch(ctx, output, plans))
+    return final, plan_round + 1
+
+
+def _plan(trainer, live: list[str], mid_epoch: bool = False):
+    """``(keep, workers)`` of the replicas following ``live``, or None to leave them."""
     current = list(trainer.replica_workers)
     if not live:
         return None
     n = _target(trainer, live)
+    departures = trainer.scratch.setdefault("departures", {})
     if n < len(current):
         # only replicas whose worker left gracefully (its shard moved, not lost) merge away:
         # after a crash the replica count stays, so that the recovered fit stays the one a
         # fault-free fit would have been, and a worker brought back takes the replica again
         graceful = [i for i, w in enumerate(current) if w not in live and left_gracefully(
-            trainer.client, w, trainer.scratch.setdefault("departures", {}))]
+            trainer.client, w, departures)]
         n = max(n, len(current) - len(graceful))
+    if mid_epoch and (n == len(current) or any(
+            w not in live and not left_gracefully(trainer.client, w, departures)
+            for w in current)):
+        return None
     keep, workers = plan_placement(current, live, n)
     if keep == list(range(len(current))) and workers == current:
         return None
@@ -169,6 +246,8 @@ def follow_workers(trainer) -> dict | None:
         why = (trainer.strategy.elastic_refusal()
                or trainer.shard_set.source.resize_refusal)
         if why:
+            if mid_epoch:
+                return None
             _refused(trainer, why, "the replica count stays")
             n = len(current)  # the replicas still move off workers that left
             keep, workers = plan_placement(current, live, n)
@@ -181,16 +260,49 @@ def follow_workers(trainer) -> dict | None:
         except ValueError as error:
             why = str(error)
     if why:
-        _refused(trainer, why)
+        if not mid_epoch:
+            _refused(trainer, why)
         return None
+    return keep, workers
+
+
+def follow_workers(trainer, step: int | None = None) -> dict | None:
+    """Re-place replicas and shards to follow the workers.
+
+    Parameters
+    ----------
+    trainer : daskdist.driver.trainer.Trainer
+    step : int, optional
+        Between two rounds of an epoch: the epoch's step every replica
+        reached (the new shards carry the rows the epoch has left). None: at
+        an epoch boundary.
+
+    Returns
+    -------
+    dict or None
+        What changed (``{"epoch", "round", "before", "after", "joined",
+        "left"}``), or None when nothing did (or the fit does not follow its
+        workers).
+    """
+    if not trainer.elastic:
+        return None
+    live = trainer.live_workers()
+    trainer.scratch["members-seen"] = live
+    planned = _plan(trainer, live, mid_epoch=step is not None)
+    if planned is None:
+        return None
+    keep, workers = planned
+    current, n = list(trainer.replica_workers), len(keep)
     if recovery.lost_shards(trainer.shards):  # a worker died since: rebuild first
         recovery.replace_lost_shards(trainer)
-    _reshard(trainer, keep, workers)
-    change = {"epoch": trainer.epoch, "before": len(current), "after": n,
-              "joined": sorted(set(workers) - set(current)),
+    _reshard(trainer, keep, workers, step)
+    change = {"epoch": trainer.epoch, "round": trainer.round, "before": len(current),
+              "after": n, "joined": sorted(set(workers) - set(current)),
               "left": sorted(set(current) - set(live))}
-    logger.warning("daskdist run %s: workers changed before epoch %d (joined: %s; left: %s): "
-                   "%d replicas on %d workers, then %d on %d", trainer.run_id, trainer.epoch + 1,
+    when = (f"before epoch {trainer.epoch + 1}" if step is None
+            else f"in epoch {trainer.epoch + 1}, from round {trainer.round}")
+    logger.warning("daskdist run %s: workers changed %s (joined: %s; left: %s): "
+                   "%d replicas on %d workers, then %d on %d", trainer.run_id, when,
                    ", ".join(change["joined"]) or "none", ", ".join(change["left"]) or "none",
                    len(current), len(set(current)), n, len(set(workers)))
     return change
@@ -204,13 +316,12 @@ def _refused(trainer, why: str, what: str = "the replicas stay where they are") 
                        why)
 
 
-def _moved(shard):
-    """A shard, on the worker this task runs on."""
-    return shard
+def _reshard(trainer, keep: list, workers: list[str], step: int | None = None) -> None:
+    """Build the new shards from the old ones, and carry the replicas' own parts over.
 
-
-def _reshard(trainer, keep: list, workers: list[str]) -> None:
-    """Build the new shards from the old ones, and carry the replicas' own parts over."""
+    ``step``: mid-epoch, the epoch's step reached; each new shard then carries
+    the rows the epoch has left (:func:`daskdist.data.replan.remainders`).
+    """
     old_sizes = list(trainer.shard_sizes)
     n = len(keep)
     if n == len(old_sizes) and keep == list(range(n)):
@@ -221,20 +332,29 @@ def _reshard(trainer, keep: list, workers: list[str]) -> None:
     recipes = trainer.recipes or replan.base_recipes(
         [len(rows) for rows in trainer.shard_set.plan])
     new_recipes = replan.compose(recipes, plan, keep)
+    left = [None] * n
+    if step is not None:
+        left = replan.remainders(
+            old_sizes, trainer.replica_batch, [r.remainder for r in recipes], plan,
+            epoch=trainer.epoch, step=step, random_state=trainer.random_state,
+            shuffle=trainer.shuffle)
+        new_recipes = [replace(r, remainder=rest) for r, rest in zip(new_recipes, left)]
     holders = {i: set(r.valid) for i, r in enumerate(recipes)}
     client, current = trainer.client, trainer.replica_workers
     trainer.generation += 1
     shards = []
     for j, ranges in enumerate(plan):
         old = keep[j]
-        if (old is not None and ranges == [(old, 0, old_sizes[old])]
-                and workers[j] == current[old] and new_recipes[j].valid == recipes[old].valid):
+        whole = (old is not None and ranges == [(old, 0, old_sizes[old])]
+                 and new_recipes[j].valid == recipes[old].valid)
+        if whole and workers[j] == current[old] and step is None:
             shards.append(trainer.shards[old])  # unchanged, where it was
             continue
-        if (old is not None and ranges == [(old, 0, old_sizes[old])]
-                and new_recipes[j].valid == recipes[old].valid):  # moves whole
-            shards.append(client.submit(_moved, trainer.shards[old], key=trainer.task_key(
-                "shard", j), workers=[workers[j]], allow_other_workers=True, pure=False))
+        if whole:  # moves whole (mid-epoch, with the rows its epoch has left)
+            shards.append(client.submit(
+                replan.with_remainder, trainer.shards[old], left[j],
+                key=trainer.task_key("shard", j), workers=[workers[j]],
+                allow_other_workers=True, pure=False))
             continue
         valid_from = {o for o, r in holders.items() if set(new_recipes[j].valid) & r}
         parts = []
@@ -249,8 +369,9 @@ def _reshard(trainer, keep: list, workers: list[str]) -> None:
                 replan.rows_of, trainer.shards[o], slice(0, 0), True,
                 key=trainer.task_key("rows-valid", j, k), workers=[current[o]],
                 allow_other_workers=True, pure=False))
-        shards.append(client.submit(replan.assemble, parts, j, key=trainer.task_key("shard", j),
-                                    workers=[workers[j]], allow_other_workers=True, pure=False))
+        shards.append(client.submit(replan.assemble, parts, j, left[j],
+                                    key=trainer.task_key("shard", j), workers=[workers[j]],
+                                    allow_other_workers=True, pure=False))
     joined = set(workers) - set(current)
     trainer.shards, trainer.replica_workers, trainer.recipes = shards, list(workers), new_recipes
     trainer.shard_losses = recovery.ShardLosses(n)
@@ -264,6 +385,9 @@ def _reshard(trainer, keep: list, workers: list[str]) -> None:
                              for i in range(n)]
     trainer.steps_per_epoch = max(-(-s // b)
                                   for s, b in zip(trainer.shard_sizes, trainer.replica_batch))
+    if step is not None:  # the rest of this epoch: the steps its remainders take
+        trainer.epoch_steps = (trainer.epoch, step + max(
+            -(-len(rest.positions) // b) for rest, b in zip(left, trainer.replica_batch)))
     _carry_own(trainer, keep, plan, len(old_sizes))
 
 

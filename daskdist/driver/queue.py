@@ -78,6 +78,18 @@ class TaskQueue:
         self._sent.add(future)
         return future
 
+    def release_rounds_after(self, round: int) -> None:
+        """Forget the queued tasks; let go of the unfinished ones of rounds after ``round``.
+
+        Round tasks are keyed ``(name, round, ...)``.
+        """
+        self.drop_queued()
+        for future in list(self._sent):
+            key = future.key
+            if (isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int)
+                    and key[1] > round and future.status == "pending"):
+                future.release()
+
     def drop_queued(self) -> None:
         """Forget the tasks queued but not sent."""
         self._queued, self._placement, self._priority = [], {}, {}

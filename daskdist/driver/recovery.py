@@ -179,7 +179,7 @@ def submit_shard(trainer, index: int, worker: str):
         parts.append(client.submit(replan.rows_of, bases[base], slice(0, 0), True,
                                    key=(f"daskdist-rows-{prefix}-valid", k), workers=[worker],
                                    allow_other_workers=True, pure=False))
-    return client.submit(replan.assemble, parts, index,
+    return client.submit(replan.assemble, parts, index, recipe.remainder,
                          key=(f"daskdist-shard-{prefix}-rebuilt", index), workers=[worker],
                          allow_other_workers=True, pure=False)
 

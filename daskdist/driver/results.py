@@ -30,18 +30,30 @@ class EpochResult:
     valid: dict = field(default_factory=dict)
     #: Relative mismatch of the replicas' copies at the epoch's end (None: not compared).
     drift: float | None = None
-    #: The fit's replicas during the epoch.
+    #: The fit's replicas at the epoch's end.
     replicas: int = 0
-    #: What changed in the replicas before the epoch (``membership.follow_workers``), if any.
-    change: dict | None = None
+    #: What changed in the replicas before the epoch and during it
+    #: (``membership.follow_workers``), oldest first; each names the round it took effect.
+    changes: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.drift is not None and self.rounds:  # on the row of the epoch's last round
             self.rounds[-1]["drift"] = self.drift
-        for row in self.rounds:
-            row["n_replicas"] = self.replicas
-        if self.change is not None and self.rounds:  # on the row of the epoch's first round
-            self.rounds[0]["membership"] = membership_text(self.change)
+        for row in self.rounds:  # the replicas of the change last before the round
+            before = [c for c in self.changes if c["round"] <= row["round"]]
+            later = [c for c in self.changes if c["round"] > row["round"]]
+            row["n_replicas"] = (before[-1]["after"] if before
+                                 else later[0]["before"] if later else self.replicas)
+        for change in self.changes:  # on the row of the first round after the change
+            rows = [row for row in self.rounds if row["round"] >= change["round"]]
+            if rows:
+                rows[0]["membership"] = "; ".join(
+                    filter(None, [rows[0]["membership"], membership_text(change)]))
+
+    @property
+    def change(self) -> dict | None:
+        """The latest change of the replicas in the epoch, or None."""
+        return self.changes[-1] if self.changes else None
 
     @property
     def samples_per_sec(self) -> float:

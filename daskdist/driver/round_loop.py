@@ -18,6 +18,10 @@ __all__ = ["run_rounds"]
 def run_rounds(ctx, strategy) -> None:
     """Run the rounds of ``ctx``'s epoch that its state does not hold yet.
 
+    Every round is tracked with what would end the epoch after it
+    (``resume``), so that the driver can stop the loop between two rounds
+    when workers join or leave (:mod:`daskdist.driver.membership`).
+
     Parameters
     ----------
     ctx : daskdist.driver.context.EpochContext
@@ -29,28 +33,30 @@ def run_rounds(ctx, strategy) -> None:
     per_flush = max(1, info.lookahead // 2)
     sizes = strategy.round_sizes(info.steps_per_epoch)
     first, plans = sum(sizes[:info.done]), None
-    round_, state, tracked = info.round, ctx.state, []
+    round_, state, queued = info.round, ctx.state, []
     for steps in sizes[info.done:]:
         plans = [ctx.plan(i, round=round_, first_step=first, n_steps=steps,
                           **strategy.plan_fields())
                  for i in range(len(ctx.shards))]
         state = strategy.submit_round(ctx, state, plans)
-        tracked.append((strategy.state_round(round_), strategy.tracked(state)))
+        queued.append((round_, plans, state))
         first += steps
         round_ += 1
-        if len(tracked) == per_flush:
-            state = _flush(ctx, state, tracked)
+        if len(queued) == per_flush:
+            state = _flush(ctx, strategy, state, queued)
     if plans is None:  # the state already holds every round of the epoch
         ctx.finish(ctx.state, round_)
         return
-    final = _flush(ctx, strategy.finish_epoch(ctx, state, plans), tracked)
+    final = _flush(ctx, strategy, strategy.finish_epoch(ctx, state, plans), queued)
     ctx.finish(final, round_)
 
 
-def _flush(ctx, state, tracked: list):
+def _flush(ctx, strategy, state, queued: list):
     """Send the queued rounds, track their outputs; return ``state`` as futures."""
-    state, outputs = ctx.flush((state, [output for _, output in tracked]))
-    for (state_round, _), output in zip(tracked, outputs):
-        ctx.track(state_round, output)
-    tracked.clear()
+    state, outputs = ctx.flush((state, [output for _, _, output in queued]))
+    rounds = [(round_, plans) for round_, plans, _ in queued]
+    queued.clear()
+    for (round_, plans), output in zip(rounds, outputs):
+        ctx.track(strategy.state_round(round_), strategy.tracked(output),
+                  resume=(round_, output, plans))
     return state

@@ -67,16 +67,27 @@ class RoundTracker:
         self.settled: deque = deque(maxlen=2)
         #: ``hook(state_round, future)``, called for each settled output.
         self.on_settle = None
+        #: ``watch()``, called after each settled output that can be resumed from; it may
+        #: raise to stop the epoch's loop there.
+        self.watch = None
+        #: state round -> ``(future, (round, round output, plans))`` of resumable outputs.
+        self.resumes: dict = {}
 
     def reset(self, state_round: int, future) -> None:
         """Start again from one held state (the fit's start, or a recovery)."""
         self.inflight.clear()
         self.settled.clear()
+        self.resumes.clear()
         self.settled.append((state_round, future))
 
-    def track(self, state_round: int, future) -> None:
-        """Watch ``future``; settle the oldest output beyond the look-ahead."""
+    def track(self, state_round: int, future, resume: tuple | None = None) -> None:
+        """Watch ``future``; settle the oldest output beyond the look-ahead.
+
+        ``resume``: what ends the epoch after it (:meth:`EpochContext.track`).
+        """
         self.inflight.append((state_round, future))
+        if resume is not None:
+            self.resumes[state_round] = (future, resume)
         while len(self.inflight) > self.lookahead:
             self.settle(self.inflight.popleft())
 
@@ -98,6 +109,15 @@ class RoundTracker:
         self.settled.append(item)
         if self.on_settle is not None:
             self.on_settle(*item)
+        for older in [r for r in self.resumes if r < item[0]]:  # only the newest settled
+            del self.resumes[older]
+        if self.watch is not None and item[0] in self.resumes:
+            self.watch()
+
+    def drop_after(self, state_round: int) -> None:
+        """Stop watching the outputs of state rounds after ``state_round`` (re-planned)."""
+        self.inflight = deque(item for item in self.inflight if item[0] <= state_round)
+        self.resumes = {r: v for r, v in self.resumes.items() if r <= state_round}
 
     def held(self) -> list:
         """Every output the driver holds, oldest first."""
@@ -113,3 +133,4 @@ class RoundTracker:
         """Let go of every output (the run ends)."""
         self.inflight.clear()
         self.settled.clear()
+        self.resumes.clear()

@@ -22,6 +22,7 @@ the next epoch's rounds is read then.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -38,7 +39,7 @@ from ..spec import ModelSpec
 from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
 from ..worker.runtime import drop_run
-from . import agreement, membership, own_parts, recovery
+from . import agreement, membership, own_parts, recovery, round_hooks
 from .context import EpochContext, EpochInfo
 from .holdout import score_holdout
 from .placement import plan_devices
@@ -50,12 +51,6 @@ from .waiting import Waiter
 __all__ = ["Trainer", "EpochResult", "ShardFailedError", "ROUND_COLUMNS", "RECOVERY_COLUMNS"]
 
 logger = logging.getLogger(__name__)
-
-#: Trainer keywords that only say how the data becomes shards (now ``data=``).
-_SOURCE_KEYWORDS = {"sharding": "sharding", "holdout": "holdout", "stratify": "stratify",
-                    "shard_kwargs": "convert", "direct_scatter": "direct_scatter",
-                    "streaming": "streaming", "buffer_chunks": "buffer_chunks"}
-
 
 def _identity(x):
     return x
@@ -116,10 +111,10 @@ class Trainer:
         self.n_replicas = n_replicas
         self.random_state = int(random_state)
         self.shuffle = bool(shuffle)
-        self.data = self._data_options(data, sharding=sharding, holdout=holdout,
-                                       stratify=stratify, shard_kwargs=shard_kwargs,
-                                       direct_scatter=direct_scatter, streaming=streaming,
-                                       buffer_chunks=buffer_chunks)
+        self.data = ShardOptions.from_keywords(
+            data, sharding=sharding, holdout=holdout, stratify=stratify,
+            shard_kwargs=shard_kwargs, direct_scatter=direct_scatter, streaming=streaming,
+            buffer_chunks=buffer_chunks)
         self.lookahead = int(lookahead if lookahead is not None
                              else dask.config.get("daskdist.driver.lookahead"))
         self.elastic, self.resize, self.max_replicas = bool(elastic), bool(resize), max_replicas
@@ -146,19 +141,10 @@ class Trainer:
         self.recipes = None
         #: One record per change of the replicas (:func:`.membership.follow_workers`).
         self.changes: list[dict] = []
+        #: ``(epoch, steps)`` of an epoch whose replicas changed mid-way.
+        self.epoch_steps: tuple | None = None
         #: One record per recovery from a lost worker (see :meth:`run_epoch`).
         self.recoveries: list[dict] = []
-
-    @staticmethod
-    def _data_options(data, **keywords) -> ShardOptions:
-        given = {k: v for k, v in keywords.items() if v is not None}
-        if given:
-            warnings.warn(
-                f"Trainer({', '.join(sorted(given))}=...) is deprecated; pass "
-                "data=daskdist.data.sources.ShardOptions(...) instead (shard_kwargs is its "
-                "'convert').", DeprecationWarning, stacklevel=3)
-        data = data if data is not None else ShardOptions()
-        return replace(data, **{_SOURCE_KEYWORDS[k]: v for k, v in given.items()})
 
     # -- set-up -------------------------------------------------------------------------------
     def start(self, X, y, state: TrainingState, sample_weight=None) -> Trainer:
@@ -344,7 +330,9 @@ class Trainer:
         epoch from the newest round whose state a live worker still holds —
         so at most the round in progress is lost, and every round's update is
         applied once. Each recovery is recorded in :attr:`recoveries`; at
-        most ``daskdist.driver.recoveries`` happen per epoch.
+        most ``daskdist.driver.recoveries`` happen per epoch. Workers that
+        join or leave are followed before the epoch, and between two of its
+        rounds where the strategy allows (:mod:`.membership`).
 
         Parameters
         ----------
@@ -355,22 +343,38 @@ class Trainer:
             in place of ``lr`` (:mod:`daskdist.schedules`).
         """
         limit = dask.config.get("daskdist.driver.recoveries")
-        change = membership.follow_workers(self)
-        if change is not None:
-            self.changes.append(change)
-        epoch_round, epoch_state = self._epoch_round, self._epoch_state
-        t0 = time.perf_counter()
-        for attempt in range(limit + 1):
+        self._follow_workers()
+        # where a recovery goes back to when no newer state is held: the epoch's start, or
+        # the round where the replicas last changed
+        base_round, base_state = self._epoch_round, self._epoch_state
+        t0, attempt = time.perf_counter(), 0
+        while True:
             try:
-                return self._run_epoch_once(lr, t0, schedule)
+                result = self._run_epoch_once(lr, t0, schedule)
             except WorkerLost as lost:
                 if attempt == limit:
                     raise RuntimeError(
                         f"Epoch {self.epoch} lost workers {limit + 1} times ({lost}); giving up "
                         "(daskdist.driver.recoveries)."
                     ) from None
-                self.recoveries.append(recovery.recover(self, lost, epoch_round, epoch_state))
-        raise AssertionError("unreachable")
+                attempt += 1
+                self.recoveries.append(recovery.recover(self, lost, base_round, base_state))
+                continue
+            if result is not None:
+                return result
+            # the round loop stopped for workers that joined or left: follow them, go on
+            base_round, base_state = self.round, self._state.result()
+            self._follow_workers(step=self.epoch_step())
+
+    def _follow_workers(self, step: int | None = None) -> None:
+        change = membership.follow_workers(self, step)
+        if change is not None:
+            self.changes.append(change)
+
+    def epoch_step(self) -> int:
+        """The step of the current epoch that the state's round reached."""
+        sizes = self.strategy.round_sizes(membership.epoch_steps(self))
+        return sum(sizes[:self.round - self._epoch_round])
 
     def context(self, lr, schedule=None) -> EpochContext:
         """The strategy's view of this epoch attempt."""
@@ -380,23 +384,35 @@ class Trainer:
             model=self.spec,
             start=self._epoch_state, replica_workers=tuple(self.replica_workers),
             shard_sizes=tuple(self.shard_sizes), replica_batch=tuple(self.replica_batch),
-            steps_per_epoch=self.steps_per_epoch, lookahead=self.lookahead,
+            steps_per_epoch=membership.epoch_steps(self), lookahead=self.lookahead,
             random_state=self.random_state, shuffle=self.shuffle,
             max_non_finite=dask.config.get("daskdist.driver.max-non-finite"))
         return EpochContext(info, spec=self.spec_future, shards=list(self.shards),
                             state=self._state, client=self.client, scratch=self.scratch,
                             _driver=self)
 
-    def _run_epoch_once(self, lr, t0: float, schedule) -> EpochResult:
-        self.tracker.on_settle = self._call_round_hooks if self.round_hooks else None
+    def _run_epoch_once(self, lr, t0: float, schedule) -> EpochResult | None:
+        self.tracker.on_settle = (functools.partial(round_hooks.call, self) if self.round_hooks
+                                 else None)
+        # between two rounds, the workers are looked at where the replicas may change then
+        self.tracker.watch = (functools.partial(membership.watch, self)
+                              if membership.resizes_mid_epoch(self) else None)
         ctx = self.context(lr, schedule)
         try:
-            self.strategy.train_epoch(ctx)
-            if ctx._final is None:
-                raise RuntimeError(f"strategy {self.strategy.name!r} ended epoch {self.epoch} "
-                                   "without ctx.finish(final_state, round).")
-            self._state, self.round = ctx._final
-            self.tracker.settle_all()
+            try:
+                self.strategy.train_epoch(ctx)
+                if ctx._final is None:
+                    raise RuntimeError(f"strategy {self.strategy.name!r} ended epoch "
+                                       f"{self.epoch} without ctx.finish(final_state, round).")
+                self._state, self.round = ctx._final
+                self.tracker.settle_all()
+            except membership.MembersChanged:  # stop after the running round, go on later
+                self._state, self.round = membership.pause(self, ctx)
+                self.tracker.settle_all()
+                self.tracker.reset(self.round, self._state)
+                return None
+            finally:
+                self.tracker.watch = None
             try:  # an untracked round of the last ones may have lost its replica's state
                 final = self._state.result()
             except StateLost as lost:
@@ -414,8 +430,7 @@ class Trainer:
             train_loss=sum(r["loss_sum"] for r in log) / max(samples, 1),
             samples=samples, rounds=self.round_rows(result), duration=duration,
             drift=agreement.check_agreement(self, final), replicas=len(self.shards),
-            change=self.changes[-1] if self.changes and self.changes[-1]["epoch"] == self.epoch
-            else None,
+            changes=[c for c in self.changes if c["epoch"] == self.epoch],
         )
         skipped = [(r["round"], r["skipped"]) for r in epoch.rounds if r["skipped"]]
         if skipped:
@@ -427,20 +442,6 @@ class Trainer:
         self.epoch += 1
         self._epoch_state, self._epoch_round = result, self.round
         return epoch
-
-    def _call_round_hooks(self, state_round: int, future) -> None:
-        """Hand the state of a settled round to the :attr:`round_hooks` that want it."""
-        wanted = [fn for every, fn in self.round_hooks if state_round % every == 0]
-        if not wanted or state_round == self._epoch_state.round:
-            return  # (the epoch's starting state was handed over at the epoch's end)
-        state = recovery.read_state(self.client, future)
-        if state is None or state.round != state_round:
-            return  # gone with a worker: the next one will do
-        state = own_parts.for_round_hook(self, state, self._epoch_state)
-        if state is None:
-            return
-        for fn in wanted:
-            fn(state)
 
     @staticmethod
     def round_rows(state: TrainingState) -> list[dict]:

@@ -117,6 +117,17 @@ class Strategy:
         """
         return None
 
+    def resizes_mid_epoch(self) -> bool:
+        """Whether replicas may join or leave between two rounds of an epoch.
+
+        Where they may, the driver re-plans the shards at the next round
+        boundary after workers joined or left; elsewhere at the next epoch
+        boundary (:mod:`daskdist.driver.membership`). It needs a round loop
+        that can stop after any round with a whole state, and replicas that
+        keep nothing of their own between rounds.
+        """
+        return False
+
     # scikit-learn style parameters, so strategies print, compare and clone well.
     def get_params(self, deep: bool = False) -> dict:
         """The constructor arguments of this strategy."""
@@ -173,6 +184,9 @@ class RoundStrategy(Strategy):
     def train_epoch(self, ctx) -> None:
         """Run the epoch's rounds in the default round loop."""
         run_rounds(ctx, self)
+
+    def resizes_mid_epoch(self) -> bool:
+        return True
 
     def submit_round(self, ctx, state, plans):
         """Queue one round; return its output (by default the next state's placeholder).

@@ -116,6 +116,10 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     def round_steps(self) -> int:
         return self.sync_every
 
+    def resizes_mid_epoch(self) -> bool:
+        # exchanging deltas, replicas keep residuals or optimizer state of their own
+        return not self.exchanges_deltas and self.deadline is None
+
     def submit_round(self, ctx, state, plans):
         if self.overlap:
             groups = self.overlap_groups(list(ctx.info.replica_workers))

@@ -80,6 +80,10 @@ class Sync(DeadlineOption, RoundStrategy):
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch
 
+    def resizes_mid_epoch(self) -> bool:
+        # compressed, replicas keep what they did not send yet
+        return self.compression is None and self.deadline is None
+
     def submit_round(self, ctx, state, plans):
         return self.submit_exchange(ctx, sync_step, state, plans)
 
