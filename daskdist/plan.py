@@ -90,6 +90,10 @@ class RoundPlan:
     fragments : int
         ``diloco``'s fragments: each overlapped round exchanges one of them
         (:mod:`daskdist.worker.fragments`; 1: the whole parameter vector).
+    schedule_stride : float
+        Rows of ``schedule`` per step of this replica: a balanced replica
+        that takes ``k_i`` local steps where the round has ``k`` reads row
+        ``floor(step * k / k_i)`` (:mod:`daskdist.driver.balance`).
     """
 
     run_id: str
@@ -109,6 +113,7 @@ class RoundPlan:
     schedule: StepTable | None = None
     outer: object = None
     fragments: int = 1
+    schedule_stride: float = 1.0
 
     def hyper(self, k: int) -> list[dict] | None:
         """One dict per parameter group: the hyperparameters of the round's step ``k``.
@@ -117,7 +122,7 @@ class RoundPlan:
         """
         if self.schedule is None:
             return None
-        return self.schedule.at(self.first_step + k)
+        return self.schedule.at(int((self.first_step + k) * self.schedule_stride))
 
     def epochs_completed(self) -> int:
         """Epochs completed once this round is done (``epoch``, or one more at its end)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["warm_up", "dask_setup"]
+__all__ = ["warm_up", "is_warm", "dask_setup"]
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -26,6 +26,11 @@ def _build_an_optimizer() -> None:
     import torch
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports torch._dynamo
+
+
+def is_warm() -> bool:
+    """Whether this process's warm-up is over (or was never started)."""
+    return _thread is None or not _thread.is_alive()
 
 
 def warm_up() -> threading.Thread:

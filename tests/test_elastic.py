@@ -356,6 +356,48 @@ def test_a_worker_that_joins_mid_epoch_trains_from_the_next_round(two_workers, d
     assert net.score(X, y) > 0.85
 
 
+def _log_read(block, path, block_info=None):
+    """``block``, after noting which worker (or the client) read which chunk of the store."""
+    from distributed import get_worker
+
+    try:
+        reader = get_worker().address
+    except ValueError:  # the client's check of the values, before any shard is placed
+        reader = "client"
+    with open(path, "a") as log:
+        log.write(f"{block_info[0]['chunk-location'][0]} {reader}\n")
+    return block
+
+
+@pytest.mark.timeout(240)
+def test_a_zarr_fit_that_grows_reads_each_chunk_once_on_its_own_worker(two_workers, digits,
+                                                                       tmp_path):
+    """The joining worker reads nothing from the store: rows move between workers once."""
+    import dask.array as da
+
+    cluster, client = two_workers
+    X, y = digits
+    da.from_array(X, chunks=(100, -1)).to_zarr(str(tmp_path / "X.zarr"))
+    da.from_array(y, chunks=100).to_zarr(str(tmp_path / "y.zarr"))
+    reads = tmp_path / "reads.txt"
+    Xd = da.from_zarr(str(tmp_path / "X.zarr")).map_blocks(
+        _log_read, str(reads), dtype=X.dtype, meta=np.empty((0, 64), X.dtype))
+    yd = da.from_zarr(str(tmp_path / "y.zarr"))
+    first = set(client.scheduler_info(n_workers=-1)["workers"])
+    net = _net(client, module=PacedNet, module__sample_time=0.008, max_epochs=2,
+               streaming=False, callbacks=[GrowAfterFirstEpoch(cluster)]).fit(Xd, yd)
+    rounds = net.rounds_
+    changed = rounds[rounds["membership"] != ""]
+    assert changed["epoch"].tolist() == [1] and rounds["n_replicas"].iloc[-1] == 3
+    assert len(net.recoveries_) == 0
+    log = [line.split() for line in reads.read_text().splitlines()]
+    log = [(chunk, reader) for chunk, reader in log if reader != "client"]
+    chunks = [int(chunk) for chunk, _ in log]
+    assert sorted(chunks) == list(range(Xd.numblocks[0]))  # every chunk read once
+    assert {worker for _, worker in log} <= first  # by the workers it was first placed on
+    assert net.score(X, y) > 0.85
+
+
 @pytest.mark.timeout(300)
 def test_a_worker_killed_after_a_join_ends_where_the_undisturbed_fit_does(two_workers, digits,
                                                                          tmp_path):

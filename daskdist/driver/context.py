@@ -60,6 +60,10 @@ class EpochInfo:
         Each replica's share of the global batch.
     steps_per_epoch : int
         Optimizer steps in an epoch (of the replica with the most).
+    replica_steps : tuple of int or None
+        Balanced replicas' local steps per round, where they differ
+        (:mod:`daskdist.driver.balance`); None: every replica takes the
+        round's steps.
     lookahead : int
         Rounds a strategy may submit ahead of the last finished one.
     random_state : int
@@ -87,6 +91,7 @@ class EpochInfo:
     random_state: int
     shuffle: bool
     max_non_finite: int | None
+    replica_steps: tuple | None = None
 
     @property
     def done(self) -> int:

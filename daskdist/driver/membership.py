@@ -39,11 +39,12 @@ from distributed import KilledWorker
 from distributed.client import FutureCancelledError
 
 from ..data import replan
+from ..torch_warmup import is_warm
 from ..worker.devices import is_cuda
 from . import recovery
 
 __all__ = ["follow_workers", "watch", "pause", "resizes_mid_epoch", "epoch_steps",
-           "MembersChanged", "plan_placement",
+           "MembersChanged", "reshard_to", "steps_per_epoch", "plan_placement",
            "gather_shard_sizes", "check_params", "left_gracefully"]
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ def watch(trainer) -> None:
     Looks at the workers at most every :data:`WATCH_INTERVAL` seconds, and
     plans only when they differ from the last look. Only changes of the
     replica count are taken mid-epoch (a replica that merely moves waits for
-    the epoch's end), and none while a replica's worker died (recovery's).
+    the epoch's end), none while a replica's worker died (recovery's), and
+    joining workers once they are past their start-up (torch's import), so
+    that the replicas train on meanwhile instead of waiting for it.
     """
     now = time.monotonic()
     if now - trainer.scratch.get("members-checked", 0.0) < WATCH_INTERVAL:
@@ -190,9 +193,23 @@ def watch(trainer) -> None:
     live = trainer.live_workers()
     if live == trainer.scratch.get("members-seen"):
         return
+    if _plan(trainer, live, mid_epoch=True) is None:
+        trainer.scratch["members-seen"] = live
+        return
+    joined = sorted(set(live) - set(trainer.replica_workers))
+    if joined and not _warm(trainer.client, joined):
+        return  # the replicas train on while the new workers import torch; look again later
     trainer.scratch["members-seen"] = live
-    if _plan(trainer, live, mid_epoch=True) is not None:
-        raise MembersChanged(f"workers now {live}")
+    raise MembersChanged(f"workers now {live}")
+
+
+def _warm(client, workers: list[str]) -> bool:
+    """Whether ``workers`` are past their start-up (:func:`daskdist.torch_warmup.is_warm`).
+
+    A worker that cannot answer counts as warm: the join then goes ahead.
+    """
+    answers = client.run(is_warm, workers=workers, on_error="return")
+    return all(answer is not False for answer in answers.values())
 
 
 def pause(trainer, ctx) -> tuple:
@@ -218,6 +235,8 @@ def pause(trainer, ctx) -> tuple:
     trainer.queue.release_rounds_after(plan_round)
     tracker.drop_after(kept)
     final = ctx.flush(trainer.strategy.finish_epoch(ctx, output, plans))
+    # the rounds planned again start from this state: fresh keys, never the dropped tasks'
+    trainer.generation += 1
     return final, plan_round + 1
 
 
@@ -316,15 +335,46 @@ def _refused(trainer, why: str, what: str = "the replicas stay where they are") 
                        why)
 
 
-def _reshard(trainer, keep: list, workers: list[str], step: int | None = None) -> None:
+def reshard_to(trainer, weights, replica_steps) -> None:
+    """Re-plan the same replicas' shards in proportion to ``weights`` (:mod:`.balance`).
+
+    ``replica_steps``: each replica's local steps per round from now on.
+    """
+    n = len(trainer.shards)
+    _reshard(trainer, list(range(n)), list(trainer.replica_workers), weights=weights,
+             replica_steps=replica_steps)
+
+
+def steps_per_epoch(sizes, batch, replica_steps=None, round_steps: int = 1) -> int:
+    """Optimizer steps of an epoch over shards of ``sizes`` with per-step ``batch``.
+
+    With ``replica_steps`` (balanced replicas) it is ``round_steps`` times the
+    rounds the slowest-to-finish replica needs.
+    """
+    if replica_steps is None:
+        return max(-(-s // b) for s, b in zip(sizes, batch))
+    return round_steps * max(-(-_ceil(s, b) // k) for s, b, k in zip(sizes, batch, replica_steps))
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _reshard(trainer, keep: list, workers: list[str], step: int | None = None,
+             weights=None, replica_steps=None) -> None:
     """Build the new shards from the old ones, and carry the replicas' own parts over.
 
     ``step``: mid-epoch, the epoch's step reached; each new shard then carries
     the rows the epoch has left (:func:`daskdist.data.replan.remainders`).
+    ``weights``: shard sizes in proportion to them (default: equal shares,
+    or the same sizes for the same replicas); ``replica_steps``: the local
+    steps per round of balanced replicas (None: every replica the strategy's).
     """
     old_sizes = list(trainer.shard_sizes)
     n = len(keep)
-    if n == len(old_sizes) and keep == list(range(n)):
+    if weights is not None:
+        targets = replan.shares(sum(old_sizes), weights)
+    elif n == len(old_sizes) and keep == list(range(n)):
         targets = old_sizes  # same replicas, other workers: every shard moves whole
     else:
         targets = replan.shares(sum(old_sizes), [1] * n)
@@ -383,8 +433,9 @@ def _reshard(trainer, keep: list, workers: list[str], step: int | None = None) -
     trainer.valid_sizes = [s[1] for s in sizes]
     trainer.replica_batch = [trainer.batch_size // n + (1 if i < trainer.batch_size % n else 0)
                              for i in range(n)]
-    trainer.steps_per_epoch = max(-(-s // b)
-                                  for s, b in zip(trainer.shard_sizes, trainer.replica_batch))
+    trainer.replica_steps = replica_steps
+    trainer.steps_per_epoch = steps_per_epoch(trainer.shard_sizes, trainer.replica_batch,
+                                              replica_steps, trainer.strategy.round_steps())
     if step is not None:  # the rest of this epoch: the steps its remainders take
         trainer.epoch_steps = (trainer.epoch, step + max(
             -(-len(rest.positions) // b) for rest, b in zip(left, trainer.replica_batch)))

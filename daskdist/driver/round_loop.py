@@ -35,7 +35,7 @@ def run_rounds(ctx, strategy) -> None:
     first, plans = sum(sizes[:info.done]), None
     round_, state, queued = info.round, ctx.state, []
     for steps in sizes[info.done:]:
-        plans = [ctx.plan(i, round=round_, first_step=first, n_steps=steps,
+        plans = [ctx.plan(i, round=round_, **_steps(info, i, first, steps),
                           **strategy.plan_fields())
                  for i in range(len(ctx.shards))]
         state = strategy.submit_round(ctx, state, plans)
@@ -49,6 +49,20 @@ def run_rounds(ctx, strategy) -> None:
         return
     final = _flush(ctx, strategy, strategy.finish_epoch(ctx, state, plans), queued)
     ctx.finish(final, round_)
+
+
+def _steps(info, replica: int, first: int, steps: int) -> dict:
+    """A replica's steps of the round that starts at the epoch's step ``first``.
+
+    Balanced replicas (``info.replica_steps``) take their own number of
+    steps per round; the epoch's ``steps_per_epoch`` is then ``steps`` times
+    its rounds.
+    """
+    if info.replica_steps is None:
+        return {"first_step": first, "n_steps": steps}
+    k = info.replica_steps[replica]
+    return {"first_step": first // steps * k, "n_steps": k,
+            "epoch_steps": info.steps_per_epoch // steps * k, "schedule_stride": steps / k}
 
 
 def _flush(ctx, strategy, state, queued: list):

@@ -39,7 +39,7 @@ from ..spec import ModelSpec
 from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
 from ..worker.runtime import drop_run
-from . import agreement, membership, own_parts, recovery, round_hooks
+from . import agreement, balance, membership, own_parts, recovery, round_hooks
 from .context import EpochContext, EpochInfo
 from .holdout import score_holdout
 from .placement import plan_devices
@@ -143,6 +143,8 @@ class Trainer:
         self.changes: list[dict] = []
         #: ``(epoch, steps)`` of an epoch whose replicas changed mid-way.
         self.epoch_steps: tuple | None = None
+        #: Balanced replicas' local steps per round (:mod:`.balance`; None: the strategy's).
+        self.replica_steps: list | None = None
         #: One record per recovery from a lost worker (see :meth:`run_epoch`).
         self.recoveries: list[dict] = []
 
@@ -191,8 +193,7 @@ class Trainer:
         self.valid_sizes = [s[1] for s in sizes]
         if min(self.shard_sizes) < 1:
             raise ValueError("A shard has no training samples left after the hold-out split.")
-        self.steps_per_epoch = max(-(-s // b)
-                                   for s, b in zip(self.shard_sizes, self.replica_batch))
+        self.steps_per_epoch = membership.steps_per_epoch(self.shard_sizes, self.replica_batch)
         # Counters continue from the state, so that shuffles and per-round
         # seeds of a continued (or resumed) fit are those of an uninterrupted one.
         # A state saved mid-epoch logs the rounds its epoch has done so far.
@@ -344,6 +345,7 @@ class Trainer:
         """
         limit = dask.config.get("daskdist.driver.recoveries")
         self._follow_workers()
+        balance.rebalance(self)
         # where a recovery goes back to when no newer state is held: the epoch's start, or
         # the round where the replicas last changed
         base_round, base_state = self._epoch_round, self._epoch_state
@@ -385,6 +387,7 @@ class Trainer:
             start=self._epoch_state, replica_workers=tuple(self.replica_workers),
             shard_sizes=tuple(self.shard_sizes), replica_batch=tuple(self.replica_batch),
             steps_per_epoch=membership.epoch_steps(self), lookahead=self.lookahead,
+            replica_steps=None if self.replica_steps is None else tuple(self.replica_steps),
             random_state=self.random_state, shuffle=self.shuffle,
             max_non_finite=dask.config.get("daskdist.driver.max-non-finite"))
         return EpochContext(info, spec=self.spec_future, shards=list(self.shards),

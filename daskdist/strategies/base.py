@@ -45,6 +45,9 @@ class Strategy:
     #: Round deadline, a multiple of the running median of round durations
     #: (``sync`` and ``local_sgd``; None: every round waits for every replica).
     deadline: float | None = None
+    #: Shard sizes and local steps that follow each replica's measured speed
+    #: (``local_sgd``, ``hierarchical``, ``diloco``; :mod:`daskdist.driver.balance`).
+    balance: bool = False
 
     def train_epoch(self, ctx) -> None:
         """Run one epoch (one attempt at it) through ``ctx``; end with ``ctx.finish``.

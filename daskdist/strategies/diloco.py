@@ -85,6 +85,10 @@ class DiLoCo(LocalSGD):
     groups : None, "host" or list of list of int
         Sum the changes within groups of replicas before the exchange
         (needs ``overlap=True``; not with ``fragments``). None: no groups.
+    balance : bool
+        Inner steps and shard sizes that follow each replica's measured
+        speed (as for :class:`~daskdist.strategies.LocalSGD`); the
+        pseudo-gradient weights each replica's change by its samples.
     """
 
     name = "diloco"
@@ -92,14 +96,15 @@ class DiLoCo(LocalSGD):
     def __init__(self, sync_every: int = 8, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True,
                  compression: str | None = None, density: float = 0.01,
-                 overlap: bool = False, fragments: int = 1, groups=None):
+                 overlap: bool = False, fragments: int = 1, groups=None,
+                 balance: bool = False):
         self.outer_lr = outer_lr
         self.groups = groups
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
         self.fragments = fragments
         super().__init__(sync_every=sync_every, compression=compression, density=density,
-                         overlap=overlap)
+                         overlap=overlap, balance=balance)
 
     @property
     def exchanges_deltas(self) -> bool:

@@ -112,6 +112,9 @@ class Hierarchical(LocalSGD):
         they are, optimizer state included).
     density : float
         Share of delta entries ``"topk"`` sends per group and round.
+    balance : bool
+        Local steps and shard sizes that follow each replica's measured
+        speed (as for :class:`~daskdist.strategies.LocalSGD`).
     overlap : bool
         Fold each round's average in two rounds late, so that the group
         sums and the exchange run behind compute. A group's sum is a task on
@@ -126,10 +129,10 @@ class Hierarchical(LocalSGD):
     name = "hierarchical"
 
     def __init__(self, sync_every: int = 8, groups=None, compression: str | None = None,
-                 density: float = 0.01, overlap: bool = False):
+                 density: float = 0.01, overlap: bool = False, balance: bool = False):
         self.groups = groups
         super().__init__(sync_every=sync_every, compression=compression, density=density,
-                         overlap=overlap)
+                         overlap=overlap, balance=balance)
 
     def validate(self) -> None:
         super().validate()

@@ -74,6 +74,11 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     overlap : bool
         Fold each round's average in one round late, so that the exchange
         runs while the next round computes.
+    balance : bool
+        Balance replicas of mixed speed: from the second epoch on, each
+        replica's local steps per round and shard size follow its measured
+        speed, so that all finish a round together; the average weights each
+        by the samples it trained on (:mod:`daskdist.driver.balance`).
     """
 
     name = "local_sgd"
@@ -81,12 +86,14 @@ class LocalSGD(DeadlineOption, RoundStrategy):
     finalize = staticmethod(average_parameters)
 
     def __init__(self, sync_every: int = 8, compression: str | None = None,
-                 density: float = 0.01, deadline: float | None = None, overlap: bool = False):
+                 density: float = 0.01, deadline: float | None = None, overlap: bool = False,
+                 balance: bool = False):
         self.sync_every = sync_every
         self.compression = compression
         self.density = density
         self.deadline = deadline
         self.overlap = overlap
+        self.balance = balance
         self.validate()
 
     @property
@@ -108,6 +115,13 @@ class LocalSGD(DeadlineOption, RoundStrategy):
         self.check_deadline()
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be True or False, got {self.overlap!r}.")
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"balance must be True or False, got {self.balance!r}.")
+        if self.balance and (self.deadline is not None or self.overlap):
+            raise ValueError(
+                "balance=True cannot be combined with a deadline or overlap=True: balancing "
+                "plans each replica's local steps per round so that none waits for another, "
+                "which the deadline's loop and the overlapped rounds plan otherwise.")
         if self.overlap and self.deadline is not None:
             raise ValueError("overlap=True cannot be combined with a deadline: an overlapped "
                              "round already goes on without waiting for the average, so no "
@@ -118,7 +132,7 @@ class LocalSGD(DeadlineOption, RoundStrategy):
 
     def resizes_mid_epoch(self) -> bool:
         # exchanging deltas, replicas keep residuals or optimizer state of their own
-        return not self.exchanges_deltas and self.deadline is None
+        return not self.exchanges_deltas and self.deadline is None and not self.balance
 
     def submit_round(self, ctx, state, plans):
         if self.overlap:
