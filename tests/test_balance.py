@@ -13,7 +13,7 @@ import pytest
 
 from daskdist import DaskNeuralNetClassifier
 from daskdist.driver import balance
-from daskdist.driver.membership import steps_per_epoch
+from daskdist.driver.reshard import steps_per_epoch
 from daskdist.plan import RoundPlan, StepTable
 from daskdist.strategies import LocalSGD
 from daskdist.testing import PacedNet

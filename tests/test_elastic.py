@@ -357,16 +357,22 @@ def test_a_worker_that_joins_mid_epoch_trains_from_the_next_round(two_workers, d
 
 
 def _log_read(block, path, block_info=None):
-    """``block``, after noting which worker (or the client) read which chunk of the store."""
-    from distributed import get_worker
+    """``block``, after noting which process read which chunk of the input."""
+    import os
 
-    try:
-        reader = get_worker().address
-    except ValueError:  # the client's check of the values, before any shard is placed
-        reader = "client"
     with open(path, "a") as log:
-        log.write(f"{block_info[0]['chunk-location'][0]} {reader}\n")
+        log.write(f"{block_info[0]['chunk-location'][0]} {os.getpid()}\n")
     return block
+
+
+def _reads(client, path) -> list:
+    """``(chunk, worker)`` of each chunk read on a worker (the client's reads left out)."""
+    import os
+
+    workers = {str(pid): w for w, pid in client.run(os.getpid).items()}
+    log = [line.split() for line in path.read_text().splitlines()]
+    assert all(pid in workers or pid == str(os.getpid()) for _, pid in log)
+    return [(int(chunk), workers[pid]) for chunk, pid in log if pid in workers]
 
 
 @pytest.mark.timeout(240)
@@ -390,12 +396,104 @@ def test_a_zarr_fit_that_grows_reads_each_chunk_once_on_its_own_worker(two_worke
     changed = rounds[rounds["membership"] != ""]
     assert changed["epoch"].tolist() == [1] and rounds["n_replicas"].iloc[-1] == 3
     assert len(net.recoveries_) == 0
-    log = [line.split() for line in reads.read_text().splitlines()]
-    log = [(chunk, reader) for chunk, reader in log if reader != "client"]
-    chunks = [int(chunk) for chunk, _ in log]
+    log = _reads(client, reads)
+    chunks = [chunk for chunk, _ in log]
     assert sorted(chunks) == list(range(Xd.numblocks[0]))  # every chunk read once
     assert {worker for _, worker in log} <= first  # by the workers it was first placed on
     assert net.score(X, y) > 0.85
+
+
+@pytest.mark.timeout(240)
+def test_streamed_shards_follow_a_join_and_the_new_worker_reads_its_own_chunks(
+        two_workers, digits, tmp_path):
+    """Streamed shards move as chunk readers: the new replica reads its chunks itself."""
+    import dask.array as da
+
+    cluster, client = two_workers
+    X, y = digits
+    reads = tmp_path / "reads.txt"
+    Xd = da.from_array(X, chunks=(100, -1)).map_blocks(
+        _log_read, str(reads), dtype=X.dtype, meta=np.empty((0, 64), X.dtype))
+    yd = da.from_array(y, chunks=100)
+    first = set(client.scheduler_info(n_workers=-1)["workers"])
+
+    def grow():
+        from daskdist.torch_warmup import is_warm
+
+        _scale_to(cluster, client, 3)()
+        while not all(client.run(is_warm).values()):  # a cold worker's rounds may be stolen
+            time.sleep(0.1)
+
+    class ForgetReadsBeforeTheLastEpoch(Callback):
+        def on_epoch_begin(self, net, **kwargs):
+            if len(net.history) == 3:
+                reads.write_text("")
+
+    net = _net(client, max_epochs=3, streaming=True,
+               callbacks=[AtEpochEnd(grow), ForgetReadsBeforeTheLastEpoch()]).fit(Xd, yd)
+    assert net.history[:, "replicas"] == [2, 3, 3]
+    assert len(net.recoveries_) == 0
+    rounds = net.rounds_
+    assert rounds.groupby("epoch")["samples"].sum().tolist() == [len(X)] * 3
+    log = set(_reads(client, reads))  # the last epoch's
+    assert {chunk for chunk, _ in log} == set(range(Xd.numblocks[0]))
+    assert len({chunk for chunk, _ in log}) == len(log)  # each by one worker only
+    # the joining worker read a third of the chunks itself, from the input
+    new = {chunk for chunk, worker in log if worker not in first}
+    assert 4 <= len(new) <= 8, sorted(new)
+    assert net.score(X, y) > 0.85
+
+
+def _random_data(n):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 20)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def _started_trainer(client, X, y, data):
+    """A local_sgd Trainer of a TinyNet, started on ``X`` and ``y``."""
+    from daskdist.driver.trainer import Trainer
+    from daskdist.spec import ModelSpec
+    from daskdist.state import module_to_state
+    from daskdist.strategies import LocalSGD
+
+    spec = ModelSpec(TinyNet())
+    module, optimizer = spec.build()
+    trainer = Trainer(client, spec, LocalSGD(sync_every=2), batch_size=16, data=data)
+    return trainer.start(X, y, module_to_state(module, optimizer))
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_shard_made_by_a_join_is_rebuilt_from_its_chunks(two_workers):
+    """What recovery does when the worker of a re-planned streamed shard dies."""
+    import dask.array as da
+
+    from daskdist.data.sources import ShardOptions
+    from daskdist.driver import membership, recovery
+    cluster, client = two_workers
+    X, y = _random_data(600)
+    trainer = _started_trainer(client, da.from_array(X, chunks=(50, -1)),
+                               da.from_array(y, chunks=50),
+                               ShardOptions(holdout=0.2, streaming=True))
+    try:
+        before = client.gather(trainer.shards)
+        _scale_to(cluster, client, 3)()
+        assert membership.follow_workers(trainer)["after"] == 3
+        made = client.gather(trainer.shards)
+        assert sorted(c for s in made for c in s.reader.chunk_ids) == list(range(12))
+        assert [len(s.reader) for s in made] == [4, 4, 4]
+        # the hold-outs moved with their chunks: the same rows are held out
+        np.testing.assert_array_equal(np.sort(np.concatenate([s.X_valid for s in made]), 0),
+                                      np.sort(np.concatenate([s.X_valid for s in before]), 0))
+        for i in range(3):
+            rebuilt = recovery.submit_shard(trainer, i, trainer.replica_workers[(i + 1) % 3])
+            again = rebuilt.result()
+            assert again.reader.chunk_ids == made[i].reader.chunk_ids
+            np.testing.assert_array_equal(again.X_valid, made[i].X_valid)
+            for v, w in zip(again.valid_positions, made[i].valid_positions):
+                np.testing.assert_array_equal(v, w)
+            rebuilt.release()
+    finally:
+        trainer.close()
 
 
 @pytest.mark.timeout(300)
@@ -425,20 +523,9 @@ def test_a_reshaped_shard_is_rebuilt_from_the_source_row_for_row(two_workers, ho
     """What recovery does when Dask cannot recompute a shard made by a join."""
     from daskdist.data.sources import ShardOptions
     from daskdist.driver import membership, recovery
-    from daskdist.driver.trainer import Trainer
-    from daskdist.spec import ModelSpec
-    from daskdist.state import module_to_state
-    from daskdist.strategies import LocalSGD
-
     cluster, client = two_workers
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(301, 20)).astype(np.float32)
-    y = rng.integers(0, 3, 301)
-    spec = ModelSpec(TinyNet())
-    module, optimizer = spec.build()
-    trainer = Trainer(client, spec, LocalSGD(sync_every=2), batch_size=16,
-                      data=ShardOptions(holdout=holdout))
-    trainer.start(X, y, module_to_state(module, optimizer))
+    X, y = _random_data(301)
+    trainer = _started_trainer(client, X, y, ShardOptions(holdout=holdout))
     try:
         _scale_to(cluster, client, 3)()
         change = membership.follow_workers(trainer, step)

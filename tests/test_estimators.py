@@ -35,7 +35,8 @@ def test_fit_records_history_and_rounds(client, tiny_data):
     assert net.history[-1, "train_loss"] < net.history[0, "train_loss"]
     assert list(net.rounds_.columns) == ["round", "epoch", "replicas", "skipped", "samples", "loss",
                                          "bytes", "sync_s", "compute_s", "staleness", "dropped",
-                                         "drift", "n_replicas", "membership"]
+                                         "drift", "n_replicas", "membership",
+                                         "replica_compute_s"]
     assert len(net.rounds_) == sum(net.history[:, "rounds"])
     assert net.rounds_["round"].tolist() == list(range(len(net.rounds_)))
     assert (net.rounds_["compute_s"] > 0).all() and (net.rounds_["sync_s"] >= 0).all()

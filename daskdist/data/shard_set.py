@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..seeds import seed_for
+
 __all__ = ["ShardOptions", "ShardSet"]
 
 
@@ -113,6 +115,21 @@ class ShardSet:
             client, index, self.plan[index], worker, run_id=run_id, valid_positions=valid,
             holdout=o.holdout, stratify=o.stratify, seed=self.random_state + index,
             **o.convert)
+
+    def submit_chunks(self, client, index: int, chunks, worker: str, *, run_id: str):
+        """Build streamed shard ``index`` of the input's ``chunks`` on ``worker``; its future.
+
+        For a streamed shard re-planned from other shards' chunks
+        (:mod:`daskdist.driver.membership`): each chunk keeps the hold-out
+        rows it had in the shard it was first placed in.
+        """
+        o = self.options
+        origin = {c: i for i, placed in enumerate(self.source.stream_chunks()) for c in placed}
+        seeds = [seed_for(self.random_state + origin[c], c) for c in chunks]
+        return self.source.submit_stream(
+            client, index, chunks, worker, run_id=run_id, holdout=o.holdout,
+            stratify=o.stratify, chunk_seeds=seeds,
+            key=(f"daskdist-shard-{run_id}-rebuilt", int(index)), **o.convert)
 
     def submit_all(self, client, workers: list[str], *, run_id: str) -> list:
         """Build every shard, shard ``i`` on ``workers[i]``; their futures.

@@ -319,6 +319,18 @@ class DaskArraySource(Source):
             workers=[worker], allow_other_workers=True, pure=False,
         )
 
+    def stream_chunks(self) -> list[list[int]]:
+        """The input's chunks of each streamed shard, as placed."""
+        return [list(reader.chunk_ids) for reader in self._readers]
+
+    def submit_stream(self, client, index: int, chunks, worker: str, *, run_id: str, key,
+                      **shard_kwargs):
+        """Build a streamed shard of the input's ``chunks`` on ``worker``; its future."""
+        reader = chunk_readers(self.X, self.y, [list(chunks)])[0]
+        return client.submit(make_stream_shard, reader, replica=index,
+                             buffer_chunks=self.buffer_chunks, **shard_kwargs, key=key,
+                             workers=[worker], allow_other_workers=True, pure=False)
+
     def _raw(self, client, index, rows, worker, valid_positions):
         if not np.all(rows[:-1] <= rows[1:]):
             raise ValueError("Shards of a dask array must list rows in increasing order.")

@@ -46,7 +46,8 @@ from ..worker.runtime import on_drop_run
 from .holdout import holdout_split
 from .shards import aligned, aligned_empty, convert_rows
 
-__all__ = ["ChunkReader", "StreamShard", "chunk_readers", "make_stream_shard", "drop_streams"]
+__all__ = ["ChunkReader", "StreamShard", "StreamPiece", "chunk_readers", "make_stream_shard",
+           "stream_piece", "join_stream_pieces", "drop_streams"]
 
 
 class ChunkReader:
@@ -78,6 +79,19 @@ class ChunkReader:
 
     def __len__(self) -> int:
         return len(self.graphs)
+
+    def subset(self, slots) -> ChunkReader:
+        """The reader of chunks ``slots`` of this one (their graphs, not their data)."""
+        return ChunkReader([self.graphs[s] for s in slots], [self.x_keys[s] for s in slots],
+                           [self.y_keys[s] for s in slots], [self.sizes[s] for s in slots],
+                           [self.chunk_ids[s] for s in slots])
+
+    @classmethod
+    def joined(cls, readers) -> ChunkReader:
+        """One reader of the chunks of ``readers``, in order."""
+        return cls([g for r in readers for g in r.graphs], [k for r in readers for k in r.x_keys],
+                   [k for r in readers for k in r.y_keys], [s for r in readers for s in r.sizes],
+                   [c for r in readers for c in r.chunk_ids])
 
     def read(self, slot: int):
         """Features and targets (or ``None``) of the shard's chunk ``slot``."""
@@ -191,12 +205,14 @@ def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
                       preprocessor=None, x_dtype=np.float32, index_features: bool = False,
                       classes=None, y_dtype=None, y_2d: bool = False,
                       holdout: float | None = None, stratify: bool = False,
-                      seed: int = 0) -> StreamShard:
+                      seed: int = 0, chunk_seeds=None) -> StreamShard:
     """Build a :class:`StreamShard` on the worker (the ``daskdist-shard`` task).
 
     With a ``holdout``, reads the shard's chunks once, one at a time, to keep
     each chunk's hold-out rows; otherwise reads nothing. The parameters are
-    those of :func:`daskdist.data.shards.make_shard`.
+    those of :func:`daskdist.data.shards.make_shard`; ``chunk_seeds`` gives
+    each chunk's hold-out seed (default: from ``seed`` and the chunk's index),
+    so that a shard made of other shards' chunks holds out the same rows.
     """
     convert = {"preprocessor": preprocessor, "x_dtype": x_dtype,
                "index_features": index_features, "classes": classes, "y_dtype": y_dtype,
@@ -207,8 +223,9 @@ def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
             valid_positions.append(np.zeros(0, dtype=np.int64))
             continue
         X, y = convert_rows(*reader.read(slot), **convert)
+        chunk_seed = seed_for(seed, chunk) if chunk_seeds is None else chunk_seeds[slot]
         _, valid = holdout_split(size, holdout, labels=y if stratify else None,
-                                 random_state=seed_for(seed, chunk))
+                                 random_state=chunk_seed)
         valid_positions.append(valid)
         xs.append(X[valid])
         ys.append(None if y is None else y[valid])
@@ -219,6 +236,44 @@ def make_stream_shard(reader: ChunkReader, *, replica: int, buffer_chunks: int,
         X_valid, y_valid = _empty_rows(reader, convert)
     return StreamShard(reader, valid_positions, X_valid, y_valid, replica, int(buffer_chunks),
                        convert)
+
+
+@dataclass
+class StreamPiece:
+    """Some chunks of a streamed shard on their way to another: readers and hold-out rows."""
+
+    reader: ChunkReader
+    valid_positions: list
+    X_valid: np.ndarray
+    y_valid: np.ndarray | None
+    buffer_chunks: int
+    convert: dict
+
+
+def stream_piece(shard: StreamShard, slots) -> StreamPiece:
+    """Chunks ``slots`` of ``shard``, with their hold-out rows; reads no chunk.
+
+    Used when replicas join or leave (:mod:`daskdist.driver.membership`): a
+    re-planned streamed shard is made of whole chunks of the old ones, which
+    its replica then reads itself.
+    """
+    counts = np.cumsum([0] + [len(v) for v in shard.valid_positions])
+    rows = np.concatenate([np.arange(counts[s], counts[s + 1]) for s in slots] or
+                          [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    return StreamPiece(shard.reader.subset(slots), [shard.valid_positions[s] for s in slots],
+                       shard.X_valid[rows], None if shard.y_valid is None else shard.y_valid[rows],
+                       shard.buffer_chunks, shard.convert)
+
+
+def join_stream_pieces(pieces: list[StreamPiece], replica: int) -> StreamShard:
+    """One streamed shard of ``pieces`` (in order), for ``replica``."""
+    y_valid = [p.y_valid for p in pieces]
+    return StreamShard(
+        ChunkReader.joined([p.reader for p in pieces]),
+        [v for p in pieces for v in p.valid_positions],
+        np.concatenate([p.X_valid for p in pieces]),
+        None if y_valid[0] is None else np.concatenate(y_valid),
+        replica, pieces[0].buffer_chunks, pieces[0].convert)
 
 
 def _empty_rows(reader: ChunkReader, convert: dict):

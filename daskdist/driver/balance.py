@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 
-from . import membership
+from . import reshard
 
 __all__ = ["SPREAD", "measured_speeds", "local_steps", "rebalance"]
 
@@ -113,7 +113,7 @@ def rebalance(trainer) -> dict | None:
     steps = local_steps(speeds, batch, k)
     if steps == list(current):
         return None
-    membership.reshard_to(trainer, [s * b for s, b in zip(steps, batch)], steps)
+    reshard.reshard_to(trainer, [s * b for s, b in zip(steps, batch)], steps)
     change = {"epoch": trainer.epoch, "steps": steps, "rows": list(trainer.shard_sizes)}
     logger.info("daskdist run %s: replicas balanced before epoch %d: local steps %s, shard "
                 "rows %s (speeds %s samples/s)", trainer.run_id, trainer.epoch + 1, steps,

@@ -164,6 +164,9 @@ def replace_lost_shards(trainer) -> None:
 
 def submit_shard(trainer, index: int, worker: str):
     """Build shard ``index`` on ``worker`` again, from the data source."""
+    if trainer.stream_chunks is not None:  # a streamed shard re-planned from others' chunks
+        return trainer.shard_set.submit_chunks(trainer.client, index, trainer.stream_chunks[index],
+                                               worker, run_id=trainer.key_prefix)
     recipe = trainer.recipes[index] if trainer.recipes is not None else None
     if recipe is None:
         return trainer.shard_set.submit(trainer.client, index, worker, run_id=trainer.key_prefix)

@@ -39,7 +39,7 @@ from ..spec import ModelSpec
 from ..state import TrainingState
 from ..worker.devices import is_cuda, worker_info
 from ..worker.runtime import drop_run
-from . import agreement, balance, membership, own_parts, recovery, round_hooks
+from . import agreement, balance, membership, own_parts, recovery, reshard, round_hooks
 from .context import EpochContext, EpochInfo
 from .holdout import score_holdout
 from .placement import plan_devices
@@ -145,6 +145,8 @@ class Trainer:
         self.epoch_steps: tuple | None = None
         #: Balanced replicas' local steps per round (:mod:`.balance`; None: the strategy's).
         self.replica_steps: list | None = None
+        #: The input's chunks of each streamed shard, once replicas changed.
+        self.stream_chunks: list | None = None
         #: One record per recovery from a lost worker (see :meth:`run_epoch`).
         self.recoveries: list[dict] = []
 
@@ -188,12 +190,12 @@ class Trainer:
         self.shards = self.shard_set.submit_all(self.client, self.replica_workers,
                                                 run_id=self.key_prefix)
         self.shard_losses = recovery.ShardLosses(n)
-        sizes = membership.gather_shard_sizes(self)
+        sizes = reshard.gather_shard_sizes(self)
         self.shard_sizes = [s[0] for s in sizes]
         self.valid_sizes = [s[1] for s in sizes]
         if min(self.shard_sizes) < 1:
             raise ValueError("A shard has no training samples left after the hold-out split.")
-        self.steps_per_epoch = membership.steps_per_epoch(self.shard_sizes, self.replica_batch)
+        self.steps_per_epoch = reshard.steps_per_epoch(self.shard_sizes, self.replica_batch)
         # Counters continue from the state, so that shuffles and per-round
         # seeds of a continued (or resumed) fit are those of an uninterrupted one.
         # A state saved mid-epoch logs the rounds its epoch has done so far.
