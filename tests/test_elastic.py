@@ -206,6 +206,23 @@ def test_a_worker_that_joins_after_the_first_epoch_gets_a_replica(two_workers, d
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["async", "ddp"])
+def test_strategies_without_shared_rounds_take_a_join_at_the_epoch_boundary(
+        two_workers, digits, strategy):
+    cluster, client = two_workers
+    X, y = digits
+    net = _net(client, strategy=strategy, max_epochs=3,
+               callbacks=[AtEpochEnd(_scale_to(cluster, client, 3))]).fit(X, y)
+    assert net.history[:, "replicas"] == [2, 3, 3]
+    assert len(net.recoveries_) == 0
+    rounds = net.rounds_
+    assert rounds.loc[rounds["epoch"] == 2, "n_replicas"].eq(3).all()
+    if strategy == "async":  # every replica's updates are applied from the join on
+        assert set(rounds.loc[rounds["epoch"] >= 1, "replicas"]) == {(0,), (1,), (2,)}
+    assert net.score(X, y) > 0.85
+
+
+@pytest.mark.timeout(240)
 def test_a_worker_retired_between_epochs_loses_no_round(three_workers, digits):
     client = three_workers
     X, y = digits

@@ -12,7 +12,9 @@ dies (an Actor's state would die with its worker).
 
 A replica moves through its own shard at its own pace: the state keeps, per
 replica, its pass over the shard, its next step and the rounds it has had
-applied (:attr:`~daskdist.state.TrainingState.cursors`). An epoch ends once
+applied (:attr:`~daskdist.state.TrainingState.cursors`); when the replicas
+change between epochs (:mod:`daskdist.driver.membership`), every replica
+starts a fresh pass over its new shard. An epoch ends once
 the updates applied in it cover as many samples as the training set; a fast
 replica then has trained on more of its shard (going on into its next pass)
 than a slow one. At the end of an epoch the driver lets the rounds in flight
@@ -58,9 +60,6 @@ class ParameterServer(Strategy):
 
     name = ""
 
-    def elastic_refusal(self) -> str | None:
-        return (f"strategy={self.name!r} replicas keep their own place in their shards across "
-                "epochs (the state's cursors), which a changed replica count would break")
     #: Updates carry a staleness, which the history summarises per epoch.
     asynchronous = True
 
