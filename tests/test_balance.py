@@ -64,10 +64,17 @@ def test_balance_refuses_what_it_cannot_plan(options, match):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("strategy", ["local_sgd", "hierarchical", "diloco"])
-def test_balanced_replicas_finish_their_rounds_together(session_client, digits, strategy):
+@pytest.mark.parametrize("strategy, streamed", [("local_sgd", False), ("hierarchical", False),
+                                               ("diloco", False), ("local_sgd", True)])
+def test_balanced_replicas_finish_their_rounds_together(session_client, digits, strategy,
+                                                        streamed):
+    import dask.array as da
+
     client = session_client
     X, y = digits
+    # streamed shards are balanced in whole chunks
+    data = ((da.from_array(X, chunks=(60, -1)), da.from_array(y, chunks=60)) if streamed
+            else (X, y))
     slow = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
     options = {}
     if strategy == "diloco":  # its outer step as local_sgd's average
@@ -78,7 +85,7 @@ def test_balanced_replicas_finish_their_rounds_together(session_client, digits, 
         module__sample_time=0.0005, module__slow_worker=slow, module__slowdown=3.0,
         max_epochs=3, batch_size=64, lr=0.2, strategy=strategy, sync_every=8,
         strategy__balance=True, train_split=None, verbose=0, random_state=0,
-        scheduler_address=client.scheduler.address, **options).fit(X, y)
+        streaming=streamed, scheduler_address=client.scheduler.address, **options).fit(*data)
     rounds = net.rounds_
     first = rounds[rounds["epoch"] == 0]
     later = rounds[rounds["epoch"] >= 1]

@@ -88,7 +88,7 @@ def reshard(trainer, keep: list, workers: list[str], step: int | None = None,
     steps per round of balanced replicas (None: every replica the strategy's).
     """
     if trainer.shard_set.streaming:
-        _restream(trainer, keep, workers, weights)
+        _restream(trainer, keep, workers, weights, replica_steps)
         return
     old_sizes = list(trainer.shard_sizes)
     n = len(keep)
@@ -150,7 +150,8 @@ def reshard(trainer, keep: list, workers: list[str], step: int | None = None,
     _carry_own(trainer, keep, plan, len(old_sizes))
 
 
-def _restream(trainer, keep: list, workers: list[str], weights=None) -> None:
+def _restream(trainer, keep: list, workers: list[str], weights=None,
+              replica_steps=None) -> None:
     """:func:`reshard` for streamed shards: new shards of whole chunks of the old ones.
 
     The chunks are planned as rows are (a staying replica keeps a prefix of
@@ -183,7 +184,7 @@ def _restream(trainer, keep: list, workers: list[str], weights=None) -> None:
             workers=[workers[j]], allow_other_workers=True, pure=False))
     trainer.stream_chunks = [[chunks[o][s] for o, start, stop in ranges
                               for s in range(start, stop)] for ranges in plan]
-    _adopt(trainer, shards, workers)
+    _adopt(trainer, shards, workers, replica_steps)
     _carry_own(trainer, keep, plan, len(counts))
 
 
