@@ -6,13 +6,19 @@ with batches of 256. The table prints samples/s of:
 
 - the whole model in one process (plain torch, one thread): the speed of one
   worker holding everything;
-- ``strategy="pipeline"`` with 1, 2, 4 and 8 micro-batches per step;
+- ``strategy="pipeline"`` with 1, 2, 4 and 8 micro-batches per step, under
+  GPipe's schedule and under 1F1B (``strategy__schedule="1f1b"``);
 - ``strategy="sync"`` with one replica: the whole model on one worker,
   through the same Dask machinery;
 
 each as a ratio of ``pipeline`` with one micro-batch (the stages then work one
-after the other), beside GPipe's bubble ``(S - 1) / (M + S - 1)``, the share
-of a step a stage waits, which bounds the speed-up at ``S (1 - bubble)``.
+after the other), beside the bubble ``(S - 1) / (M + S - 1)``, the share
+of a step a stage waits, which bounds the speed-up at ``S (1 - bubble)``, and
+each stage's peak memory in the step: the bytes of activations autograd kept
+saved for backward passes (``rounds_["activation_bytes"]``, counted with
+``saved_tensors_hooks``) and, in the last line, its parameters, gradients and
+optimizer state. GPipe's peak grows with the micro-batches; 1F1B's stays at
+``S - s`` micro-batches on stage ``s``.
 Every row trains the same model from the same start (so their losses agree).
 
 Run: ``python benchmarks/bench_pipeline.py [--epochs 2]``.
@@ -60,8 +66,8 @@ def _plain(X, y, epochs: int) -> float:
     return epochs * SAMPLES / (time.perf_counter() - t0)
 
 
-def _fit(client, X, y, epochs: int, strategy: str, **options) -> tuple[float, float]:
-    """Samples/s of the epochs after the first, and the last epoch's loss."""
+def _fit(client, X, y, epochs: int, strategy: str, **options):
+    """Samples/s of the epochs after the first, the last epoch's loss, stages' peak bytes."""
     from daskdist import DaskNeuralNetClassifier
 
     net = DaskNeuralNetClassifier(
@@ -70,7 +76,8 @@ def _fit(client, X, y, epochs: int, strategy: str, **options) -> tuple[float, fl
         random_state=0, scheduler_address=client.scheduler.address, **options)
     net.fit(X, y)
     seconds = sum(net.history[1:, "dur"])
-    return epochs * SAMPLES / seconds, net.history[-1, "train_loss"]
+    peaks = np.array(net.rounds_["activation_bytes"].tolist() or [[]]).max(axis=0, initial=0)
+    return epochs * SAMPLES / seconds, net.history[-1, "train_loss"], peaks
 
 
 def main() -> None:
@@ -83,24 +90,30 @@ def main() -> None:
 
     X, y = _data()
     stages = 2
-    rows = [("plain torch, whole model, 1 thread", _plain(X, y, args.epochs), None, None)]
+    rows = [("plain torch, whole model, 1 thread", _plain(X, y, args.epochs), None, None, ())]
     with embedded_cluster(n_workers=2) as cluster, Client(cluster) as client:
-        for m in (1, 2, 4, 8):
-            speed, loss = _fit(client, X, y, args.epochs, "pipeline",
-                               strategy__n_stages=stages, strategy__n_micro_batches=m)
-            rows.append((f"daskdist pipeline, 2 stages, {m} micro-batches", speed, loss,
-                         (stages - 1) / (m + stages - 1)))
-        speed, loss = _fit(client, X, y, args.epochs, "sync")
-        rows.append(("daskdist sync, 1 replica (whole model)", speed, loss, None))
+        for schedule, micro in (("gpipe", (1, 2, 4, 8)), ("1f1b", (4, 8))):
+            for m in micro:
+                speed, loss, peaks = _fit(
+                    client, X, y, args.epochs, "pipeline", strategy__n_stages=stages,
+                    strategy__n_micro_batches=m, strategy__schedule=schedule)
+                rows.append((f"pipeline {schedule}, {stages} stages, {m} micro-batches", speed,
+                             loss, (stages - 1) / (m + stages - 1), peaks))
+        speed, loss, _ = _fit(client, X, y, args.epochs, "sync")
+        rows.append(("daskdist sync, 1 replica (whole model)", speed, loss, None, ()))
     base = rows[1][1]
-    print(f"{'run':48} {'samples/s':>10} {'x 1 micro':>10} {'bubble':>7} {'loss':>8}")
-    for name, speed, loss, bubble in rows:
-        print(f"{name:48} {speed:10.0f} {speed / base:10.2f} "
+    print(f"{'run':44} {'samples/s':>10} {'x 1 micro':>10} {'bubble':>7} {'loss':>8} "
+          f"{'activations MiB per stage':>26}")
+    for name, speed, loss, bubble, peaks in rows:
+        print(f"{name:44} {speed:10.0f} {speed / base:10.2f} "
               f"{'' if bubble is None else f'{bubble:.2f}':>7} "
-              f"{'' if loss is None else f'{loss:.4f}':>8}")
-    print(f"model: {LAYERS} x Linear({WIDTH}, {WIDTH}), "
-          f"{sum(p.numel() for p in _module().parameters()) / 1e6:.1f}M parameters; "
-          f"{SAMPLES} samples, batches of {BATCH}, {args.epochs} timed epochs")
+              f"{'' if loss is None else f'{loss:.4f}':>8} "
+              f"{' / '.join(f'{p / 2**20:.1f}' for p in peaks):>26}")
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in _module()]
+    print(f"model: {LAYERS} x Linear({WIDTH}, {WIDTH}), {sum(layers) / 1e6:.1f}M parameters; "
+          f"{SAMPLES} samples, batches of {BATCH}, {args.epochs} timed epochs; "
+          "parameters + gradients per stage (SGD, no optimizer state): "
+          f"{2 * 4 * sum(layers) / stages / 2**20:.0f} MiB (balanced stages)")
 
 
 if __name__ == "__main__":

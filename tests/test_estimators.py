@@ -36,7 +36,7 @@ def test_fit_records_history_and_rounds(client, tiny_data):
     assert list(net.rounds_.columns) == ["round", "epoch", "replicas", "skipped", "samples", "loss",
                                          "bytes", "sync_s", "compute_s", "staleness", "dropped",
                                          "drift", "n_replicas", "membership",
-                                         "replica_compute_s"]
+                                         "replica_compute_s", "activation_bytes"]
     assert len(net.rounds_) == sum(net.history[:, "rounds"])
     assert net.rounds_["round"].tolist() == list(range(len(net.rounds_)))
     assert (net.rounds_["compute_s"] > 0).all() and (net.rounds_["sync_s"] >= 0).all()

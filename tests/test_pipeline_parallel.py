@@ -115,6 +115,7 @@ def test_stage_grid_gives_each_stage_its_own_worker_when_there_are_enough():
     ({"n_stages": 0}, "n_stages must be a positive integer"),
     ({"n_micro_batches": 1.5}, "n_micro_batches must be a positive integer"),
     ({"n_stages": 3, "split_points": [2]}, "give 2 stages, but n_stages=3"),
+    ({"schedule": "interleaved"}, r"schedule must be one of \['gpipe', '1f1b'\]"),
 ])
 def test_pipeline_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
@@ -122,16 +123,18 @@ def test_pipeline_options_are_checked(options, message):
 
 
 # -- on the cluster ---------------------------------------------------------------------------
-@pytest.mark.parametrize("n_stages, n_micro, n_replicas, batch_size", [
-    (2, 4, None, 64),  # one pipeline of two stages, a stage per worker
-    (3, 3, None, 50),  # three stages on two workers; micro-batches of 17, 17 and 16 rows
-    (2, 4, 2, 37),  # two pipelines (data parallelism too); slices of 19 and 18 rows
+@pytest.mark.parametrize("n_stages, n_micro, n_replicas, batch_size, schedule", [
+    (2, 4, None, 64, "gpipe"),  # one pipeline of two stages, a stage per worker
+    (3, 3, None, 50, "gpipe"),  # three stages on two workers; micro-batches of 17, 17, 16 rows
+    (2, 4, 2, 37, "gpipe"),  # two pipelines (data parallelism too); slices of 19 and 18 rows
+    (3, 7, None, 64, "1f1b"),  # more micro-batches than stages: stages wait for backwards
+    (2, 5, 2, 37, "1f1b"),  # two 1F1B pipelines
 ])
-def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size):
+def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size, schedule):
     X, y = make_classification(600)
     kwargs = dict(batch_size=batch_size, n_replicas=n_replicas or 1)
     sync = _net(client, "sync", **kwargs).fit(X, y)
-    pipe = _net(client, "pipeline", strategy__n_stages=n_stages,
+    pipe = _net(client, "pipeline", strategy__n_stages=n_stages, strategy__schedule=schedule,
                 strategy__n_micro_batches=n_micro, **kwargs).fit(X, y)
     np.testing.assert_allclose(params_vector(pipe.module_), params_vector(sync.module_),
                                atol=1e-5)
@@ -144,6 +147,44 @@ def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size)
     assert pipe.optimizer_.state_dict()["param_groups"][0]["params"] == list(range(6))
     # activations and gradients crossed workers
     assert (pipe.rounds_["bytes"] > 0).all()
+
+
+def test_1f1b_bounds_the_activations_a_stage_holds(client):
+    """Stage ``s`` of ``S`` holds at most ``S - s`` micro-batches' activations under 1F1B.
+
+    The bytes are what autograd saved for the backward passes
+    (``saved_tensors_hooks``); a stage's bytes for one micro-batch of 8 rows
+    are measured with batches of 8 rows that are not split.
+    """
+    X, y = make_classification(640)  # ten batches of 64 rows
+
+    def peaks(X, y, batch_size, n_micro, schedule):
+        net = _net(client, "pipeline", max_epochs=1, batch_size=batch_size,
+                   strategy__n_stages=3, strategy__split_points=[2, 4],
+                   strategy__n_micro_batches=n_micro, strategy__schedule=schedule).fit(X, y)
+        return np.array(net.rounds_["activation_bytes"].tolist()).max(axis=0)
+
+    per_micro = peaks(X[:64], y[:64], 8, 1, "gpipe")
+    assert (per_micro > 0).all()
+    one_f_one_b, gpipe = peaks(X, y, 64, 8, "1f1b"), peaks(X, y, 64, 8, "gpipe")
+    assert (one_f_one_b <= np.array([3, 2, 1]) * per_micro).all(), (one_f_one_b, per_micro)
+    assert one_f_one_b[-1] == per_micro[-1]  # the last stage goes backward at once
+    assert (gpipe <= 8 * per_micro).all()
+    assert (one_f_one_b >= per_micro).all()
+    # other strategies keep no stages
+    assert _net(client, "sync", max_epochs=1).fit(X, y).rounds_["activation_bytes"].map(
+        len).eq(0).all()
+
+
+def test_saved_activations_count_each_tensor_once_and_skip_parameters():
+    from daskdist.worker.stage_tasks import SavedActivations
+
+    module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x = torch.randn(4, 5)
+    with SavedActivations(list(module.parameters())) as saved:
+        module(x).sum().backward()
+    # the input (4 x 5) and the Tanh output (4 x 7, saved by Tanh and the last Linear)
+    assert saved.nbytes == 4 * (4 * 5 + 4 * 7)
 
 
 def test_bf16_activations_and_their_gradients_travel_in_half_the_bytes(client):

@@ -11,7 +11,7 @@ __all__ = ["EpochResult", "ROUND_COLUMNS", "RECOVERY_COLUMNS", "round_rows", "me
 #: Columns of the ``rounds_`` table: one row per synchronisation round.
 ROUND_COLUMNS = ("round", "epoch", "replicas", "skipped", "samples", "loss", "bytes", "sync_s",
                  "compute_s", "staleness", "dropped", "drift", "n_replicas", "membership",
-                 "replica_compute_s")
+                 "replica_compute_s", "activation_bytes")
 #: Columns of the ``recoveries_`` table: one row per recovery from a lost worker
 #: (the epoch, the round counter training went on from, finished rounds that
 #: had to be run again, and what was lost).
@@ -87,6 +87,8 @@ def round_rows(state: TrainingState) -> list[dict]:
             "membership": "",
             # each replica's own compute in the round, in replica order
             "replica_compute_s": tuple(float(p[3]) for p in r.get("per_replica", ())),
+            # ``pipeline``: each stage's peak bytes of saved activations in the step
+            "activation_bytes": tuple(r.get("activation_bytes", ())),
         })
         prev_end = r["t_end"]
     return rows

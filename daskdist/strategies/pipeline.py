@@ -1,4 +1,4 @@
-"""``pipeline``: pipeline (model) parallelism, GPipe-style, through Dask tasks.
+"""``pipeline``: pipeline (model) parallelism, GPipe or 1F1B, through Dask tasks.
 
 The model, a :class:`torch.nn.Sequential`, is cut into ``n_stages`` stages of
 consecutive children (:mod:`daskdist.worker.stages`), each trained on a worker of its
@@ -11,6 +11,15 @@ already works on micro-batch 2. When every micro-batch is back, each stage
 takes one optimizer step with its accumulated gradient (Huang et al. 2019,
 "GPipe"). Dask's scheduler runs the schedule: a task starts as soon as its
 micro-batch arrives and its worker is free.
+
+Under GPipe's schedule a stage may run every forward pass of a step before
+the first backward pass comes back, so it holds the activations of up to
+``n_micro_batches`` micro-batches. ``schedule="1f1b"`` (one forward, one
+backward: PipeDream-flush, Narayanan et al. 2021) makes stage ``s`` of ``S``
+wait, before the forward pass of micro-batch ``m``, for its backward pass of
+micro-batch ``m - (S - s)``: a task dependency, so the stage never holds more
+than ``S - s`` micro-batches of activations, whatever ``n_micro_batches``.
+The arithmetic is the same, so both schedules take the same steps.
 
 The micro-batches' losses are scaled by their share of the step's rows, so
 the accumulated gradient is that of the whole batch's mean loss, and a step
@@ -90,6 +99,11 @@ class Pipeline(Strategy):
     split_points : list of int, optional
         Indices of the children at which stages 2, 3, ... begin (default:
         stages with about equal parameter counts).
+    schedule : {"gpipe", "1f1b"}
+        The order of a stage's forward and backward passes: ``"gpipe"``
+        lets a stage hold every micro-batch's activations of a step;
+        ``"1f1b"`` at most ``n_stages - s`` on stage ``s`` (peak memory per
+        stage: ``rounds_["activation_bytes"]``).
 
     Notes
     -----
@@ -105,11 +119,20 @@ class Pipeline(Strategy):
         return ("strategy='pipeline' keeps its stages on the workers it placed them on; "
                 "workers that join are used by the next fit")
 
-    def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None):
+    #: The schedules a stage's passes may follow.
+    schedules = ("gpipe", "1f1b")
+
+    def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None,
+                 schedule: str = "gpipe"):
         self.n_stages = n_stages
         self.n_micro_batches = n_micro_batches
         self.split_points = split_points
+        self.schedule = schedule
         self.validate()
+
+    def in_flight(self, stage: int) -> int | None:
+        """Micro-batches stage ``stage`` may hold activations of (None: every one of a step)."""
+        return self.n_stages - stage if self.schedule == "1f1b" else None
 
     def validate(self) -> None:
         for name in ("n_stages", "n_micro_batches"):
@@ -122,6 +145,9 @@ class Pipeline(Strategy):
                 raise ValueError(
                     f"split_points {points} give {len(points) + 1} stages, but "
                     f"n_stages={self.n_stages}.")
+        if self.schedule not in self.schedules:
+            raise ValueError(f"schedule must be one of {list(self.schedules)}, got "
+                             f"{self.schedule!r}.")
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch
@@ -237,8 +263,11 @@ class PipelineEpoch(DrivenEpoch):
             for m in range(M):
                 message = batch
                 for s in range(S):
+                    window = self.strategy.in_flight(s)
+                    after = backs[s][m - window] if window and m >= window else None
                     message = ctx.submit(
-                        stage_tasks.forward, fit.specs[s], message, ready[i][s], **self.ids,
+                        stage_tasks.forward, fit.specs[s], message, ready[i][s], after,
+                        **self.ids,
                         replica=i, stage=s, n_stages=S, micro=m, n_micro=M, plan=plan,
                         step_rows=step_rows, key=ctx.key("stage-forward", round_, i, s, m),
                         worker=row[s])

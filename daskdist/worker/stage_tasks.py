@@ -46,7 +46,8 @@ from .runtime import on_drop_run, worker_address
 from .stages import StageLayout, StagePart, build_stage
 from .stepping import clip_gradients, set_hyper
 
-__all__ = ["Activation", "BFloat16Array", "Backward", "StageGradient", "load_stage",
+__all__ = ["Activation", "BFloat16Array", "Backward", "SavedActivations", "StageGradient",
+           "load_stage",
            "step_batch", "forward", "backward", "stage_gradient", "update", "export_stage",
            "keep_stages", "drop_run"]
 
@@ -92,6 +93,7 @@ class Activation:
     bytes_moved: int
     t_start: float
     compute_s: tuple  # seconds each stage spent on this micro-batch so far
+    saved_bytes: tuple  # each stage's saved activations after its forward pass of it
 
     def __sizeof__(self) -> int:
         return object.__sizeof__(self) + _nbytes(self.x) + _nbytes(self.y)
@@ -115,6 +117,7 @@ class Backward:
     bytes_moved: int
     t_start: float
     compute_s: tuple
+    saved_bytes: tuple
 
     def __sizeof__(self) -> int:
         return object.__sizeof__(self) + _nbytes(self.grad)
@@ -145,6 +148,7 @@ class _Stage:
         self.params = list(self.module.parameters())
         self.lock = threading.Lock()
         self.saved: dict = {}  # micro-batch -> (input, output) of its forward pass
+        self.saved_bytes: dict = {}  # micro-batch -> bytes autograd saved for its backward
         self.round: int | None = None  # the round whose step the stage is at
         self.attempt: str | None = None  # the driver's attempt at the epoch it loaded
         self.records: list = []  # the epoch's round log (replica 0, stage 0)
@@ -220,6 +224,7 @@ def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
         # (what a given-up attempt accumulated must not add to this one's gradients)
         stage.optimizer.zero_grad(set_to_none=True)
         stage.saved.clear()
+        stage.saved_bytes.clear()
         stage.records, stage.skipped, stage.round = [], part.skipped, round
         stage.attempt = attempt
     return round
@@ -250,17 +255,56 @@ def _add(times: tuple, stage: int, seconds: float) -> tuple:
     return times[:stage] + (times[stage] + seconds,) + times[stage + 1:]
 
 
-def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, stage: int,
-            n_stages: int, micro: int, n_micro: int, plan, step_rows: int, attempt: str):
+class SavedActivations:
+    """Count the bytes autograd saves for a backward pass (``saved_tensors_hooks``).
+
+    Used as a context manager around a stage's forward pass. Parameters
+    (and views of them, as ``Linear`` saves its weight) are not counted:
+    they are held anyway. A tensor saved twice (a ``Tanh`` output that the
+    next ``Linear`` saves as its input) counts once.
+    """
+
+    def __init__(self, params):
+        self.skip = {p.data_ptr() for p in params}
+        self.seen: set = set()
+        self.nbytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor):
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if key[0] not in self.skip and key not in self.seen:
+            self.seen.add(key)
+            self.nbytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def _unpack(tensor):
+    return tensor
+
+
+def forward(spec: ModelSpec, source, ready: int, after=None, *, run_id: str, replica: int,
+            stage: int, n_stages: int, micro: int, n_micro: int, plan, step_rows: int,
+            attempt: str):
     """A stage's forward pass of one micro-batch.
 
     The ``daskdist-stage-forward`` task. ``source`` is the step's batch (the
     first stage) or the previous stage's :class:`Activation`; ``ready`` the
-    round the stage's last update left it at. The last stage also computes
+    round the stage's last update left it at; ``after``, under the ``1f1b``
+    schedule, the stage's backward pass of an earlier micro-batch that must
+    end first (only its order matters). The last stage also computes
     the loss, scaled by the micro-batch's share of the step's rows
     (``step_rows``, over every replica), and its backward pass, and returns
     the first :class:`Backward`; the others keep the autograd graph for the
-    backward pass and return their :class:`Activation`.
+    backward pass and return their :class:`Activation`. Both carry, for each
+    stage, the bytes of activations it held saved right after this
+    micro-batch's forward pass: its peak, since only forward passes add.
     """
     t_start = time.time()
     state = _stage(run_id, replica, stage)
@@ -270,17 +314,18 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
     if first:
         X, y = _micro(source, micro, n_micro)
         moved, t_first, times = 0, t_start, (0.0,) * n_stages
+        held = (0,) * n_stages
         X = None if X is None or not len(X) else X
     else:
         X = None if source.x is None else from_wire(source.x)
         y = None if source.y is None else read_tensor(source.y)
         moved = _arrive(source, _nbytes(source.x) + _nbytes(source.y))
-        t_first, times = source.t_start, source.compute_s
+        t_first, times, held = source.t_start, source.compute_s, source.saved_bytes
     here = worker_address()
     if X is None:  # an empty micro-batch (the replica's slice is smaller than n_micro)
         if last:
-            return Backward(None, 0, 0.0, True, here, moved, t_first, times)
-        return Activation(None, None, 0, here, moved, t_first, times)
+            return Backward(None, 0, 0.0, True, here, moved, t_first, times, held)
+        return Activation(None, None, 0, here, moved, t_first, times, held)
     device = state.device
     t0 = time.perf_counter()
     with state.lock:
@@ -291,15 +336,18 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
         x = to_device(X, device)
         if not first:
             x.requires_grad_(True)
-        with autocast(spec.precision, device):
+        with autocast(spec.precision, device), SavedActivations(state.params) as saved:
             out = state.module(x)
             if last:
                 loss = spec.loss(out, to_device(y, device))
+        state.saved_bytes[micro] = saved.nbytes
+        held = _add(held, stage, sum(state.saved_bytes.values()))
         if not last:
             state.saved[micro] = (x, out)
             times = _add(times, stage, time.perf_counter() - t0)
             return Activation(to_wire(out), None if y is None else y.numpy(), len(X), here,
-                              moved, t_first, times)
+                              moved, t_first, times, held)
+        del state.saved_bytes[micro]  # (the last stage's backward pass follows at once)
         rows = len(X)
         loss_sum = float(loss.item()) * rows
         finite = bool(np.isfinite(loss_sum))
@@ -308,7 +356,7 @@ def forward(spec: ModelSpec, source, ready: int, *, run_id: str, replica: int, s
             finite = grads_finite(state.params)
         grad = to_wire(x.grad) if finite and not first else None
     times = _add(times, stage, time.perf_counter() - t0)
-    return Backward(grad, rows, loss_sum, finite, here, moved, t_first, times)
+    return Backward(grad, rows, loss_sum, finite, here, moved, t_first, times, held)
 
 
 def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, stage: int,
@@ -327,6 +375,7 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
     with state.lock:
         state.at(plan.round, attempt, "backward")
         saved = state.saved.pop(micro, None)
+        state.saved_bytes.pop(micro, None)
         if message.rows and saved is None:
             raise StateLost(f"Stage {stage} holds no forward pass of micro-batch {micro} of "
                             f"round {plan.round}.")
@@ -339,7 +388,7 @@ def backward(spec: ModelSpec, message: Backward, *, run_id: str, replica: int, s
                 grad = to_wire(x.grad)
     times = _add(times, stage, time.perf_counter() - t0)
     return Backward(grad, message.rows, message.loss_sum, finite, here, moved,
-                    message.t_start, times)
+                    message.t_start, times, message.saved_bytes)
 
 
 def stage_gradient(spec: ModelSpec, *after, run_id: str, replica: int, stage: int,
@@ -386,6 +435,7 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
             state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.saved.clear()
+        state.saved_bytes.clear()
         state.round = plan.round + 1
         if replica == 0 and stage == 0:
             _log_step(state, plan, messages, n_micro, finite, extra_bytes)
@@ -416,6 +466,9 @@ def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool,
         # the busiest stage's compute: the rest of the step is the pipeline's bubble and
         # the tasks' overhead
         "compute_s": max(c for _, _, _, c in per_replica),
+        # each stage's peak of saved activations in the step, over the replicas
+        "activation_bytes": tuple(max(m.saved_bytes[s] for m in messages)
+                                  for s in range(len(messages[0].saved_bytes))),
         "t_start": min(m.t_start for m in messages), "t_end": time.time(),
         "per_replica": tuple(per_replica),
     }
