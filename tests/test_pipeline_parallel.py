@@ -11,7 +11,7 @@ from daskdist.spec import ModelSpec
 from daskdist.state import module_to_state, params_vector
 from daskdist.strategies import Pipeline
 from daskdist.strategies.pipeline import stage_grid
-from daskdist.testing import TinyNet, TinySequential, make_classification
+from daskdist.testing import TinyBlockStack, TinyNet, TinySequential, make_classification
 from daskdist.worker.stages import (
     balanced_split,
     join_states,
@@ -21,11 +21,11 @@ from daskdist.worker.stages import (
 )
 
 
-def _net(client, strategy, **kwargs):
+def _net(client, strategy, module=TinySequential, **kwargs):
     params = dict(max_epochs=2, lr=0.05, batch_size=64, optimizer__momentum=0.9,
                   iterator_train__shuffle=True, strategy=strategy, train_split=None, verbose=0,
                   random_state=0, scheduler_address=client.scheduler.address)
-    return DaskNeuralNetClassifier(TinySequential, **{**params, **kwargs})
+    return DaskNeuralNetClassifier(module, **{**params, **kwargs})
 
 
 # -- where the stages split, and the state with them ---------------------------------------
@@ -47,11 +47,58 @@ def test_plan_stages_splits_where_told_or_balanced():
     assert [layout.children for layout in three] == [("0", "1"), ("2", "3"), ("4", "5")]
     # the stages' slices tile the flat parameter vector, in order
     n = sum(p.numel() for p in spec.module.parameters())
-    assert [(x.start, x.stop) for x in three] == [(0, 336), (336, 608), (608, n)]
+    assert [x.slices for x in three] == [((0, 336),), ((336, 608),), ((608, n),)]
+
+
+def test_a_module_with_stages_is_split_at_its_declared_units():
+    torch.manual_seed(0)
+    module = TinyBlockStack(n_blocks=3)
+    spec = ModelSpec(module, torch.optim.SGD, {"momentum": 0.9})
+    layouts = plan_stages(spec, 3, split_points=[2, 4])
+    assert [x.children for x in layouts] == [("embed", "blocks.0"), ("blocks.1", "blocks.2"),
+                                             ("head",)]
+    # the head is registered first: its parameters lead the flat vector, the last stage's
+    head = sum(p.numel() for p in module.head.parameters())
+    assert layouts[2].slices == ((0, head),) and layouts[0].slices[0][0] == head
+    # each stage's module runs its units in order, named as in the whole model
+    x = torch.randn(5, 20)
+    out = x
+    for layout in layouts:
+        stage = stage_spec(spec, layout).module
+        assert {n.rsplit(".", 1)[0].split(".")[0] for n, _ in stage.named_parameters()} <= {
+            "embed", "blocks", "head"}
+        out = stage(out)
+    torch.testing.assert_close(out, module(x))
+    # the state splits into the stages' parts and joins back whole
+    state = module_to_state(*spec.build())
+    whole = join_states(state, [split_state(state, x) for x in layouts], layouts)
+    np.testing.assert_array_equal(whole.params, state.params)
+    assert sum(x.n_params for x in layouts) == state.params.size
+
+
+class _Units(nn.Module):
+    def __init__(self, declared):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.declared = declared
+
+    def stages(self):
+        return self.declared(self)
+
+
+@pytest.mark.parametrize("declared, message", [
+    (lambda m: [m.a], r"leaves out \['b.weight', 'b.bias'\]"),
+    (lambda m: [m.a, m.a, m.b], "returns 'a' twice"),
+    (lambda m: [m.a, nn.Linear(4, 4), m.b], "must return sub-modules of the model"),
+    (lambda m: [m, m.a], "must return sub-modules of the model"),
+])
+def test_stages_that_do_not_cover_the_model_are_refused(declared, message):
+    with pytest.raises(ValueError, match=message):
+        plan_stages(ModelSpec(_Units(declared)), 2)
 
 
 @pytest.mark.parametrize("module, n_stages, points, message", [
-    (TinyNet(), 2, None, "splits a torch.nn.Sequential.*TinyNet"),
+    (TinyNet(), 2, None, "splits a torch.nn.Sequential.*TinyNet, which has neither.*stages()"),
     (TinySequential(), 7, None, "n_stages=7 is more than the 6 children"),
     (TinySequential(), 2, [0], "must increase strictly and lie in 1..5"),
     (TinySequential(), 3, [4, 2], "must increase strictly"),
@@ -129,10 +176,13 @@ def test_pipeline_options_are_checked(options, message):
     (2, 4, 2, 37, "gpipe"),  # two pipelines (data parallelism too); slices of 19 and 18 rows
     (3, 7, None, 64, "1f1b"),  # more micro-batches than stages: stages wait for backwards
     (2, 5, 2, 37, "1f1b"),  # two 1F1B pipelines
+    (3, 4, None, 64, "blocks"),  # a TinyBlockStack split at its stages()
 ])
 def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size, schedule):
     X, y = make_classification(600)
     kwargs = dict(batch_size=batch_size, n_replicas=n_replicas or 1)
+    if schedule == "blocks":
+        kwargs["module"], schedule = TinyBlockStack, "1f1b"
     sync = _net(client, "sync", **kwargs).fit(X, y)
     pipe = _net(client, "pipeline", strategy__n_stages=n_stages, strategy__schedule=schedule,
                 strategy__n_micro_batches=n_micro, **kwargs).fit(X, y)
@@ -144,7 +194,12 @@ def test_pipeline_equals_sync(client, n_stages, n_micro, n_replicas, batch_size,
         assert pipe.rounds_[column].tolist() == sync.rounds_[column].tolist()
     np.testing.assert_allclose(pipe.rounds_["loss"], sync.rounds_["loss"], rtol=1e-4)
     # the optimizer state (momentum) came back whole too
-    assert pipe.optimizer_.state_dict()["param_groups"][0]["params"] == list(range(6))
+    n_tensors = len(list(pipe.module_.parameters()))
+    assert pipe.optimizer_.state_dict()["param_groups"][0]["params"] == list(range(n_tensors))
+    momenta = pipe.optimizer_.state_dict()["state"]
+    for i, entry in sync.optimizer_.state_dict()["state"].items():
+        torch.testing.assert_close(momenta[i]["momentum_buffer"], entry["momentum_buffer"],
+                                   atol=1e-5, rtol=1e-4)
     # activations and gradients crossed workers
     assert (pipe.rounds_["bytes"] > 0).all()
 

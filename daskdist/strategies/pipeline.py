@@ -1,8 +1,9 @@
 """``pipeline``: pipeline (model) parallelism, GPipe or 1F1B, through Dask tasks.
 
-The model, a :class:`torch.nn.Sequential`, is cut into ``n_stages`` stages of
-consecutive children (:mod:`daskdist.worker.stages`), each trained on a worker of its
-own; a worker holds only its stage's parameters and optimizer state. Every
+The model, a :class:`torch.nn.Sequential` or a module whose ``stages()`` method
+returns its units in order, is cut into ``n_stages`` stages of consecutive
+units (:mod:`daskdist.worker.stages`), each trained on a worker of its own;
+a worker holds only its stage's parameters and optimizer state. Every
 step, each replica's slice of the global batch is cut into
 ``n_micro_batches`` micro-batches that flow forward through the stages and
 whose gradients flow back, as tasks pinned to the stages' workers
@@ -92,12 +93,12 @@ class Pipeline(Strategy):
     Parameters
     ----------
     n_stages : int
-        Stages the ``Sequential`` is cut into.
+        Stages the model is cut into.
     n_micro_batches : int
         Micro-batches each replica's slice of a step is cut into (more: a
         smaller bubble, more and smaller tasks).
     split_points : list of int, optional
-        Indices of the children at which stages 2, 3, ... begin (default:
+        Indices of the units at which stages 2, 3, ... begin (default:
         stages with about equal parameter counts).
     schedule : {"gpipe", "1f1b"}
         The order of a stage's forward and backward passes: ``"gpipe"``

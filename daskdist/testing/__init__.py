@@ -20,6 +20,7 @@ from distributed import WorkerPlugin
 from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
+           "TinyBlockStack", "ResidualBlock",
            "FailOnLargeInput", "StragglerNet", "PacedNet", "make_classification",
            "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files",
            "nll_loss", "reference_steps"]
@@ -51,6 +52,48 @@ class TinySequential(torch.nn.Sequential):
                   torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
                   torch.nn.Linear(hidden, n_outputs)]
         super().__init__(*layers, *([torch.nn.Softmax(dim=-1)] if softmax else []))
+
+
+class ResidualBlock(torch.nn.Module):
+    """A transformer-style block without attention: ``x + mlp(layer_norm(x))``."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+
+    def forward(self, x):
+        """The block's output for a batch of ``width`` features."""
+        return x + self.mlp(self.norm(x))
+
+
+class TinyBlockStack(torch.nn.Module):
+    """A stack of residual blocks that declares its pipeline stages with ``stages()``.
+
+    Not a ``Sequential``: an input projection, ``n_blocks``
+    :class:`ResidualBlock` in a ``ModuleList``, and a head (registered
+    first, so its parameters come first in the model's own order) that
+    gives class probabilities.
+    """
+
+    def __init__(self, n_features=20, width=16, n_blocks=3, n_outputs=3):
+        super().__init__()
+        self.head = torch.nn.Sequential(torch.nn.LayerNorm(width),
+                                        torch.nn.Linear(width, n_outputs),
+                                        torch.nn.Softmax(dim=-1))
+        self.embed = torch.nn.Linear(n_features, width)
+        self.blocks = torch.nn.ModuleList(ResidualBlock(width) for _ in range(n_blocks))
+
+    def stages(self):
+        """The sub-modules that, called one after another, make the forward pass."""
+        return [self.embed, *self.blocks, self.head]
+
+    def forward(self, X):
+        """Class probabilities for a batch."""
+        for unit in self.stages():
+            X = unit(X)
+        return X
 
 
 class TinyBatchNormNet(torch.nn.Module):

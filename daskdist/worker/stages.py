@@ -1,8 +1,11 @@
-"""Splitting a ``torch.nn.Sequential`` into pipeline stages, and its state with it.
+"""Splitting a model into pipeline stages, and its state with it.
 
 A pipeline-parallel fit (``strategy="pipeline"``) trains each stage — a run of
-consecutive children of the model's :class:`torch.nn.Sequential` — on a worker
-of its own. This module owns the bookkeeping that lets every step run
+consecutive *units* of the model — on a worker of its own. The units are the
+children of a :class:`torch.nn.Sequential`, or the sub-modules that a
+model's ``stages()`` method returns, in order: called one after another on
+the input, they must give the model's forward pass (:func:`stage_units`).
+This module owns the bookkeeping that lets every step run
 without any worker holding the whole model (only at an epoch's start and end
 does one worker cut the whole state into parts and put it together again):
 where the stages split (:func:`plan_stages`), the per-stage model
@@ -13,9 +16,13 @@ name, an optimizer ``state_dict``) is cut into stage parts at the start of an
 epoch (:func:`split_state`) and put together again at its end
 (:func:`join_states`).
 
-Slicing a ``Sequential`` keeps its children's names, so a stage's parameters
-and buffers are named as in the whole model (``"2.weight"``), and skorch's
+A stage's module (:class:`StageModule`) keeps its units at their paths in the
+whole model, so a stage's parameters and buffers are named as in the whole
+model (``"2.weight"``, ``"blocks.0.mlp.0.weight"``), and skorch's
 ``optimizer__param_groups`` patterns match them as they do the whole model.
+A stage's parameters need not be contiguous in the whole model's flat
+parameter vector (a head registered before the blocks it follows): each
+layout lists its slices of it.
 A stage's optimizer has every parameter group of the whole model's (those
 without parameters of the stage are empty), so per-group learning rates and
 options carry over unchanged.
@@ -31,9 +38,8 @@ import torch
 from ..spec import ModelSpec, param_groups
 from ..state import TrainingState
 
-__all__ = ["StageLayout", "StagePart", "plan_stages", "balanced_split", "stage_spec",
-           "finish_stages",
-           "split_state", "join_states"]
+__all__ = ["StageLayout", "StageModule", "StagePart", "stage_units", "plan_stages",
+           "balanced_split", "stage_spec", "finish_stages", "split_state", "join_states"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,11 @@ class StageLayout:
     index : int
         The stage's position in the pipeline.
     children : tuple of str
-        Names of the ``Sequential``'s children that make up the stage.
-    start, stop : int
-        The stage's slice of the flat parameter vector.
+        Paths in the whole model of the units that make up the stage (a
+        ``Sequential``'s child names, or ``"blocks.0"``).
+    slices : tuple of (int, int)
+        The stage's slices of the whole model's flat parameter vector, in
+        the order of the stage module's parameters.
     groups : tuple of tuple of str
         For each parameter group of the whole model's optimizer, the names of
         the stage's parameters in it (in order; maybe none).
@@ -64,8 +72,7 @@ class StageLayout:
 
     index: int
     children: tuple
-    start: int
-    stop: int
+    slices: tuple
     groups: tuple
     group_options: tuple
     optimizer_index: tuple
@@ -74,8 +81,83 @@ class StageLayout:
 
     @property
     def n_params(self) -> int:
-        """Entries of the stage's slice of the parameter vector."""
-        return self.stop - self.start
+        """Entries of the stage's slices of the parameter vector."""
+        return sum(b - a for a, b in self.slices)
+
+
+class StageModule(torch.nn.Module):
+    """A stage: its units at their paths in the whole model, called one after another.
+
+    ``StageModule([("blocks.0", block0), ("blocks.1", block1)])`` names its
+    parameters ``blocks.0.…`` and ``blocks.1.…``, as the whole model does;
+    its forward pass is ``block1(block0(x))``.
+    """
+
+    def __init__(self, units):
+        super().__init__()
+        self.paths = tuple(path for path, _ in units)
+        for path, module in units:
+            *parents, leaf = path.split(".")
+            node = self
+            for name in parents:
+                if name not in node._modules:
+                    node.add_module(name, torch.nn.Module())
+                node = node._modules[name]
+            node.add_module(leaf, module)
+
+    def forward(self, x):
+        """The stage's units, one after another."""
+        for path in self.paths:
+            x = self.get_submodule(path)(x)
+        return x
+
+
+def stage_units(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The units a model's stages are cut from, in order: ``(path, sub-module)`` pairs.
+
+    A ``Sequential``'s children; or, for another module, what its
+    ``stages()`` method returns: sub-modules of the model that, called one
+    after another on the input, give its forward pass. Every parameter and
+    buffer must sit in one of them. Raises ``ValueError`` saying how to make
+    a model splittable otherwise.
+    """
+    if isinstance(module, torch.nn.Sequential):
+        return list(module._modules.items())
+    declared = getattr(module, "stages", None)
+    if not callable(declared):
+        raise ValueError(
+            f"strategy='pipeline' splits a torch.nn.Sequential into stages, or a module whose "
+            f"stages() method returns its ordered sub-modules; the module is a "
+            f"{type(module).__name__}, which has neither. Write the model as "
+            "nn.Sequential(...) of its layers, or give it a stages() method returning the "
+            "sub-modules that, called one after another on the input, make its forward pass "
+            "(see the pipeline section of docs/strategies.md).")
+    paths = {id(m): name for name, m in module.named_modules()}
+    units, seen = [], set()
+    for unit in declared():
+        if not isinstance(unit, torch.nn.Module) or not paths.get(id(unit)):
+            raise ValueError(
+                f"{type(module).__name__}.stages() must return sub-modules of the model "
+                f"(attributes of it, at any depth), got {type(unit).__name__}.")
+        if id(unit) in seen:
+            raise ValueError(f"{type(module).__name__}.stages() returns "
+                             f"{paths[id(unit)]!r} twice; each sub-module is one unit.")
+        seen.add(id(unit))
+        units.append((paths[id(unit)], unit))
+    for a, _ in units:
+        for b, _ in units:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"{type(module).__name__}.stages() returns {a!r} and "
+                                 f"{b!r}, which lies inside it.")
+    covered = {id(t) for _, unit in units
+               for t in (*unit.parameters(), *unit.buffers())}
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+            if id(t) not in covered]
+    if not units or left:
+        raise ValueError(
+            f"{type(module).__name__}.stages() leaves out {left or 'everything'}: every "
+            "parameter and buffer must sit in one of the sub-modules it returns.")
+    return units
 
 
 @dataclass
@@ -155,25 +237,22 @@ def _check_split_points(split_points, n_children: int, n_stages: int) -> list[in
 
 
 def plan_stages(spec: ModelSpec, n_stages: int, split_points=None) -> list[StageLayout]:
-    """The stages of the spec's ``Sequential``, split at ``split_points`` or balanced.
+    """The stages of the spec's model, split at ``split_points`` or balanced.
 
-    Raises ``ValueError`` (before anything is sent to the cluster) for a
-    module that is not a ``Sequential``, more stages than children, invalid
-    split points, a stage without parameters, or a parameter shared by two
-    stages.
+    The model is a ``Sequential`` or declares its units with ``stages()``
+    (:func:`stage_units`). Raises ``ValueError`` (before anything is sent to
+    the cluster) for a model that is neither, more stages than units,
+    invalid split points, a stage without parameters, or a parameter shared
+    by two stages.
     """
     module = spec.module
-    if not isinstance(module, torch.nn.Sequential):
-        raise ValueError(
-            f"strategy='pipeline' splits a torch.nn.Sequential into stages; the module is a "
-            f"{type(module).__name__}. Write the model as nn.Sequential(...) of its layers "
-            "(or of your own stage modules, one child per stage).")
-    names = list(module._modules)
+    units = stage_units(module)
+    names = [path for path, _ in units]
     if n_stages > len(names):
         raise ValueError(
-            f"n_stages={n_stages} is more than the {len(names)} children of the Sequential; "
-            "each stage needs at least one child.")
-    counts = [sum(p.numel() for p in module[i].parameters()) for i in range(len(names))]
+            f"n_stages={n_stages} is more than the {len(names)} children of the "
+            f"{type(module).__name__}; each stage needs at least one child.")
+    counts = [sum(p.numel() for p in unit.parameters()) for _, unit in units]
     points = (balanced_split(counts, n_stages) if split_points is None
               else _check_split_points(split_points, len(names), n_stages))
     bounds = list(zip([0, *points], [*points, len(names)]))
@@ -181,7 +260,7 @@ def plan_stages(spec: ModelSpec, n_stages: int, split_points=None) -> list[Stage
     owner = {}
     for s, (a, b) in enumerate(bounds):
         for i in range(a, b):
-            for p in module[i].parameters():
+            for p in units[i][1].parameters():
                 if owner.setdefault(id(p), s) != s:
                     raise ValueError(
                         f"A parameter of child {names[i]!r} is shared with stage {owner[id(p)]} "
@@ -206,28 +285,38 @@ def plan_stages(spec: ModelSpec, n_stages: int, split_points=None) -> list[Stage
     layouts = []
     for s, (a, b) in enumerate(bounds):
         children = tuple(names[a:b])
-        own = [n for n in full_names if n.split(".", 1)[0] in children]
+        stage = StageModule(units[a:b])  # (shares the units: nothing is copied)
+        own = [n for n, _ in stage.named_parameters()]
         if not own:
             raise ValueError(
                 f"Stage {s} (children {list(children)}) has no parameters to train; move a "
                 "split point so that every stage holds some.")
-        first, last = position[own[0]], position[own[-1]]
         groups = tuple(tuple(n for n in g if n in own) for g in group_names)
         layouts.append(StageLayout(
-            index=s, children=children, start=int(offsets[first]), stop=int(offsets[last + 1]),
+            index=s, children=children,
+            slices=_runs([(int(offsets[position[n]]), int(offsets[position[n] + 1]))
+                          for n in own]),
             groups=groups, group_options=options,
             optimizer_index=tuple(index_of[n] for g in groups for n in g),
             full_groups=tuple(full_groups),
-            buffers=tuple(n for n, _ in module.named_buffers()
-                          if n.split(".", 1)[0] in children)))
+            buffers=tuple(n for n, _ in stage.named_buffers())))
     return layouts
 
 
+def _runs(slices) -> tuple:
+    """``slices`` with each one that starts where the one before ends merged into it."""
+    runs = []
+    for a, b in slices:
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return tuple(runs)
+
+
 def stage_spec(spec: ModelSpec, layout: StageLayout) -> ModelSpec:
-    """The model specification a stage's worker gets: only the stage's children."""
-    module = torch.nn.Sequential()
-    for name in layout.children:
-        module.add_module(name, spec.module._modules[name])
+    """The model specification a stage's worker gets: only the stage's units."""
+    module = StageModule([(path, spec.module.get_submodule(path)) for path in layout.children])
     kwargs = {k: v for k, v in spec.optimizer_kwargs.items() if k != "param_groups"}
     return replace(spec, module=module, optimizer_kwargs=kwargs)
 
@@ -247,7 +336,7 @@ def split_state(state: TrainingState, layout: StageLayout) -> StagePart:
     """The stage's part of a whole training state."""
     return StagePart(
         stage=layout.index,
-        params=np.array(state.params[layout.start:layout.stop]),
+        params=np.concatenate([state.params[a:b] for a, b in layout.slices]),
         buffers={n: state.buffers[n] for n in layout.buffers if n in state.buffers},
         optimizer=_slice_optimizer(state.optimizer, layout), skipped=state.skipped)
 
@@ -267,10 +356,16 @@ def _slice_optimizer(full: dict, layout: StageLayout) -> dict:
 def join_states(state: TrainingState, parts, layouts, **counters) -> TrainingState:
     """A whole training state from every stage's part (``counters``: step, round, ...)."""
     parts = sorted(parts, key=lambda p: p.stage)
-    params = np.concatenate([p.params for p in parts])
-    if params.shape != state.params.shape:
-        raise ValueError(f"The stages hold {params.size} parameters, the model "
+    held = sum(p.params.size for p in parts)
+    if held != state.params.size:
+        raise ValueError(f"The stages hold {held} parameters, the model "
                          f"{state.params.size}.")
+    params = np.empty_like(state.params)
+    for part, layout in zip(parts, layouts):
+        offset = 0
+        for a, b in layout.slices:
+            params[a:b] = part.params[offset:offset + b - a]
+            offset += b - a
     buffers = dict(state.buffers)
     for p in parts:
         buffers.update(p.buffers)
