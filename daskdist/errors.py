@@ -10,8 +10,8 @@ with a recovery (:mod:`daskdist.driver.recovery`). :class:`NonFiniteError`,
 
 from __future__ import annotations
 
-__all__ = ["WorkerLost", "StateLost", "NonFiniteError", "ShardFailedError", "GroupAborted",
-           "ReplicaDriftWarning"]
+__all__ = ["WorkerLost", "StateLost", "StagesLost", "NonFiniteError", "ShardFailedError",
+           "GroupAborted", "ReplicaDriftWarning"]
 
 
 class WorkerLost(Exception):
@@ -42,6 +42,16 @@ class StateLost(RuntimeError):
 
     Raised on a worker by a replica task; the driver treats it as a lost
     worker (:class:`WorkerLost`).
+    """
+
+
+class StagesLost(RuntimeError):
+    """A pipeline stage that keeps the only copy of its state is gone.
+
+    Raised by the stages of a fit built on its workers
+    (``strategy__build="workers"``): nothing else holds their parameters, so
+    the driver cannot recover; it reaches the user, who resumes from the
+    fit's last sharded checkpoint.
     """
 
 

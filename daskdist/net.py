@@ -52,13 +52,8 @@ from .resumable import Resumable
 from .schedules import EpochSchedules, batch_schedulers, steps_done
 from .seeds import seed_for, seeded_torch
 from .spec import ModelSpec
-from .state import (
-    TrainingState,
-    load_params,
-    module_to_state,
-    optimizer_state_from_numpy,
-    params_vector,
-)
+from .staged import StagedModel
+from .state import params_vector
 from .step_callbacks import clip_options
 from .strategies import resolve_strategy
 from .worker.devices import check_precision
@@ -66,7 +61,7 @@ from .worker_support import WorkerSupport
 
 __all__ = ["DaskNet"]
 
-class DaskNet(WorkerSupport, Resumable, Predicting):
+class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
     """Mixin: distributed training for a skorch ``NeuralNet`` subclass.
 
     Adds the parameters ``strategy``, ``sync_every``, ``sharding``,
@@ -197,7 +192,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         return self
 
     def _initialize_module(self, reason=None):
-        with skorch_device(self):
+        with skorch_device(self), self._module_home():
             return super()._initialize_module(reason)
 
     def _initialize_criterion(self, reason=None):
@@ -335,19 +330,6 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
             **clip_options(self),
         )
 
-    def _current_state(self) -> TrainingState:
-        prev = getattr(self, "_training_state_", None)
-        counters = ({} if prev is None
-                    else {"step": prev.step, "round": prev.round, "epoch": prev.epoch,
-                          "skipped": prev.skipped, "log": prev.log, "cursors": prev.cursors,
-                          "own": prev.own, "outer": prev.outer})
-        return module_to_state(self.module_, self.optimizer_, **counters)
-
-    def _load_state(self, state: TrainingState) -> None:
-        load_params(self.module_, state.params, state.buffers)
-        optimizer_state_from_numpy(self.optimizer_, state.optimizer)
-        self._training_state_ = state
-
     def _lrs(self):
         lrs = tuple(g["lr"] for g in self.optimizer_.param_groups)
         return lrs if len(lrs) > 1 else lrs[0]
@@ -381,6 +363,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
         check_membership_params(self.elastic, self.max_replicas)
         rows = []
         with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
+            self._check_stage_home(client, _embedded)
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))
@@ -419,6 +402,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                     self._train_epochs(trainer, reporter, epochs, rows,
                                        self._client_datasets(X, y, trainer), schedules)
                 status = "finished"
+                self._keep_stages(client, trainer)
             except KeyboardInterrupt:
                 status = "interrupted"
                 interrupt.clear()
@@ -437,7 +421,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
     def _train_epochs(self, trainer, reporter, epochs: int, rows: list, datasets: dict,
                       schedules=None) -> None:
         """Run ``epochs`` epochs: rounds on the cluster, then history and callbacks here."""
-        initializers = any(isinstance(cb, Initializer) for _, cb in self.callbacks_)
+        initializers = any(isinstance(cb, Initializer) for _, cb in self.callbacks_) and \
+            not self._held_in_stages()
         for _ in range(epochs):
             before = params_vector(self.module_) if initializers else None
             self.notify("on_epoch_begin", **datasets)
@@ -456,7 +441,8 @@ class DaskNet(WorkerSupport, Resumable, Predicting):
                 warnings.filterwarnings("ignore", message="Detected call of `lr_sched")
                 self.notify("on_epoch_end", **datasets)
             reporter.epoch(len(self.history), self.history[-1])
-            if not np.array_equal(params_vector(self.module_), result.state.params):
+            if not self._held_in_stages() and not np.array_equal(params_vector(self.module_),
+                                                                 result.state.params):
                 trainer.change_state(self._current_state())  # a callback changed them
 
     def _client_datasets(self, X, y, trainer) -> dict:

@@ -210,8 +210,16 @@ class Predicting:
             yield to_device(take_rows(yp, n, rows), device=device)
 
     def _local_proba(self, X):
-        """Module output for in-memory ``X`` on the client (preprocessed here)."""
+        """Module output for in-memory ``X`` on the client (preprocessed here).
+
+        A model held in its pipeline stages (``strategy__build="workers"``)
+        computes it there.
+        """
+        staged = self._held_in_stages()
         if isinstance(X, ConvertedDataset):
+            if staged:
+                raise ValueError("A model held in its pipeline stages predicts arrays; read "
+                                 "the Dataset into an array first.")
             with skorch_device(self, follow_module=True):
                 return self._skorch_base.predict_proba(self, X)
         if not is_named(X):
@@ -224,9 +232,13 @@ class Predicting:
             return a if a.flags.writeable else a.copy()  # pandas and xarray: read-only views
 
         X = each(X, convert)
+        if staged:
+            return self._staged_output(X)
         with skorch_device(self, follow_module=True):
             return self._skorch_base.predict_proba(self, X)
 
     def _blockwise(self, X, method, out_shape, dtype):
+        if self._held_in_stages():
+            return self._staged_blockwise(X, method, out_shape, dtype)
         # The fitted estimator itself enters the graph: it pickles without live handles.
         return predict_blocks(self, X, method, out_shape=out_shape, dtype=dtype)

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 from ..driver.driven import DrivenEpoch
 from ..errors import StateLost
-from ..worker import stage_tasks
+from ..worker import owned_stages, stage_tasks
+from ..worker.stage_build import check_buildable
 from ..worker.stages import StageLayout, finish_stages, plan_stages, split_state, stage_spec
 from .base import Strategy
 
@@ -105,13 +106,25 @@ class Pipeline(Strategy):
         lets a stage hold every micro-batch's activations of a step;
         ``"1f1b"`` at most ``n_stages - s`` on stage ``s`` (peak memory per
         stage: ``rounds_["activation_bytes"]``).
+    build : {"client", "workers"}
+        Where the model's tensors are made. ``"client"``: the estimator
+        builds the model, the state is cut into stages at each epoch's start
+        and put together at its end. ``"workers"``: the client plans the
+        stages on the ``meta`` device (no parameter data), each stage's
+        worker builds and initialises its stage
+        (:mod:`daskdist.worker.stage_build`), and the training state stays
+        in the stages, across epochs and after the fit: for models that do
+        not fit one worker or the client. Hold-out scores and predictions
+        then flow through the stages.
 
     Notes
     -----
-    The state is whole only at epoch ends, so round checkpoints
-    (``every_rounds``) are taken there; if a worker is lost, the epoch in
-    progress runs again from its starting state on the remaining workers.
-    Hold-out scores and ``predict`` run the whole model on one worker.
+    With ``build="client"`` the state is whole only at epoch ends, so round
+    checkpoints (``every_rounds``) are taken there; if a worker is lost, the
+    epoch in progress runs again from its starting state on the remaining
+    workers, and hold-out scores and ``predict`` run the whole model on one
+    worker. With ``build="workers"`` nothing holds a second copy of a stage:
+    a lost stage stops the fit (:class:`~daskdist.errors.StagesLost`).
     """
 
     name = "pipeline"
@@ -123,13 +136,22 @@ class Pipeline(Strategy):
     #: The schedules a stage's passes may follow.
     schedules = ("gpipe", "1f1b")
 
+    #: Where the model's tensors may be made.
+    builds = ("client", "workers")
+
     def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None,
-                 schedule: str = "gpipe"):
+                 schedule: str = "gpipe", build: str = "client"):
         self.n_stages = n_stages
         self.n_micro_batches = n_micro_batches
         self.split_points = split_points
         self.schedule = schedule
+        self.build = build
         self.validate()
+
+    @property
+    def holds_state(self) -> bool:
+        """Whether the training state lives in the stages (``build="workers"``)."""
+        return self.build == "workers"
 
     def in_flight(self, stage: int) -> int | None:
         """Micro-batches stage ``stage`` may hold activations of (None: every one of a step)."""
@@ -149,6 +171,8 @@ class Pipeline(Strategy):
         if self.schedule not in self.schedules:
             raise ValueError(f"schedule must be one of {list(self.schedules)}, got "
                              f"{self.schedule!r}.")
+        if self.build not in self.builds:
+            raise ValueError(f"build must be one of {list(self.builds)}, got {self.build!r}.")
 
     def round_sizes(self, steps_per_epoch: int) -> list[int]:
         return [1] * steps_per_epoch
@@ -165,6 +189,14 @@ class Pipeline(Strategy):
                 "strategy='pipeline' does not train in precision='fp16' (its stages would "
                 "need one loss scale between them); use precision='bf16'.")
         plan_stages(spec, self.n_stages, self.split_points)
+        if self.holds_state:
+            check_buildable(spec.module)
+
+    @staticmethod
+    def placement(scratch: dict) -> tuple[list, list]:
+        """``(grid, layouts)`` of the fit's stages: ``grid[replica][stage]`` is a worker."""
+        fit = scratch["fit"]
+        return fit.grid, fit.layouts
 
     def train_epoch(self, ctx) -> None:
         """Run one epoch of pipelined steps."""
@@ -220,6 +252,15 @@ class PipelineEpoch(DrivenEpoch):
     def _load(self, fit: _Fit) -> list[list]:
         """Send each stage its part of the epoch's starting state; the stages' ready tokens."""
         ctx, info = self.ctx, self.ctx.info
+        if self.strategy.holds_state:
+            fresh = info.start.round == 0 and info.start.step == 0
+            return [[self._pinned(owned_stages.own_stage, fit.specs[s], **self.ids, replica=i,
+                                  layout=fit.layouts[s], round=info.round, fresh=fresh,
+                                  random_state=info.random_state,
+                                  key=ctx.key("stage-own", info.round, i, s),
+                                  worker=self.grid[i][s])
+                     for s in range(len(fit.layouts))]
+                    for i in range(len(self.grid))]
         parts = [self.hold(ctx.submit(split_state, ctx.state, layout, worker=None, queue=False,
                                       key=ctx.key("stage-split", layout.index)))
                  for layout in fit.layouts]
@@ -332,6 +373,7 @@ class PipelineEpoch(DrivenEpoch):
         end = info.round + steps
         parts = [self._pinned(stage_tasks.export_stage, fit.specs[s], ready[0][s],
                               **self.ids, replica=0, stage=s, round=end,
+                              tensors=not self.strategy.holds_state,
                               key=ctx.key("stage-export", end, s), worker=self.grid[0][s])
                  for s in range(len(fit.layouts))]
         plan = ctx.plan(0, round=info.round, first_step=info.done, n_steps=steps,

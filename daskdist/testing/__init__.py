@@ -20,7 +20,7 @@ from distributed import WorkerPlugin
 from ..callbacks import Checkpoint
 
 __all__ = ["CtrlCAfterRound", "TinyNet", "TinyBatchNormNet", "TinySequential",
-           "TinyBlockStack", "ResidualBlock",
+           "TinyBlockStack", "ResidualBlock", "LinearStack",
            "FailOnLargeInput", "StragglerNet", "PacedNet", "make_classification",
            "KillWorkerOnTask", "DriftingSGD", "WorkerScaledNet", "NpyFiles", "write_npy_files",
            "nll_loss", "reference_steps"]
@@ -52,6 +52,17 @@ class TinySequential(torch.nn.Sequential):
                   torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
                   torch.nn.Linear(hidden, n_outputs)]
         super().__init__(*layers, *([torch.nn.Softmax(dim=-1)] if softmax else []))
+
+
+class LinearStack(torch.nn.Sequential):
+    """``depth`` layers of ``Linear(width, width)``: a model whose size ``width`` sets.
+
+    With ``width=8192`` and ``depth=4``, 268M parameters (1 GiB in float32):
+    larger than a test worker may hold with its gradients.
+    """
+
+    def __init__(self, width=8192, depth=4):
+        super().__init__(*(torch.nn.Linear(width, width) for _ in range(depth)))
 
 
 class ResidualBlock(torch.nn.Module):

@@ -42,7 +42,7 @@ from .runtime import GLOBAL, keep, on_drop_run, set_lr, worker_address
 from .stepping import clip_gradients, micro_batches, set_hyper
 
 __all__ = ["Contribution", "Replica", "replica_for", "local_steps", "local_round", "gradient",
-           "evaluate",
+           "evaluate", "valid_batches",
            "pack_update", "sits_out", "skipped_update", "all_finite", "unscaled_overflowed",
            "use_scaler", "keep_scaler"]
 
@@ -399,7 +399,7 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
     n = shard.n_valid
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
-        for X, y in _valid_batches(shard, batch_size, run_id):
+        for X, y in valid_batches(shard, batch_size, run_id):
             X, y = to_device(X, device), to_device(y, device)
             y_pred = call(rep.module, X)
             loss_sum += float(spec.loss(y_pred, y).item()) * len(y)
@@ -408,7 +408,7 @@ def evaluate(spec: ModelSpec, shard, state: TrainingState, run_id: str, batch_si
     return {"replica": shard.replica, "n": n, "loss_sum": loss_sum, "correct": correct}
 
 
-def _valid_batches(shard, batch_size: int, run_id: str):
+def valid_batches(shard, batch_size: int, run_id: str):
     """``(X, y)`` tensors of a shard's hold-out, ``batch_size`` rows at a time."""
     read = getattr(shard, "valid_batches", None)
     if read is not None:  # a Dataset shard reads them

@@ -19,7 +19,6 @@ epoch again from its starting state rather than training on a wrong one.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -42,8 +41,12 @@ from ..state import (
 )
 from .aggregation import check_non_finite
 from .devices import autocast, seed_generators, to_device
-from .runtime import on_drop_run, worker_address
-from .stages import StageLayout, StagePart, build_stage
+from .runtime import worker_address
+from .stage_cache import LiveStage, drop_run, keep_stages
+from .stage_cache import find as _stage
+from .stage_cache import lock as _stages_lock
+from .stage_cache import stages as _stages
+from .stages import StageLayout, StagePart
 from .stepping import clip_gradients, set_hyper
 
 __all__ = ["Activation", "BFloat16Array", "Backward", "SavedActivations", "StageGradient",
@@ -51,8 +54,6 @@ __all__ = ["Activation", "BFloat16Array", "Backward", "SavedActivations", "Stage
            "step_batch", "forward", "backward", "stage_gradient", "update", "export_stage",
            "keep_stages", "drop_run"]
 
-_stages: dict = {}
-_stages_lock = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,73 +139,6 @@ def _nbytes(array) -> int:
     return 0 if array is None else int(array.nbytes)
 
 
-class _Stage:
-    """A stage's live module and optimizer on a worker, and its micro-batches in flight."""
-
-    def __init__(self, spec: ModelSpec, layout: StageLayout):
-        self.spec, self.layout = spec, layout
-        self.device = spec.device_here()
-        self.module, self.optimizer = build_stage(spec, layout)
-        self.params = list(self.module.parameters())
-        self.lock = threading.Lock()
-        self.saved: dict = {}  # micro-batch -> (input, output) of its forward pass
-        self.saved_bytes: dict = {}  # micro-batch -> bytes autograd saved for its backward
-        self.round: int | None = None  # the round whose step the stage is at
-        self.attempt: str | None = None  # the driver's attempt at the epoch it loaded
-        self.records: list = []  # the epoch's round log (replica 0, stage 0)
-        self.skipped = 0
-
-    def at(self, round_: int, attempt: str, what: str) -> None:
-        """Raise ``StateLost`` unless the stage is at ``round_`` of the driver's ``attempt``.
-
-        A task of an attempt that the driver gave up (a worker was lost, the
-        epoch runs again) may still start after the new attempt loaded the
-        stage: it must not touch it.
-        """
-        if self.attempt != attempt:
-            raise StateLost(f"Stage {self.layout.index} was loaded for attempt {self.attempt}, "
-                            f"not {attempt} ({what}): this task's attempt was given up.")
-        if self.round != round_:
-            raise StateLost(
-                f"Stage {self.layout.index} is at round {self.round}, not {round_}, on this "
-                f"worker ({what}): its state was lost with a worker or a task ran twice.")
-
-
-def _stage(run_id: str, replica: int, stage: int) -> _Stage:
-    found = _stages.get((run_id, replica, stage))
-    if found is None:
-        raise StateLost(f"Stage {stage} of pipeline replica {replica} is not on this worker "
-                        "(its worker was lost).")
-    return found
-
-
-def keep_stages(run_id: str, grid, dask_worker=None) -> int:
-    """Drop this worker's stages of ``run_id`` that ``grid`` no longer places here.
-
-    Run on every worker (``Client.run``) when a recovery moved stages, so
-    that a worker does not hold a stage it gave up until the fit ends.
-    Returns how many were dropped.
-    """
-    here = dask_worker.address if dask_worker is not None else worker_address()
-    with _stages_lock:
-        gone = [k for k in _stages if k[0] == run_id
-                and not (k[1] < len(grid) and k[2] < len(grid[k[1]])
-                         and grid[k[1]][k[2]] == here)]
-        for k in gone:
-            del _stages[k]
-    return len(gone)
-
-
-@on_drop_run
-def drop_run(run_id: str) -> int:
-    """Free the stages of a finished fit on this worker; return how many were dropped."""
-    with _stages_lock:
-        keys = [k for k in _stages if k[0] == run_id]
-        for k in keys:
-            del _stages[k]
-    return len(keys)
-
-
 def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
                layout: StageLayout, round: int, attempt: str) -> int:
     """Load a stage's part of the epoch's starting state; return the round it is at.
@@ -216,7 +150,7 @@ def load_stage(spec: ModelSpec, part: StagePart, *, run_id: str, replica: int,
     with _stages_lock:
         stage = _stages.get(key)
         if stage is None or stage.spec is not spec:
-            stage = _stages[key] = _Stage(spec, layout)
+            stage = _stages[key] = LiveStage(spec, layout)
     with stage.lock, torch.no_grad():
         copy_flat(stage.params, part.params)
         load_buffers(stage.module, part.buffers)
@@ -442,7 +376,7 @@ def update(spec: ModelSpec, *inputs, run_id: str, replica: int, stage: int, plan
     return plan.round + 1
 
 
-def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool,
+def _log_step(state: LiveStage, plan, messages, n_micro: int, finite: bool,
               extra_bytes: int) -> None:
     """Record a step in the epoch's round log (and count it if skipped)."""
     per_replica, bad = [], []
@@ -477,11 +411,18 @@ def _log_step(state: _Stage, plan, messages, n_micro: int, finite: bool,
 
 
 def export_stage(spec: ModelSpec, ready: int, *, run_id: str, replica: int, stage: int,
-                 round: int, attempt: str) -> StagePart:
-    """A stage's part of the state at the end of an epoch (with the log, for the first)."""
+                 round: int, attempt: str, tensors: bool = True) -> StagePart:
+    """A stage's part of the state at the end of an epoch (with the log, for the first).
+
+    Without ``tensors`` (stages that keep their own state), only the log and
+    the count of skipped steps.
+    """
     state = _stage(run_id, replica, stage)
     with state.lock, torch.no_grad():
         state.at(round, attempt, "end of epoch")
+        if not tensors:
+            return StagePart(stage, np.zeros(0, np.float32), {}, {}, tuple(state.records),
+                             state.skipped)
         params = torch.nn.utils.parameters_to_vector(state.params).detach().cpu().numpy()
         return StagePart(stage, params.copy(), buffers_to_numpy(state.module),
                          optimizer_state_to_numpy(state.optimizer), tuple(state.records),

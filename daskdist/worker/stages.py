@@ -37,8 +37,9 @@ import torch
 
 from ..spec import ModelSpec, param_groups
 from ..state import TrainingState
+from .stage_build import initialise, on_meta
 
-__all__ = ["StageLayout", "StageModule", "StagePart", "stage_units", "plan_stages",
+__all__ = ["StageLayout", "StageModule", "StagePart", "stage_units", "plan_stages", "materialise",
            "balanced_split", "stage_spec", "finish_stages", "split_state", "join_states"]
 
 
@@ -236,6 +237,18 @@ def _check_split_points(split_points, n_children: int, n_stages: int) -> list[in
     return points
 
 
+def materialise(module: torch.nn.Module, random_state: int, device="cpu") -> torch.nn.Module:
+    """The whole model from its ``meta`` recipe, initialised as the workers initialise stages.
+
+    Needs the memory of the whole model: for tests and references
+    (:mod:`daskdist.worker.stage_build`).
+    """
+    import copy
+
+    paths = [path for path, _ in stage_units(module)]
+    return initialise(copy.deepcopy(module), paths, random_state, device)
+
+
 def plan_stages(spec: ModelSpec, n_stages: int, split_points=None) -> list[StageLayout]:
     """The stages of the spec's model, split at ``split_points`` or balanced.
 
@@ -321,11 +334,19 @@ def stage_spec(spec: ModelSpec, layout: StageLayout) -> ModelSpec:
     return replace(spec, module=module, optimizer_kwargs=kwargs)
 
 
-def build_stage(spec: ModelSpec, layout: StageLayout):
-    """A stage's live module and optimizer (every group of the whole model's, maybe empty)."""
+def build_stage(spec: ModelSpec, layout: StageLayout, random_state: int | None = None):
+    """A stage's live module and optimizer (every group of the whole model's, maybe empty).
+
+    A stage whose units are on ``meta`` is allocated and initialised here,
+    from ``random_state`` (:mod:`daskdist.worker.stage_build`).
+    """
     import copy
 
-    module = copy.deepcopy(spec.module).to(spec.device_here())
+    module = copy.deepcopy(spec.module)
+    if on_meta(module):
+        module = initialise(module, layout.children, random_state, spec.device_here())
+    else:
+        module = module.to(spec.device_here())
     named = dict(module.named_parameters())
     groups = [{"params": [named[n] for n in names], **options}
               for names, options in zip(layout.groups, layout.group_options)]
@@ -390,11 +411,17 @@ def _join_optimizer(parts, layouts) -> dict:
 
 
 def finish_stages(state: TrainingState, *parts, layouts, plan) -> TrainingState:
-    """The epoch's final state from every stage's part (the pipeline's ``average`` task)."""
+    """The epoch's final state from every stage's part (the pipeline's ``average`` task).
+
+    Stages that keep their own state (``build="workers"``) send no tensors:
+    the state then carries the counters and the round log only.
+    """
     first = min(parts, key=lambda p: p.stage)
     records = first.records
     applied = sum(1 for r in records if not r["skipped"])
-    return join_states(
-        state, parts, layouts, step=state.step + applied, round=state.round + plan.n_steps,
-        epoch=plan.epochs_completed(), skipped=first.skipped,
-        log=(state.log if plan.first_step else ()) + tuple(records), cursors=())
+    counters = dict(step=state.step + applied, round=state.round + plan.n_steps,
+                    epoch=plan.epochs_completed(), skipped=first.skipped,
+                    log=(state.log if plan.first_step else ()) + tuple(records), cursors=())
+    if not state.params.size:
+        return replace(state, **counters)
+    return join_states(state, parts, layouts, **counters)
