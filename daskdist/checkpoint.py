@@ -18,6 +18,11 @@ tensor file of the previous checkpoint is removed last. A process killed at
 any point leaves the previous checkpoint (or the new one) complete and
 loadable.
 
+A fit whose pipeline stages hold their state writes a *sharded* checkpoint
+instead: a file per stage and the sidecar as their index
+(:mod:`daskdist.sharded_checkpoint`); :func:`load_checkpoint` reads its
+counters, and the stages read their tensors.
+
 Loading never unpickles. safetensors files are a JSON header and raw bytes;
 the sidecar is JSON. A pickle or ``torch.save`` file given where a checkpoint
 is expected is refused before anything in it is read as code.
@@ -37,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 from .state import TrainingState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "SIDECAR", "FORMAT_VERSION",
-           "READABLE_VERSIONS"]
+           "READABLE_VERSIONS", "json_default", "log_record", "write_sidecar"]
 
 #: Name of the sidecar inside a checkpoint directory.
 SIDECAR = "checkpoint.json"
@@ -103,7 +108,17 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
                   "cursors": [list(map(int, c)) for c in state.cursors]},
         "meta": meta or {},
     }
-    text = json.dumps(sidecar, indent=1, default=_json_default)
+    write_sidecar(directory, sidecar)
+
+    for old in directory.glob("state-*.safetensors"):  # the previous checkpoint's tensors
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return directory
+
+
+def write_sidecar(directory: Path, sidecar: dict) -> None:
+    """Replace ``directory``'s sidecar with ``sidecar``, atomically (written, fsynced, renamed)."""
+    text = json.dumps(sidecar, indent=1, default=json_default)
     tmp = directory / f".{SIDECAR}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -111,11 +126,6 @@ def save_checkpoint(path, state: TrainingState, meta: dict | None = None) -> Pat
         os.fsync(f.fileno())
     os.replace(tmp, directory / SIDECAR)
     _fsync_dir(directory)
-
-    for old in directory.glob("state-*.safetensors"):  # the previous checkpoint's tensors
-        if old.name != name:
-            old.unlink(missing_ok=True)
-    return directory
 
 
 def load_checkpoint(path) -> tuple[TrainingState, dict]:
@@ -129,6 +139,9 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
     Returns
     -------
     state : TrainingState
+        For a sharded checkpoint (:mod:`daskdist.sharded_checkpoint`), the
+        counters only: its tensors stay in the stage files, and
+        ``meta["shards"]`` says where.
     meta : dict
         The extras stored with it.
 
@@ -157,6 +170,8 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
             f"{sidecar_path} has checkpoint format version {sidecar.get('version')!r}; this "
             f"daskdist reads versions {list(READABLE_VERSIONS)}."
         )
+    if sidecar.get("layout") == "sharded":  # one file per pipeline stage, read by the stages
+        return _read_sharded(directory, sidecar)
     name = sidecar.get("tensors")
     if not isinstance(name, str) or Path(name).name != name:
         raise CheckpointError(f"{sidecar_path} names an invalid tensor file {name!r}.")
@@ -173,7 +188,7 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
         buffers=_from_json(saved["buffers"], tensors),
         optimizer=_from_json(saved["optimizer"], tensors),
         step=saved["step"], round=saved["round"], epoch=saved["epoch"],
-        skipped=saved.get("skipped", 0), log=tuple(_log_record(r) for r in saved.get("log", ())),
+        skipped=saved.get("skipped", 0), log=tuple(log_record(r) for r in saved.get("log", ())),
         cursors=tuple(tuple(c) for c in saved.get("cursors", ())),
         own=_from_json(saved["own"], tensors) if "own" in saved else {},
         outer=_from_json(saved["outer"], tensors) if "outer" in saved else {},
@@ -181,7 +196,27 @@ def load_checkpoint(path) -> tuple[TrainingState, dict]:
     return state, sidecar.get("meta", {})
 
 
-def _log_record(record: dict) -> dict:
+def _read_sharded(directory: Path, index: dict) -> tuple[TrainingState, dict]:
+    """The counters of a sharded checkpoint as a state without tensors, and its ``meta``.
+
+    ``meta["shards"]`` carries what the stages read on resume: the
+    directory, the files with their tensors and checksums, and the
+    optimizer groups' options.
+    """
+    saved = index["state"]
+    state = TrainingState(
+        params=np.zeros(0, np.float32), buffers={}, optimizer={}, step=saved["step"],
+        round=saved["round"], epoch=saved["epoch"], skipped=saved.get("skipped", 0),
+        log=tuple(log_record(r) for r in saved.get("log", ())),
+        cursors=tuple(tuple(c) for c in saved.get("cursors", ())))
+    meta = dict(index.get("meta", {}))
+    meta["shards"] = {"directory": str(directory.resolve()), "shards": index["shards"],
+                      "groups": index["optimizer"]["groups"], "model": index["model"],
+                      "round": int(saved["round"])}
+    return state, meta
+
+
+def log_record(record: dict) -> dict:
     """A round-log record read from JSON (its replica lists back to tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
 
@@ -224,7 +259,8 @@ def _from_json(node, tensors: dict):
     return node
 
 
-def _json_default(value):
+def json_default(value):
+    """JSON for numpy scalars and arrays (``json.dumps(..., default=json_default)``)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                          "and start nothing")
     cluster.add_argument("--workers", type=int, default=None,
                          help="workers to start (overrides the spec's 'workers')")
+    merge = sub.add_parser("merge-checkpoint", help="write a sharded checkpoint (a file per "
+                           "pipeline stage) as one whole checkpoint")
+    merge.add_argument("source", help="the sharded checkpoint directory")
+    merge.add_argument("target", help="the directory of the whole checkpoint to write")
     return parser
 
 
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     from .batch import PipelineError
     from .clusters import ClusterSpecError
 
-    command = {"run": _run, "validate": _validate, "cluster": _cluster}[args.command]
+    command = {"run": _run, "validate": _validate, "cluster": _cluster,
+               "merge-checkpoint": _merge}[args.command]
     try:
         return command(args)
     except (PipelineError, ClusterSpecError) as error:
@@ -95,6 +100,13 @@ def _fail(error, code: int) -> int:
 
 def _spec_overrides(args) -> dict:
     return {"workers": args.workers} if args.workers is not None else {}
+
+
+def _merge(args) -> int:
+    from .sharded_checkpoint import merge_checkpoint
+
+    print(f"daskdist: wrote {merge_checkpoint(args.source, args.target)}")
+    return EXIT_OK
 
 
 def _run(args) -> int:

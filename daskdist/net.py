@@ -360,6 +360,9 @@ class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
         if checkpoint is not None:
             epochs = max(epochs - self._resume(checkpoint), 0)
         strategy = self.get_strategy()
+        source, self._stage_source_ = getattr(self, "_stage_source_", None), None
+        if source is not None:  # a sharded checkpoint the stages read
+            strategy.restore = source
         check_membership_params(self.elastic, self.max_replicas)
         rows = []
         with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
@@ -402,7 +405,6 @@ class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
                     self._train_epochs(trainer, reporter, epochs, rows,
                                        self._client_datasets(X, y, trainer), schedules)
                 status = "finished"
-                self._keep_stages(client, trainer)
             except KeyboardInterrupt:
                 status = "interrupted"
                 interrupt.clear()
@@ -412,6 +414,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
                     rows.extend(r for r in trainer.round_rows(state) if r["epoch"] == trainer.epoch)
                 raise
             finally:
+                self._keep_stages(client, trainer, status == "finished")
                 reporter.finished(status)
                 self._append_log("rounds_", rows, ROUND_COLUMNS)
                 self._append_log("recoveries_", trainer.recoveries, RECOVERY_COLUMNS)
@@ -433,6 +436,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
                 result = trainer.run_epoch(self._lrs(), table)
             rows.extend(result.rounds)
             self._load_state(result.state)
+            self._note_stages(trainer)
             record_epoch(self.history, result, trainer.strategy)
             if schedules:
                 schedules.epoch_done(self)

@@ -109,11 +109,21 @@ class Resumable:
                         if getattr(self, "classes_", None) is not None else None),
             **(extra or {}),
         }
-        save_checkpoint(path, state if state is not None else self._current_state(), meta)
+        state = state if state is not None else self._current_state()
+        if self._held_in_stages():  # a file per stage, written by the stages' workers
+            from .sharded_checkpoint import save_sharded
+            from .staged import stage_client
+
+            save_sharded(stage_client(self.scheduler_address), path, self._placement(),
+                         self.module_, self.optimizer_, state, meta)
+            return
+        save_checkpoint(path, state, meta)
 
     def _resume(self, checkpoint) -> int:
         """Load a checkpoint into the initialized estimator; return the epochs it covered."""
         state, meta = checkpoint
+        if "shards" in meta or self._held_in_stages():
+            return self._resume_stages(state, meta)
         n_params = params_vector(self.module_).size
         if state.params.size != n_params:
             raise CheckpointError(
@@ -128,6 +138,37 @@ class Resumable:
         history = meta.get("history", [])
         while history and "train_loss" not in history[-1]:
             history = history[:-1]  # the epoch in progress: the resumed fit runs it again
+        self.history_ = History(history)
+        if meta.get("random_state") is not None:
+            self.random_state_ = int(meta["random_state"])
+        return state.epoch
+
+    def _resume_stages(self, state: TrainingState, meta: dict) -> int:
+        """Resume a fit whose stages hold their state from a sharded checkpoint."""
+        if "shards" not in meta:
+            raise CheckpointError(
+                "This checkpoint holds the whole model in one file; a fit with "
+                "strategy__build='workers' resumes from a sharded one (written by such a fit). "
+                "Resume with strategy__build='client'.")
+        if not self._held_in_stages():
+            raise CheckpointError(
+                "This checkpoint is sharded (a file per pipeline stage): resume it with "
+                "strategy='pipeline', strategy__build='workers', or first merge it into one "
+                "file with daskdist.sharded_checkpoint.merge_checkpoint (daskdist "
+                "merge-checkpoint SRC DST).")
+        model = {"params": [[n, list(p.shape)] for n, p in self.module_.named_parameters()],
+                 "buffers": [[n, list(b.shape)] for n, b in self.module_.named_buffers()]}
+        if model != meta["shards"]["model"]:
+            raise CheckpointError(
+                f"The checkpoint was saved from another model: its parameters are "
+                f"{meta['shards']['model']['params'][:3]}..., the module's "
+                f"{model['params'][:3]}....")
+        self._stage_source_ = meta["shards"]
+        meta = {k: v for k, v in meta.items() if k != "shards"}
+        self._load_state(state)
+        history = meta.get("history", [])
+        while history and "train_loss" not in history[-1]:
+            history = history[:-1]
         self.history_ = History(history)
         if meta.get("random_state") is not None:
             self.random_state_ = int(meta["random_state"])

@@ -139,21 +139,44 @@ class StagedModel:
     def _check_stage_home(self, client, embedded: bool) -> None:
         """Before a stage-built fit: a cluster that outlives it; let go of the last fit's stages."""
         self._release_stages(client)
-        if self._builds_on_workers() and embedded:
+        if not self._builds_on_workers():
+            return
+        from .callbacks import Checkpoint
+
+        if any(isinstance(cb, Checkpoint) and cb.every_rounds
+               for _, cb in getattr(self, "callbacks_", ())):
+            raise ValueError(
+                "Checkpoint(every_rounds=...) saves states between rounds; stages built on "
+                "their workers (strategy__build='workers') are saved at epoch ends: use "
+                "Checkpoint(every=...).")
+        if embedded:
             raise ValueError(
                 "strategy__build='workers' leaves the fitted stages on the cluster's workers, "
                 "and this fit would start a cluster of its own that closes with it: give a "
                 "scheduler_address (or make a Client current) of a cluster that stays up.")
 
-    def _keep_stages(self, client, trainer) -> None:
-        """After a stage-built fit: keep its stages on their workers, placed as ``stages_``."""
+    def _note_stages(self, trainer) -> None:
+        """After an epoch of a stage-built fit: where its stages are (for callbacks)."""
         if not getattr(trainer.strategy, "holds_state", False):
             return
         grid, layouts = trainer.strategy.placement(trainer.scratch)
-        client.run(owned_stages.keep_run, trainer.run_id)
         self.stages_ = StagePlacement(
             trainer.run_id, tuple(grid[0]), tuple(x.children for x in layouts),
             tuple(x.n_params for x in layouts))
+
+    def _keep_stages(self, client, trainer, finished: bool) -> None:
+        """At a stage-built fit's end: keep its stages on their workers, if it finished.
+
+        A fit that failed or was interrupted lets them go (the driver drops
+        them), since they may be rounds apart.
+        """
+        if not getattr(trainer.strategy, "holds_state", False):
+            return
+        if not finished:
+            self.stages_ = None
+            return
+        self._note_stages(trainer)
+        client.run(owned_stages.keep_run, trainer.run_id)
 
     def _release_stages(self, client=None) -> None:
         placement = getattr(self, "stages_", None)

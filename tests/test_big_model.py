@@ -1,4 +1,4 @@
-"""A model larger than one worker trains, scores and predicts through its pipeline stages.
+"""A model larger than one worker trains, scores, predicts and resumes in pipeline stages.
 
 Four worker processes of 1.75 GiB each; a ``Sequential`` of four
 ``Linear(8192, 8192)`` layers: 268M parameters, 1 GiB in float32, 2 GiB with
@@ -17,6 +17,7 @@ import pytest
 from distributed import Client
 
 from daskdist import DaskNeuralNetRegressor
+from daskdist.callbacks import Checkpoint
 from daskdist.clusters.embedded import embedded_cluster
 from daskdist.testing import LinearStack
 
@@ -71,25 +72,37 @@ def big_client():
 
 
 @pytest.mark.timeout(600)
-def test_a_model_larger_than_a_worker_trains_scores_and_predicts_in_stages(big_client):
+def test_a_model_larger_than_a_worker_trains_scores_and_predicts_in_stages(big_client,
+                                                                          tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(96, WIDTH)).astype(np.float32)
     y = (0.1 * X[:, ::-1]).astype(np.float32)
     workers = sorted(big_client.scheduler_info()["workers"])
-    net = DaskNeuralNetRegressor(
-        LinearStack, module__width=WIDTH, module__depth=DEPTH, lr=1e-3, batch_size=32,
-        max_epochs=1, strategy="pipeline", strategy__build="workers", strategy__n_stages=4,
-        strategy__n_micro_batches=1, train_split=None, verbose=0,
-        random_state=0, scheduler_address=big_client.scheduler.address)
+    def net(epochs, **kwargs):
+        return DaskNeuralNetRegressor(
+            LinearStack, module__width=WIDTH, module__depth=DEPTH, lr=1e-3, batch_size=32,
+            max_epochs=epochs, strategy="pipeline", strategy__build="workers",
+            strategy__n_stages=4, strategy__n_micro_batches=1, train_split=None, verbose=0,
+            random_state=0, scheduler_address=big_client.scheduler.address, **kwargs)
+
     idle = big_client.run(_start_sampling)
     with _PeakRSS() as client_rss:
         before = client_rss.peak
-        net.fit(X, y)
+        first = net(1, callbacks=[("ck", Checkpoint(tmp_path))]).fit(X, y)
+        first_prediction = first.predict(X[:8])
+        first.release_stages()
+        # a new fit resumes each stage from its file in the sharded checkpoint
+        net = net(2).fit(X, y, resume=tmp_path)
         prediction = net.predict(X[:40])
         score = net.score(X, y)
     peaks = big_client.run(_stop_sampling)
 
-    assert len(net.rounds_) == 3 and np.isfinite(net.history[-1, "train_loss"])
+    shards = sorted(tmp_path.glob("stage-*.safetensors"))
+    assert len(shards) == 4 and all(p.stat().st_size > MODEL_BYTES / 4 for p in shards)
+    assert len(net.history) == 2 and len(net.rounds_) == 3
+    assert net.rounds_["epoch"].tolist() == [1, 1, 1]
+    assert not np.allclose(prediction[:8], first_prediction)  # it trained on from there
+    assert np.isfinite(net.history[-1, "train_loss"])
     assert prediction.shape == (40, WIDTH) and np.isfinite(prediction).all()
     assert np.isfinite(score)
     # one layer per worker; no worker was lost, restarted or paused for memory

@@ -225,3 +225,90 @@ def test_a_lost_stage_stops_the_fit_with_stages_lost(client):
         owned_stages.own_stage(stage_spec(spec, layout), run_id="gone", replica=0,
                                layout=layout, round=4, attempt="a", random_state=0,
                                fresh=False)
+
+
+# -- sharded checkpoints ------------------------------------------------------------------------
+def test_a_sharded_checkpoint_resumes_each_stage_from_its_files(client, tmp_path):
+    import json
+
+    from daskdist.callbacks import Checkpoint
+    from daskdist.checkpoint import load_checkpoint
+    from daskdist.sharded_checkpoint import merge_checkpoint
+
+    X, y = make_classification(320)
+    path = tmp_path / "stages"
+    whole_run = _net(client, max_epochs=4).fit(X, y)
+    first = _net(client, max_epochs=2, callbacks=[("ck", Checkpoint(path))]).fit(X, y)
+    index = json.loads((path / "checkpoint.json").read_text())
+    assert index["layout"] == "sharded" and index["state"]["epoch"] == 2
+    files = sorted(p.name for p in path.iterdir())
+    assert files == sorted(["checkpoint.json", *(s["file"] for s in index["shards"])])
+    # each stage wrote its own tensors, with their momentum
+    assert [sorted({t.split("/")[1].split(".")[0] for t in s["tensors"]})
+            for s in index["shards"]] == [["0"], ["2", "4"]]
+    assert any(t.endswith("/momentum_buffer") for t in index["shards"][1]["tensors"])
+    with pytest.warns(UserWarning):
+        saved = params_vector(first.gather_module())
+    first.release_stages()
+
+    def resumed(**kwargs):
+        net = _net(client, max_epochs=4, **kwargs).fit(X, y, resume=path)
+        assert len(net.history) == 4 and net.history[-1, "epoch"] == 4
+        with pytest.warns(UserWarning):
+            out = params_vector(net.gather_module())
+        net.release_stages()
+        return out
+
+    with pytest.warns(UserWarning):
+        expected = params_vector(whole_run.gather_module())
+    whole_run.release_stages()
+    np.testing.assert_allclose(resumed(), expected, atol=1e-6)
+    # the stages read their tensors by name: a resumed fit may cut the model another way
+    np.testing.assert_allclose(resumed(strategy__n_stages=3), expected, atol=1e-5)
+
+    # merged into one file, an ordinary checkpoint: a client-built fit resumes from it
+    merged = merge_checkpoint(path, tmp_path / "whole")
+    state, meta = load_checkpoint(merged)
+    np.testing.assert_array_equal(state.params, saved)
+    from daskdist.cli import main
+
+    assert main(["merge-checkpoint", str(path), str(tmp_path / "again")]) == 0
+    np.testing.assert_array_equal(load_checkpoint(tmp_path / "again")[0].params, saved)
+    assert state.epoch == 2 and len(meta["history"]) == 2
+    client_built = _net(client, max_epochs=4, strategy__build="client").fit(X, y, resume=merged)
+    np.testing.assert_allclose(params_vector(client_built.module_), expected, atol=1e-5)
+    # and the other way round is refused with the reason
+    from daskdist.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sharded"):
+        DaskNeuralNetClassifier(TinySequential, max_epochs=4, train_split=None, verbose=0,
+                                scheduler_address=client.scheduler.address).fit(X, y,
+                                                                                resume=path)
+    with pytest.raises(CheckpointError, match="holds the whole model in one file"):
+        _net(client, max_epochs=4).fit(X, y, resume=merged)
+
+
+def test_a_damaged_stage_file_is_named_on_resume(client, tmp_path):
+    import json
+
+    from daskdist.callbacks import Checkpoint
+    from daskdist.checkpoint import CheckpointError
+
+    X, y = make_classification(200)
+    path = tmp_path / "stages"
+    _net(client, max_epochs=1, callbacks=[("ck", Checkpoint(path))]).fit(X, y).release_stages()
+    index = json.loads((path / "checkpoint.json").read_text())
+    victim = path / index["shards"][1]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{victim.name} does not match the checksum"):
+        _net(client, max_epochs=2).fit(X, y, resume=path)
+
+
+def test_round_checkpoints_are_refused_for_stages_built_on_workers(client, tmp_path):
+    from daskdist.callbacks import Checkpoint
+
+    X, y = make_classification(100)
+    with pytest.raises(ValueError, match="saved at epoch ends"):
+        _net(client, callbacks=[("ck", Checkpoint(tmp_path, every_rounds=2))]).fit(X, y)

@@ -138,6 +138,9 @@ class Pipeline(Strategy):
 
     #: Where the model's tensors may be made.
     builds = ("client", "workers")
+    #: A sharded checkpoint's index to restore stages from (``fit(resume=...)``, set by
+    #: the estimator); stages built on workers read their tensors from its files.
+    restore = None
 
     def __init__(self, n_stages: int = 2, n_micro_batches: int = 4, split_points=None,
                  schedule: str = "gpipe", build: str = "client"):
@@ -249,6 +252,11 @@ class PipelineEpoch(DrivenEpoch):
         return self.hold(self.ctx.submit(func, *args, key=key, worker=worker, queue=False,
                                          strict=True, **kwargs))
 
+    def _restore(self, round_: int) -> dict | None:
+        """The sharded checkpoint to read missing stages from: only at the round it saved."""
+        restore = self.strategy.restore
+        return restore if restore is not None and restore["round"] == round_ else None
+
     def _load(self, fit: _Fit) -> list[list]:
         """Send each stage its part of the epoch's starting state; the stages' ready tokens."""
         ctx, info = self.ctx, self.ctx.info
@@ -256,6 +264,7 @@ class PipelineEpoch(DrivenEpoch):
             fresh = info.start.round == 0 and info.start.step == 0
             return [[self._pinned(owned_stages.own_stage, fit.specs[s], **self.ids, replica=i,
                                   layout=fit.layouts[s], round=info.round, fresh=fresh,
+                                  restore=self._restore(info.round),
                                   random_state=info.random_state,
                                   key=ctx.key("stage-own", info.round, i, s),
                                   worker=self.grid[i][s])

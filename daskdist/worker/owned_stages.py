@@ -20,6 +20,7 @@ from .devices import autocast, to_device
 from .replica import valid_batches
 from .runtime import worker_address
 from .stage_cache import LiveStage, kept, lock, stages
+from .stage_files import restore_stage
 from .stage_tasks import from_wire, to_wire
 from .stages import StageLayout
 
@@ -36,22 +37,27 @@ def _lost(run_id: str, replica: int, stage: int, why: str) -> StagesLost:
 
 
 def own_stage(spec, *, run_id: str, replica: int, layout: StageLayout, round: int,
-              attempt: str, random_state: int, fresh: bool) -> int:
+              attempt: str, random_state: int, fresh: bool, restore: dict | None = None) -> int:
     """Start an epoch on a stage that keeps its state; return the round it is at.
 
     The ``daskdist-stage-own`` task, in place of loading the stage. In the
     fit's first epoch (``fresh``) the stage is built and initialised here;
     later it must be here already, at ``round``, or the fit stops with
-    :class:`~daskdist.errors.StagesLost`.
+    :class:`~daskdist.errors.StagesLost`. A fit resumed from a sharded
+    checkpoint (``restore``, its index) builds each stage and reads its
+    tensors from the checkpoint's files (:mod:`daskdist.worker.stage_files`).
     """
     key = (run_id, replica, layout.index)
     with lock:
         stage = stages.get(key)
         if stage is None:
-            if not fresh:
+            if not fresh and restore is None:
                 raise _lost(run_id, replica, layout.index, "is not on its worker any more")
-            stage = stages[key] = LiveStage(spec, layout, random_state)
+            stage = LiveStage(spec, layout, random_state)
+            if restore is not None:
+                restore_stage(stage, restore)
             stage.round = round
+            stages[key] = stage
     with stage.lock:
         if stage.round != round:
             raise _lost(run_id, replica, layout.index,
