@@ -49,9 +49,10 @@ class StagesLost(RuntimeError):
     """A pipeline stage that keeps the only copy of its state is gone.
 
     Raised by the stages of a fit built on its workers
-    (``strategy__build="workers"``): nothing else holds their parameters, so
-    the driver cannot recover; it reaches the user, who resumes from the
-    fit's last sharded checkpoint.
+    (``strategy__build="workers"``) when a stage is gone and neither its
+    initial values (the first epoch) nor a sharded checkpoint of the epoch's
+    start can rebuild it: the driver cannot recover; it reaches the user,
+    who resumes from the fit's last sharded checkpoint.
     """
 
 

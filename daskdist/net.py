@@ -366,7 +366,7 @@ class DaskNet(WorkerSupport, Resumable, Predicting, StagedModel):
         check_membership_params(self.elastic, self.max_replicas)
         rows = []
         with interrupt.guard(), cluster_client(self.scheduler_address) as (client, _embedded):
-            self._check_stage_home(client, _embedded)
+            self._check_stage_home(client, _embedded, strategy)
             n_replicas = self.n_replicas
             if n_replicas is None:
                 n_workers = len(cluster_workers(client))

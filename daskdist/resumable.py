@@ -12,7 +12,7 @@ import inspect
 import numpy as np
 from skorch.history import History
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .state import TrainingState, params_vector
 
 __all__ = ["Resumable"]
@@ -116,6 +116,9 @@ class Resumable:
 
             save_sharded(stage_client(self.scheduler_address), path, self._placement(),
                          self.module_, self.optimizer_, state, meta)
+            running = getattr(self, "_fit_strategy_", None)
+            if running is not None:  # a stage lost later in the fit comes back from here
+                running.restore = load_checkpoint(path)[1]["shards"]
             return
         save_checkpoint(path, state, meta)
 

@@ -136,8 +136,19 @@ class StagedModel:
         self._training_state_ = state
 
     # -- the stages after the fit -------------------------------------------------------------
-    def _check_stage_home(self, client, embedded: bool) -> None:
-        """Before a stage-built fit: a cluster that outlives it; let go of the last fit's stages."""
+    def _check_stage_home(self, client, embedded: bool, strategy=None) -> None:
+        """Before a stage-built fit: what it needs; and let go of the last fit's stages.
+
+        A cluster that outlives the fit, no round checkpoints, and a start:
+        the model's initial values, or a sharded checkpoint to resume from.
+        """
+        previous = getattr(self, "_training_state_", None)
+        if (self._builds_on_workers() and previous is not None and previous.round
+                and getattr(strategy, "restore", None) is None):
+            raise ValueError(
+                "A fit with strategy__build='workers' continues only from a sharded checkpoint "
+                "(its stages' values live on the workers of the fit that made them): use "
+                "fit(X, y, resume=path) rather than warm_start or partial_fit.")
         self._release_stages(client)
         if not self._builds_on_workers():
             return
@@ -160,6 +171,7 @@ class StagedModel:
         if not getattr(trainer.strategy, "holds_state", False):
             return
         grid, layouts = trainer.strategy.placement(trainer.scratch)
+        self._fit_strategy_ = trainer.strategy  # (a sharded checkpoint tells it, see Resumable)
         self.stages_ = StagePlacement(
             trainer.run_id, tuple(grid[0]), tuple(x.children for x in layouts),
             tuple(x.n_params for x in layouts))
@@ -172,6 +184,7 @@ class StagedModel:
         """
         if not getattr(trainer.strategy, "holds_state", False):
             return
+        self._fit_strategy_ = None
         if not finished:
             self.stages_ = None
             return

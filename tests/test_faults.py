@@ -313,6 +313,61 @@ def test_worker_killed_mid_epoch_under_pipeline_runs_the_epoch_again(three_worke
     _assert_idle(three_workers)
 
 
+@pytest.mark.timeout(240)
+def test_a_stage_lost_with_its_worker_comes_back_from_the_last_sharded_checkpoint(
+        three_workers, digits, tmp_path):
+    """Stages built on their workers recover from the checkpoint of their epoch's start."""
+    from daskdist.callbacks import Checkpoint
+    from daskdist.errors import StagesLost
+    from daskdist.testing import KillWorkerOnTask, TinySequential
+
+    three_workers.wait_for_workers(3, timeout=60)  # a worker killed earlier is back
+    X, y = digits
+    params = dict(max_epochs=3, batch_size=64, lr=0.1, strategy="pipeline", train_split=None,
+                  verbose=0, random_state=0, scheduler_address=three_workers.scheduler.address,
+                  module__n_features=64, module__hidden=32, module__n_outputs=10,
+                  optimizer__momentum=0.9, strategy__build="workers", strategy__n_stages=2,
+                  strategy__n_micro_batches=2)
+    baseline = DaskNeuralNetClassifier(TinySequential, **params).fit(X, y)
+    with pytest.warns(UserWarning):
+        expected = params_vector(baseline.gather_module())
+    baseline.release_stages()
+    steps = len(baseline.rounds_) // 3
+
+    def killing(at_round, sentinels):
+        (tmp_path / sentinels).mkdir()
+        return KillWorkerOnTask(
+            rf"^\('daskdist-stage-forward-.*-e1', {at_round}, 0, 1, 0\)$", tmp_path / sentinels)
+
+    # the worker of the last stage dies in the middle of the second epoch
+    plugin = killing(steps + 3, "first")
+    three_workers.register_plugin(plugin)
+    try:
+        net = DaskNeuralNetClassifier(TinySequential, callbacks=[("ck", Checkpoint(
+            tmp_path / "ck"))], **params).fit(X, y)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    assert len(plugin.kills()) == 1
+    assert len(net.recoveries_) >= 1 and net.recoveries_.iloc[0]["epoch"] == 1
+    assert net.rounds_["round"].tolist() == list(range(len(baseline.rounds_)))
+    # both stages came back from the files of epoch 1's start: the fit ends where one
+    # that lost nothing does
+    with pytest.warns(UserWarning):
+        np.testing.assert_allclose(params_vector(net.gather_module()), expected, atol=1e-5)
+    net.release_stages()
+
+    # without a checkpoint of the epoch's start nothing holds the lost stage
+    three_workers.wait_for_workers(3, timeout=60)
+    plugin = killing(steps + 3, "second")
+    three_workers.register_plugin(plugin)
+    try:
+        with pytest.raises(StagesLost, match="no checkpoint was saved at the start"):
+            DaskNeuralNetClassifier(TinySequential, **params).fit(X, y)
+    finally:
+        three_workers.unregister_worker_plugin(plugin.name)
+    _assert_idle(three_workers)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, strategy", [("numpy", "async"), ("dask", "ssp"),
                                             ("numpy", "local_sgd-deadline")])

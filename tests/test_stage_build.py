@@ -312,3 +312,11 @@ def test_round_checkpoints_are_refused_for_stages_built_on_workers(client, tmp_p
     X, y = make_classification(100)
     with pytest.raises(ValueError, match="saved at epoch ends"):
         _net(client, callbacks=[("ck", Checkpoint(tmp_path, every_rounds=2))]).fit(X, y)
+
+
+def test_continuing_without_a_checkpoint_is_refused(client):
+    X, y = make_classification(100)
+    net = _net(client, max_epochs=1).fit(X, y)
+    with pytest.raises(ValueError, match="continues only from a sharded checkpoint"):
+        net.partial_fit(X, y)
+    net.release_stages()

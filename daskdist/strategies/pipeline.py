@@ -124,7 +124,10 @@ class Pipeline(Strategy):
     epoch in progress runs again from its starting state on the remaining
     workers, and hold-out scores and ``predict`` run the whole model on one
     worker. With ``build="workers"`` nothing holds a second copy of a stage:
-    a lost stage stops the fit (:class:`~daskdist.errors.StagesLost`).
+    after a lost worker the epoch runs again with every stage rebuilt from
+    its initial values (first epoch) or the sharded checkpoint of the
+    epoch's start, and stops the fit (:class:`~daskdist.errors.StagesLost`)
+    without one.
     """
 
     name = "pipeline"

@@ -32,36 +32,40 @@ def _lost(run_id: str, replica: int, stage: int, why: str) -> StagesLost:
     return StagesLost(
         f"Stage {stage} of pipeline replica {replica} (fit {run_id}) {why} on "
         f"{worker_address()}. Stages built on their workers (strategy__build='workers') keep "
-        "the only copy of their parameters, so the fit cannot go on from them: resume it "
-        "from its last sharded checkpoint, or fit again.")
+        "the only copy of their parameters, and no checkpoint was saved at the start of this "
+        "epoch to rebuild them from: resume from the last sharded checkpoint, or save one "
+        "every epoch (Checkpoint(every=1)) to let a fit recover on its own.")
 
 
 def own_stage(spec, *, run_id: str, replica: int, layout: StageLayout, round: int,
               attempt: str, random_state: int, fresh: bool, restore: dict | None = None) -> int:
-    """Start an epoch on a stage that keeps its state; return the round it is at.
+    """Bring a stage that keeps its state to ``round``, the epoch's start; return the round.
 
-    The ``daskdist-stage-own`` task, in place of loading the stage. In the
-    fit's first epoch (``fresh``) the stage is built and initialised here;
-    later it must be here already, at ``round``, or the fit stops with
-    :class:`~daskdist.errors.StagesLost`. A fit resumed from a sharded
-    checkpoint (``restore``, its index) builds each stage and reads its
-    tensors from the checkpoint's files (:mod:`daskdist.worker.stage_files`).
+    The ``daskdist-stage-own`` task, in place of loading the stage. A stage
+    already here at ``round`` goes on as it is. Otherwise (the fit's first
+    epoch, or the epoch run again after a lost worker) it is built here
+    afresh from what holds its state at ``round``: its initial values
+    (``fresh``: round 0 of a new fit), or a sharded checkpoint saved at
+    ``round`` (``restore``, its index: a resumed fit, or the last checkpoint
+    of a fit that lost a stage; :mod:`daskdist.worker.stage_files`). With
+    neither, the fit stops with :class:`~daskdist.errors.StagesLost`.
     """
     key = (run_id, replica, layout.index)
     with lock:
         stage = stages.get(key)
-        if stage is None:
+        if stage is None or stage.round != round:
             if not fresh and restore is None:
-                raise _lost(run_id, replica, layout.index, "is not on its worker any more")
+                why = ("is not on its worker any more" if stage is None else
+                       f"is at round {stage.round}, not {round} where the epoch starts,")
+                raise _lost(run_id, replica, layout.index, why)
+            stages.pop(key, None)
+            del stage  # (its memory goes before the new one's comes)
             stage = LiveStage(spec, layout, random_state)
             if restore is not None:
                 restore_stage(stage, restore)
             stage.round = round
             stages[key] = stage
     with stage.lock:
-        if stage.round != round:
-            raise _lost(run_id, replica, layout.index,
-                        f"is at round {stage.round}, not {round} where the epoch starts,")
         stage.spec = spec
         stage.optimizer.zero_grad(set_to_none=True)
         stage.saved.clear()
