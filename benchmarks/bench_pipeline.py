@@ -18,7 +18,9 @@ each stage's peak memory in the step: the bytes of activations autograd kept
 saved for backward passes (``rounds_["activation_bytes"]``, counted with
 ``saved_tensors_hooks``) and, in the last line, its parameters, gradients and
 optimizer state. GPipe's peak grows with the micro-batches; 1F1B's stays at
-``S - s`` micro-batches on stage ``s``.
+``S - s`` micro-batches on stage ``s``. The last pipeline row builds the
+stages on their workers (``strategy__build="workers"``): the state stays in
+the stages, with no split and join of the whole state at each epoch's ends.
 Every row trains the same model from the same start (so their losses agree).
 
 Run: ``python benchmarks/bench_pipeline.py [--epochs 2]``.
@@ -70,11 +72,16 @@ def _fit(client, X, y, epochs: int, strategy: str, **options):
     """Samples/s of the epochs after the first, the last epoch's loss, stages' peak bytes."""
     from daskdist import DaskNeuralNetClassifier
 
+    # stages built on the workers take the recipe, not a built module (and initialise it
+    # themselves, so that row starts from other values)
+    module = _module if options.get("strategy__build") == "workers" else _module()
     net = DaskNeuralNetClassifier(
-        _module(), criterion=nn.CrossEntropyLoss, max_epochs=epochs + 1, lr=0.01,
+        module, criterion=nn.CrossEntropyLoss, max_epochs=epochs + 1, lr=0.01,
         batch_size=BATCH, train_split=None, verbose=0, strategy=strategy, n_replicas=1,
         random_state=0, scheduler_address=client.scheduler.address, **options)
     net.fit(X, y)
+    if options.get("strategy__build") == "workers":
+        net.release_stages()
     seconds = sum(net.history[1:, "dur"])
     peaks = np.array(net.rounds_["activation_bytes"].tolist() or [[]]).max(axis=0, initial=0)
     return epochs * SAMPLES / seconds, net.history[-1, "train_loss"], peaks
@@ -92,20 +99,23 @@ def main() -> None:
     stages = 2
     rows = [("plain torch, whole model, 1 thread", _plain(X, y, args.epochs), None, None, ())]
     with embedded_cluster(n_workers=2) as cluster, Client(cluster) as client:
-        for schedule, micro in (("gpipe", (1, 2, 4, 8)), ("1f1b", (4, 8))):
+        for schedule, micro, build in (("gpipe", (1, 2, 4, 8), "client"),
+                                       ("1f1b", (4, 8), "client"), ("1f1b", (4,), "workers")):
             for m in micro:
                 speed, loss, peaks = _fit(
                     client, X, y, args.epochs, "pipeline", strategy__n_stages=stages,
-                    strategy__n_micro_batches=m, strategy__schedule=schedule)
-                rows.append((f"pipeline {schedule}, {stages} stages, {m} micro-batches", speed,
-                             loss, (stages - 1) / (m + stages - 1), peaks))
+                    strategy__n_micro_batches=m, strategy__schedule=schedule,
+                    strategy__build=build)
+                name = f"pipeline {schedule}, {stages} stages, {m} micro-batches"
+                rows.append((name + (", built on workers" if build == "workers" else ""),
+                             speed, loss, (stages - 1) / (m + stages - 1), peaks))
         speed, loss, _ = _fit(client, X, y, args.epochs, "sync")
         rows.append(("daskdist sync, 1 replica (whole model)", speed, loss, None, ()))
     base = rows[1][1]
-    print(f"{'run':44} {'samples/s':>10} {'x 1 micro':>10} {'bubble':>7} {'loss':>8} "
+    print(f"{'run':58} {'samples/s':>10} {'x 1 micro':>10} {'bubble':>7} {'loss':>8} "
           f"{'activations MiB per stage':>26}")
     for name, speed, loss, bubble, peaks in rows:
-        print(f"{name:44} {speed:10.0f} {speed / base:10.2f} "
+        print(f"{name:58} {speed:10.0f} {speed / base:10.2f} "
               f"{'' if bubble is None else f'{bubble:.2f}':>7} "
               f"{'' if loss is None else f'{loss:.4f}':>8} "
               f"{' / '.join(f'{p / 2**20:.1f}' for p in peaks):>26}")
