@@ -152,14 +152,21 @@ class StagedModel:
         self._release_stages(client)
         if not self._builds_on_workers():
             return
+        from skorch.callbacks import Initializer
+
         from .callbacks import Checkpoint
 
-        if any(isinstance(cb, Checkpoint) and cb.every_rounds
-               for _, cb in getattr(self, "callbacks_", ())):
+        callbacks = [cb for _, cb in getattr(self, "callbacks_", ())]
+        if any(isinstance(cb, Checkpoint) and cb.every_rounds for cb in callbacks):
             raise ValueError(
                 "Checkpoint(every_rounds=...) saves states between rounds; stages built on "
                 "their workers (strategy__build='workers') are saved at epoch ends: use "
                 "Checkpoint(every=...).")
+        if any(isinstance(cb, Initializer) for cb in callbacks):
+            raise ValueError(
+                "An Initializer callback sets values in module_, which for stages built on "
+                "their workers (strategy__build='workers') holds none: give the layers a "
+                "reset_parameters() that initialises them as you want.")
         if embedded:
             raise ValueError(
                 "strategy__build='workers' leaves the fitted stages on the cluster's workers, "

@@ -320,3 +320,17 @@ def test_continuing_without_a_checkpoint_is_refused(client):
     with pytest.raises(ValueError, match="continues only from a sharded checkpoint"):
         net.partial_fit(X, y)
     net.release_stages()
+
+
+def test_epoch_scoring_predicts_through_the_stages_and_initializers_are_refused(client):
+    from skorch.callbacks import EpochScoring, Initializer
+    from skorch.dataset import ValidSplit
+
+    X, y = make_classification(300)
+    net = _net(client, max_epochs=2, lr=0.2, train_split=ValidSplit(5),
+               callbacks=[("f1", EpochScoring("f1_macro", lower_is_better=False,
+                                              name="f1"))]).fit(X, y)
+    assert all(0 <= f1 <= 1 for f1 in net.history[:, "f1"])
+    net.release_stages()
+    with pytest.raises(ValueError, match="Initializer callback sets values in module_"):
+        _net(client, callbacks=[("init", Initializer("*", nn.init.zeros_))]).fit(X, y)
